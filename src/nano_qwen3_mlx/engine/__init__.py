@@ -1,0 +1,1 @@
+"""The batching engine: sequences, paged KV cache, scheduler, model runner, sampler."""

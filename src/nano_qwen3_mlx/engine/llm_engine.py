@@ -1,0 +1,339 @@
+"""``LLMEngine``: add requests, ``step()`` them all together, abort, report stats."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..config import EngineConfig
+from ..models.loader import LoadedModel, load
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .kv_cache import PagedKVCache
+from .model_runner import ModelRunner, StepOutput
+from .sampler import Sampler
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence
+from .stats import EngineStats, percentiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """The news about one request after a step: the new text/tokens, and whether it ended."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    logprobs: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_completion_tokens,
+            "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
+        }
+
+
+@dataclass(slots=True)
+class _OutputState:
+    detokenizer: Any
+    stop_matcher: Any
+    pieces: list[str] = field(default_factory=list)
+    matched: bool = False
+
+
+class LLMEngine:
+    """One model, one paged KV cache, many requests. Not thread-safe: one thread drives it."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.device == "cpu":
+            mx.set_default_device(mx.cpu)
+        t0 = time.monotonic()
+        self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
+        self.load_time_s = time.monotonic() - t0
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.cache = self._make_cache()
+        self.block_manager = BlockManager(
+            self.cache.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.cache, self.sampler)
+        self.stats = EngineStats()
+        self._seqs: dict[str, Sequence] = {}
+        self._early_outputs: list[RequestOutput] = []
+        self._prev: StepOutput | None = None
+        self._seq_ids = itertools.count()
+
+    # ---- set-up -------------------------------------------------------------------------
+    @property
+    def model_max_len(self) -> int:
+        args = self.model.args
+        return self.config.max_model_len or args.max_position_embeddings
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt + output) a request may reach."""
+        pool_tokens = self.cache.num_blocks * self.cache.block_size
+        return min(self.model_max_len, pool_tokens)
+
+    def _make_cache(self) -> PagedKVCache:
+        args, cfg = self.model.args, self.config
+        dtype = self.model.model.norm.weight.dtype
+        probe = PagedKVCache(args.num_hidden_layers, 0, cfg.block_size, args.num_key_value_heads,
+                             args.head_dim, dtype)
+        num_blocks = self._num_kv_blocks(probe.bytes_per_token * cfg.block_size)
+        cache = PagedKVCache(args.num_hidden_layers, num_blocks, cfg.block_size,
+                             args.num_key_value_heads, args.head_dim, dtype)
+        log.info("KV cache: %d blocks x %d tokens, %.1f MB (%d bytes/token)", num_blocks,
+                 cfg.block_size, cache.nbytes / 1e6, cache.bytes_per_token)
+        return cache
+
+    def _num_kv_blocks(self, block_bytes: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_gb:
+            return max(2, int(cfg.kv_cache_gb * 1e9 // block_bytes))
+        # Default: a fraction of the memory left after the weights, but no more than
+        # max_num_seqs full-length sequences could ever use.
+        left = max(total_memory_bytes() - self.weights_nbytes, 0)
+        budget_blocks = int(cfg.kv_cache_fraction * left // block_bytes)
+        seq_blocks = -(-self.model_max_len // cfg.block_size)
+        return max(2, min(budget_blocks, cfg.max_num_seqs * seq_blocks))
+
+    @property
+    def weights_nbytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None, priority: int = 0,
+    ) -> str:
+        """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run."""
+        params = params or SamplingParams()
+        token_ids = self._prompt_ids(prompt)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority)
+        seq.state = _OutputState(
+            self.tokenizer.detokenizer(skip_special_tokens=True),
+            _stop_matcher(params.stop_sequences),
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self.stats.num_prompt_tokens += len(token_ids)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+            vocab = self.model.args.vocab_size
+            if any(t < 0 or t >= vocab for t in token_ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the context length is {self.max_model_len} "
+                "(prompt plus at least one new token must fit)"
+            )
+        return token_ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; returns False if it is unknown or done."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self._finish(seq, "abort")
+        self._early_outputs.append(self._output(seq, "", [], None))
+        return True
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with ``finish_reason='error'`` (used after a step raised)."""
+        self._prev = None
+        outputs = []
+        for seq in list(self._seqs.values()):
+            if not seq.is_finished:
+                self._finish(seq, "error")
+                outputs.append(self._output(seq, "", [], None, error=error))
+        self._seqs.clear()
+        self.block_manager.reset_prefix_cache()
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or self._prev is not None or bool(self._early_outputs)
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule -> run (lazily, on the device) -> postprocess the previous step."""
+        outputs, self._early_outputs = self._early_outputs, []
+        batch = self.scheduler.schedule()
+        if batch and self._needs_sync(batch):
+            outputs += self._postprocess(self._prev)
+            self._prev, batch = None, _drop_finished(batch)
+        if batch and batch.is_prefill:
+            self.stats.num_computed_prompt_tokens += batch.num_tokens
+        out = self.runner.run(batch, self._prev) if batch else None
+        outputs += self._postprocess(self._prev)
+        if out is not None:
+            for row, seq in enumerate(out.seqs):
+                seq.pending_row = None if seq.is_finished else row
+        self._prev = out
+        self.stats.num_steps += 1
+        return [o for o in outputs if o is not None]
+
+    @staticmethod
+    def _needs_sync(batch: ScheduledBatch) -> bool:
+        # Penalties need every earlier token, including the one still being sampled.
+        return any(s.params.uses_penalties or s.params.min_tokens for s in batch.seqs)
+
+    def _postprocess(self, prev: StepOutput | None) -> list[RequestOutput | None]:
+        if prev is None:
+            return []
+        sampled = prev.sampled
+        ids = sampled.token_ids.tolist()
+        lps = _tolist(sampled.logprobs), _tolist(sampled.top_ids), _tolist(sampled.top_logprobs)
+        now, outputs = time.monotonic(), []
+        for row, seq in enumerate(prev.seqs):
+            if seq.is_finished:
+                continue  # finished a step earlier: this token is the one extra, dropped
+            seq.pending_row = None
+            logprobs = self._logprobs(seq, row, ids[row], *lps)
+            outputs.append(self._append_token(seq, ids[row], logprobs, now))
+            ready = min(seq.num_computed_tokens, len(seq.token_ids))
+            self.block_manager.seal_full_blocks(seq, ready)
+        self.stats.record_tokens(len(outputs), now)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> RequestOutput | None:
+        seq.token_ids.append(token)
+        self._record_timing(seq, now)
+        params, state = seq.params, seq.state
+        text, reason = "", None
+        is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        if is_eos or token in params.stop_token_ids:
+            reason = "stop"
+        else:
+            text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
+            state.matched = matched is not None
+            reason = "stop" if state.matched else None
+        if reason is None and seq.reached_max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = reason or "length"
+        if reason and not state.matched:
+            tail, _ = state.stop_matcher.feed(state.detokenizer.finalize())
+            text += tail + state.stop_matcher.flush()
+        if reason:
+            self._finish(seq, reason)
+        return self._output(seq, text, [token], logprobs)
+
+    def _record_timing(self, seq: Sequence, now: float) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.ttft.append(now - seq.arrival_time)
+        elif seq.last_token_time is not None:
+            self.stats.itl.append(now - seq.last_token_time)
+        seq.last_token_time = now
+
+    def _logprobs(self, seq: Sequence, row: int, token: int, lp, top_ids, top_lp):
+        n = seq.params.logprobs
+        if n is None or lp is None:
+            return None
+        tops = [] if not n or top_ids is None else [
+            {"token_id": t, "token": self.tokenizer.token_to_str(t), "logprob": v}
+            for t, v in zip(top_ids[row][:n], top_lp[row][:n])
+        ]
+        return [{"token_id": token, "token": self.tokenizer.token_to_str(token),
+                 "logprob": lp[row], "top_logprobs": tops}]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.stats.record_finish(reason, time.monotonic() - seq.arrival_time)
+
+    def _output(self, seq: Sequence, text: str, token_ids: list[int], logprobs,
+                error: str | None = None) -> RequestOutput:
+        seq.state.pieces.append(text)
+        if seq.is_finished:
+            self._seqs.pop(seq.request_id, None)
+        return RequestOutput(
+            seq.request_id, text, token_ids, seq.is_finished, seq.finish_reason,
+            seq.num_prompt_tokens, len(seq.token_ids) - seq.num_prompt_tokens, logprobs, error,
+        )
+
+    # ---- stats --------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        s, bm = self.stats, self.block_manager
+        kv = bm.stats() | {"bytes": self.cache.nbytes, "bytes_per_token": self.cache.bytes_per_token,
+                           "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
+        return {
+            "model": self.config.model,
+            "uptime_s": time.monotonic() - s.started,
+            "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                         "finished": s.num_finished, "aborted": s.num_aborted, "errors": s.num_errors,
+                         "preemptions": self.scheduler.num_preemptions},
+            "tokens": {"prompt": s.num_prompt_tokens, "generated": s.num_generated_tokens,
+                       "prefill_computed": s.num_computed_prompt_tokens},
+            "throughput": {"decode_tokens_per_s": s.decode_tokens_per_s(), "steps": s.num_steps},
+            "latency": {"ttft_s": percentiles(s.ttft), "itl_s": percentiles(s.itl), "e2e_s": percentiles(s.e2e)},
+            "kv_cache": kv,
+            "memory": memory_stats(),
+        }
+
+
+def _drop_finished(batch: ScheduledBatch) -> ScheduledBatch | None:
+    kept = ScheduledBatch(is_prefill=batch.is_prefill)
+    for i, seq in enumerate(batch.seqs):
+        if not seq.is_finished:
+            kept.seqs.append(seq)
+            kept.num_new_tokens.append(batch.num_new_tokens[i])
+            kept.start_positions.append(batch.start_positions[i])
+            kept.samples.append(batch.samples[i])
+    return kept if kept.seqs else None
+
+
+def _tolist(array: mx.array | None) -> list | None:
+    return None if array is None else array.tolist()
+
+
+def _stop_matcher(stop_sequences: list[str]):
+    from ..tokenizer import StopMatcher
+
+    return StopMatcher(stop_sequences)
+
+
+def total_memory_bytes() -> int:
+    """Memory the accelerator can use: Metal's working set, else physical RAM."""
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if size:
+            return int(size)
+    except Exception:  # CPU builds have no device info
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_stats() -> dict[str, int]:
+    return {"active_bytes": mx.get_active_memory(), "peak_bytes": mx.get_peak_memory(),
+            "cache_bytes": mx.get_cache_memory()}

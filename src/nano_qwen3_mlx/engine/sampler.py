@@ -1,0 +1,140 @@
+"""Batched sampling in MLX with per-row parameters. Nothing here reads values back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .sequence import Sequence
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: mx.array  # (B,) int32
+    logprobs: mx.array | None = None  # (B,) log-prob of the chosen token
+    top_ids: mx.array | None = None  # (B, n) most likely tokens
+    top_logprobs: mx.array | None = None  # (B, n)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.token_ids, self.logprobs, self.top_ids, self.top_logprobs) if a is not None]
+
+
+class Sampler:
+    """Turns last-position logits ``(B, V)`` into next tokens for the sequences of a batch."""
+
+    def __init__(self, eos_token_ids: list[int]) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: mx.array, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.astype(mx.float32)
+        logits = self._apply_biases(logits, seqs)
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._block_eos(logits, seqs)
+        out = SamplerOutput(self._choose(logits, seqs))
+        if any(s.params.logprobs is not None for s in seqs):
+            self._add_logprobs(out, logits, seqs)
+        return out
+
+    # ---- logit processing ---------------------------------------------------------------
+    def _apply_biases(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        rows, cols, vals = [], [], []
+        for i, seq in enumerate(seqs):
+            for token_id, bias in seq.params.logit_bias.items():
+                if 0 <= int(token_id) < logits.shape[-1]:
+                    rows.append(i), cols.append(int(token_id)), vals.append(float(bias))
+        if not rows:
+            return logits
+        return logits.at[mx.array(rows), mx.array(cols)].add(mx.array(vals))
+
+    def _apply_penalties(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        """vLLM semantics: repetition over prompt+output, presence/frequency over output."""
+        rows, cols, rep, add = [], [], [], []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if not p.uses_penalties:
+                continue
+            out_ids, out_counts = np.unique(np.array(seq.completion_token_ids, np.int64), return_counts=True)
+            seen = np.unique(np.array(seq.token_ids, np.int64))
+            counts = dict(zip(out_ids.tolist(), out_counts.tolist()))
+            for t in seen.tolist():
+                c = counts.get(t, 0)
+                rows.append(i), cols.append(t), rep.append(p.repetition_penalty)
+                add.append(-(p.presence_penalty * (c > 0) + p.frequency_penalty * c))
+        if not rows:
+            return logits
+        r, c = mx.array(rows), mx.array(cols)
+        g, penalty = logits[r, c], mx.array(rep)
+        g = mx.where(g > 0, g / penalty, g * penalty) + mx.array(add)
+        logits[r, c] = g
+        return logits
+
+    def _block_eos(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        rows = [i for i, s in enumerate(seqs) if s.num_completion_tokens < s.params.min_tokens]
+        if not rows or not self.eos_token_ids:
+            return logits
+        r = mx.array([i for i in rows for _ in self.eos_token_ids])
+        c = mx.array([e for _ in rows for e in self.eos_token_ids])
+        logits[r, c] = -mx.inf
+        return logits
+
+    # ---- choosing -----------------------------------------------------------------------
+    def _choose(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
+        if all(s.params.is_greedy for s in seqs):
+            return greedy
+        temps = mx.array([s.params.temperature or 1.0 for s in seqs])[:, None]
+        scaled = self._filter(logits / temps, seqs)
+        noise = self._gumbel(seqs, logits.shape[-1])
+        sampled = mx.argmax(scaled + noise, axis=-1).astype(mx.int32)
+        is_greedy = mx.array([s.params.is_greedy for s in seqs])
+        return mx.where(is_greedy, greedy, sampled)
+
+    def _filter(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        """Mask tokens outside top-k / top-p / min-p per row (-inf)."""
+        ps = [s.params for s in seqs]
+        if any(p.min_p > 0 for p in ps):
+            min_p = mx.array([p.min_p for p in ps])[:, None]
+            probs = mx.softmax(logits, axis=-1)
+            keep = probs >= min_p * probs.max(axis=-1, keepdims=True)
+            logits = mx.where(keep, logits, -mx.inf)
+        if not any(p.top_k > 0 or p.top_p < 1.0 for p in ps):
+            return logits
+        sorted_desc = -mx.sort(-logits, axis=-1)
+        vocab = logits.shape[-1]
+        k = mx.array([p.top_k if 0 < p.top_k < vocab else vocab for p in ps])
+        kth = mx.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+        probs = mx.softmax(sorted_desc, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+        top_p = mx.array([p.top_p for p in ps])[:, None]
+        inside = before < top_p  # the first token is always inside
+        pth = mx.min(mx.where(inside, sorted_desc, mx.inf), axis=-1, keepdims=True)
+        threshold = mx.maximum(kth, pth)
+        return mx.where(logits >= threshold, logits, -mx.inf)
+
+    def _gumbel(self, seqs: list[Sequence], vocab: int) -> mx.array:
+        """Gumbel noise; seeded rows draw from their own key so batching never changes them."""
+        if not any(s.params.seed is not None for s in seqs):
+            return mx.random.gumbel(shape=(len(seqs), vocab))
+        rows = []
+        for seq in seqs:
+            if seq.params.seed is None:
+                rows.append(mx.random.gumbel(shape=(1, vocab)))
+                continue
+            if seq.rng_key is None:
+                seq.rng_key = mx.random.key(seq.params.seed)
+            seq.rng_key, sub = mx.random.split(seq.rng_key)
+            rows.append(mx.random.gumbel(shape=(1, vocab), key=sub))
+        return mx.concatenate(rows, axis=0)
+
+    def _add_logprobs(self, out: SamplerOutput, logits: mx.array, seqs: list[Sequence]) -> None:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        out.logprobs = mx.take_along_axis(logprobs, out.token_ids[:, None], axis=-1)[:, 0]
+        n = max(s.params.logprobs or 0 for s in seqs)
+        if n > 0:
+            top = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[:, :n]
+            top_lp = mx.take_along_axis(logprobs, top, axis=-1)
+            order = mx.argsort(-top_lp, axis=-1)
+            out.top_ids = mx.take_along_axis(top, order, axis=-1)
+            out.top_logprobs = mx.take_along_axis(top_lp, order, axis=-1)

@@ -1,0 +1,56 @@
+"""Counters and latency windows for ``get_stats()`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+
+def percentiles(values: deque[float] | list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(arr.mean())}
+
+
+class EngineStats:
+    """What happened so far; latencies in seconds over the last ``window`` samples."""
+
+    def __init__(self, window: int = 2048, rate_window_s: float = 10.0) -> None:
+        self.started = time.monotonic()
+        self.num_finished = 0
+        self.num_aborted = 0
+        self.num_errors = 0
+        self.num_prompt_tokens = 0
+        self.num_computed_prompt_tokens = 0  # prefill tokens actually run (prefix hits skip)
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self.ttft: deque[float] = deque(maxlen=window)
+        self.itl: deque[float] = deque(maxlen=window)
+        self.e2e: deque[float] = deque(maxlen=window)
+        self._token_times: deque[tuple[float, int]] = deque()
+        self._rate_window_s = rate_window_s
+
+    def record_tokens(self, num: int, now: float) -> None:
+        self.num_generated_tokens += num
+        self._token_times.append((now, num))
+        while self._token_times and now - self._token_times[0][0] > self._rate_window_s:
+            self._token_times.popleft()
+
+    def record_finish(self, reason: str, e2e: float) -> None:
+        if reason == "abort":
+            self.num_aborted += 1
+        elif reason == "error":
+            self.num_errors += 1
+        else:
+            self.num_finished += 1
+        self.e2e.append(e2e)
+
+    def decode_tokens_per_s(self) -> float:
+        if len(self._token_times) < 2:
+            return 0.0
+        span = time.monotonic() - self._token_times[0][0]
+        return sum(n for _, n in self._token_times) / max(span, 1e-6)

@@ -1,0 +1,109 @@
+"""``LLM``: the synchronous face of the engine (it drives ``step()`` itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine
+from .outputs import ResultBuilder, add_reasoning, chunk_dict
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate text with a Qwen3 (or Llama-family) model, batching all prompts together.
+
+    ``LLM(model=None, **engine_options)``: ``model`` is an alias (``qwen3-0.6b``,
+    ``smollm2-135m``), a local directory or ``.gguf`` file, or a Hugging Face repo id;
+    options are ``EngineConfig`` fields (``num_kv_blocks``, ``max_num_seqs``, ...).
+    """
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 **engine_options: Any) -> None:
+        self.config = config or EngineConfig.load(model=model, **engine_options)
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
+        """Generate for one or many prompts (strings or token-id lists), batched together."""
+        prompts = _as_prompt_list(prompts)
+        builders = [self._add(p, sampling_params) for p in prompts]
+        by_id = {b.request_id: b for b in builders}
+        while not all(b.finished for b in builders):
+            for out in self.engine.step():
+                if out.request_id in by_id:
+                    by_id[out.request_id].add(out)
+        return [b.result() for b in builders]
+
+    def generate_single(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> dict[str, Any]:
+        return self.generate([prompt], sampling_params)[0]
+
+    def generate_stream(self, prompt: Prompt,
+                        sampling_params: SamplingParams | None = None) -> Iterator[dict[str, Any]]:
+        """Yield chunks ``{"text", "token_ids", "finished", "finish_reason", ...}``."""
+        builder = self._add(prompt, sampling_params)
+        try:
+            while not builder.finished:
+                for out in self.engine.step():
+                    if out.request_id == builder.request_id:
+                        builder.add(out)
+                        yield chunk_dict(out)
+        finally:
+            if not builder.finished:  # the caller stopped iterating: free the blocks
+                self.engine.abort_request(builder.request_id)
+                self._drain()
+
+    def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+             **chat_template_kwargs: Any) -> dict[str, Any]:
+        """Chat with the model; ``reasoning_content`` holds Qwen3 thinking when present."""
+        prompt = self._render(messages, chat_template_kwargs)
+        result = self.generate([prompt], sampling_params)[0]
+        return add_reasoning(result, self._starts_in_reasoning(prompt))
+
+    def chat_stream(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+                    **chat_template_kwargs: Any) -> Iterator[dict[str, Any]]:
+        yield from self.generate_stream(self._render(messages, chat_template_kwargs), sampling_params)
+
+    # ---- misc ---------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        return self.engine.get_stats()
+
+    def close(self) -> None:
+        """Abort anything unfinished (frees every KV block)."""
+        for request_id in list(self.engine._seqs):
+            self.engine.abort_request(request_id)
+        self._drain()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _add(self, prompt: Prompt, params: SamplingParams | None) -> ResultBuilder:
+        request_id = self.engine.add_request(prompt, params)
+        return ResultBuilder(request_id)
+
+    def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+
+    def _starts_in_reasoning(self, prompt_ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(prompt_ids[-4:])
+        return tail.rstrip().endswith("<think>")
+
+    def _drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+
+
+def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one token-id prompt
+    return list(prompts)

@@ -1,0 +1,123 @@
+"""What the models share: the attention-context protocol, RoPE and a dense cache.
+
+The models never see how the KV cache is stored: every attention layer hands its
+new keys/values to a context object and gets the attention output back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class AttentionContext(Protocol):
+    """Per-forward-pass state the attention layers need."""
+
+    offsets: int | mx.array  # RoPE offset: one int, or one per sequence, shape (B,)
+
+    def attend(
+        self, layer_idx: int, queries: mx.array, keys: mx.array, values: mx.array, scale: float
+    ) -> mx.array:
+        """Store ``keys``/``values`` (B, n_kv, L, D) and attend ``queries`` (B, H, L, D)."""
+        ...
+
+
+class DenseCache:
+    """The simple per-request cache: K/V concatenated per layer (one sequence batch).
+
+    Used by tests as the dense reference and for quick single-request scoring.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[mx.array | None] = [None] * num_layers
+        self.values: list[mx.array | None] = [None] * num_layers
+        self.offsets = 0
+
+    def attend(self, layer_idx: int, queries, keys, values, scale: float) -> mx.array:
+        if self.keys[layer_idx] is not None:
+            keys = mx.concatenate([self.keys[layer_idx], keys], axis=2)
+            values = mx.concatenate([self.values[layer_idx], values], axis=2)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        L = queries.shape[2]
+        mask = "causal" if L > 1 else None
+        if L > 1 and keys.shape[2] != L:
+            # queries are the last L positions of the keys
+            S = keys.shape[2]
+            q_pos = mx.arange(S - L, S)[:, None]
+            mask = q_pos >= mx.arange(S)[None]
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def advance(self, num_tokens: int) -> None:
+        """Call after each forward pass so the next one gets the right RoPE offset."""
+        self.offsets += num_tokens
+
+
+class RoPE(nn.Module):
+    """Rotary embedding with the ``rope_scaling`` types Qwen3/Llama checkpoints use."""
+
+    def __init__(
+        self,
+        dims: int,
+        base: float,
+        scaling: dict[str, Any] | None = None,
+        max_position_embeddings: int = 32768,
+        traditional: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dims, self.base, self.traditional = dims, base, traditional
+        self.scale = 1.0
+        self.mscale = 1.0
+        self._freqs = None
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind == "linear":
+            self.scale = 1.0 / float(scaling["factor"])
+        elif kind == "llama3":
+            self._freqs = _llama3_freqs(dims, base, scaling)
+        elif kind == "yarn":
+            self._freqs, self.mscale = _yarn_freqs(dims, base, scaling, max_position_embeddings)
+        elif kind not in ("default", None):
+            raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if self.mscale != 1.0:
+            x = x * self.mscale
+        base = None if self._freqs is not None else self.base
+        return mx.fast.rope(
+            x, self.dims, traditional=self.traditional, base=base,
+            scale=self.scale, offset=offset, freqs=self._freqs,
+        )
+
+
+def _llama3_freqs(dims: int, base: float, cfg: dict[str, Any]) -> mx.array:
+    factor = cfg["factor"]
+    low, high = cfg.get("low_freq_factor", 1.0), cfg.get("high_freq_factor", 4.0)
+    old_len = cfg.get("original_max_position_embeddings", 8192)
+    freqs = base ** (mx.arange(0, dims, 2) / dims)
+    wavelens = 2 * mx.pi * freqs
+    freqs = mx.where(wavelens > old_len / low, freqs * factor, freqs)
+    is_medium = (wavelens > old_len / high) & (wavelens < old_len / low)
+    smooth = (old_len / wavelens - low) / (high - low)
+    smoothed = freqs / ((1 - smooth) / factor + smooth)
+    return mx.where(is_medium, smoothed, freqs)
+
+
+def _yarn_freqs(dims: int, base: float, cfg: dict[str, Any], max_pos: int):
+    factor = cfg["factor"]
+    old_len = cfg.get("original_max_position_embeddings", max_pos)
+    beta_fast, beta_slow = cfg.get("beta_fast", 32), cfg.get("beta_slow", 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dims - 1)
+    ramp = (mx.arange(dims // 2, dtype=mx.float32) - low) / max(high - low, 1e-3)
+    extrapolation = 1 - mx.clip(ramp, 0, 1)
+    freq_extra = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    freq_inter = factor * freq_extra
+    freqs = (freq_inter * freq_extra) / (freq_inter * extrapolation + freq_extra * (1 - extrapolation))
+    mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return freqs, cfg.get("attention_factor", mscale)

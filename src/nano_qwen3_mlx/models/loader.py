@@ -1,0 +1,224 @@
+"""Find a model (alias, local dir, ``weights/``, HF repo id, ``.gguf``), load it, quantize it."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..config import PROJECT_ROOT
+from . import qwen3
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = PROJECT_ROOT / "weights"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# One table of short names. Values are HF repo ids, or files under weights/.
+MODEL_ALIASES: dict[str, str] = {
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-0.6b-4bit": "mlx-community/Qwen3-0.6B-4bit",
+    "qwen3-0.6b-8bit": "mlx-community/Qwen3-0.6B-8bit",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-1.7b-4bit": "mlx-community/Qwen3-1.7B-4bit",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-4b-4bit": "mlx-community/Qwen3-4B-4bit",
+    "qwen3-8b-4bit": "mlx-community/Qwen3-8B-4bit",
+    "smollm2-135m": f"weights/{DEMO_GGUF}",
+}
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded; the message is one line meant for users."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any  # tokenizer.Tokenizer
+    config: dict[str, Any]
+    path: Path
+    name: str
+
+
+def model_class(model_type: str) -> type[nn.Module]:
+    """The module implementing ``model_type`` (Qwen3 or the Llama family)."""
+    if model_type == "qwen3":
+        return qwen3.Model
+    if model_type in ("llama", "mistral", "smollm", "smollm2"):
+        from . import llama
+
+        return llama.Model
+    raise ModelLoadError(f"unsupported model_type {model_type!r} (supported: qwen3, llama)")
+
+
+def resolve_model(name: str, *, download: bool = True) -> Path:
+    """Turn a model name into a local path (a directory or a .gguf file)."""
+    target = MODEL_ALIASES.get(name.lower(), name)
+    if target.startswith("weights/"):
+        path = PROJECT_ROOT / target
+        if not path.exists():
+            raise ModelLoadError(
+                f"{path.name} is not in weights/; run `just fetch` (python scripts/fetch_weights.py)"
+            )
+        return path
+    for candidate in (Path(target).expanduser(), WEIGHTS_DIR / target):
+        if candidate.exists():
+            return candidate
+    if _looks_like_path(target):
+        raise ModelLoadError(f"no such model file or directory: {target}")
+    return _download(target, download)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1
+
+
+def _download(repo_id: str, download: bool) -> Path:
+    """Fetch (or find in the HF cache) a hub snapshot, with huggingface_hub's progress bar."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
+    offline = not download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+    except HFValidationError:
+        raise ModelLoadError(f"no such model file, directory or alias: {repo_id}") from None
+    except Exception as exc:  # network errors come in many types; all mean "not available"
+        raise ModelLoadError(
+            f"cannot get {repo_id!r} from the Hugging Face hub and it is not cached "
+            f"({type(exc).__name__}); try --model smollm2-135m (the embedded demo model) "
+            "or a local model directory"
+        ) from None
+
+
+def load(name: str, *, dtype: str = "auto", quantize: int | None = None) -> LoadedModel:
+    """Resolve and load a model plus its tokenizer."""
+    path = resolve_model(name)
+    if path.is_file():
+        return _load_gguf(path, name, dtype)
+    model, config = load_model_dir(path, dtype=dtype)
+    if quantize and not config.get("quantization"):
+        quantize_model(model, quantize)
+        config["quantization"] = {"group_size": 64, "bits": quantize}
+    from ..tokenizer import Tokenizer
+
+    return LoadedModel(model, Tokenizer.from_pretrained(path), config, path, name)
+
+
+def _load_gguf(path: Path, name: str, dtype: str) -> LoadedModel:
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path} is a file but not a .gguf model")
+    from .gguf import load_gguf
+
+    try:
+        model, tokenizer, config = load_gguf(path, DTYPES.get(dtype))
+    except ModelLoadError:
+        raise
+    except ValueError as exc:
+        raise ModelLoadError(str(exc).splitlines()[0]) from None
+    return LoadedModel(model, tokenizer, config, path, name)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{config_file} has no model_type")
+    return config
+
+
+def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not)."""
+    config = read_config(path)
+    try:
+        args_cls = model_class(config["model_type"])
+        model = args_cls(_model_args(config))
+    except (TypeError, KeyError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: bad model config ({exc})") from None
+    weights = model.sanitize(_read_safetensors(path))
+    if quant := config.get("quantization"):
+        _apply_quantization(model, quant, weights)
+    load_strict(model, weights, path)
+    if dtype != "auto":
+        _cast_floats(model, DTYPES[dtype])
+    mx.eval(model.parameters())
+    return model, config
+
+
+def _model_args(config: dict[str, Any]) -> Any:
+    module = __import__(model_class(config["model_type"]).__module__, fromlist=["ModelArgs"])
+    return module.ModelArgs.from_dict(config)
+
+
+def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            weights.update(mx.load(file))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
+    return weights
+
+
+def load_strict(model: nn.Module, weights: dict[str, mx.array], path: Path) -> None:
+    """Load weights, failing with the name of the first missing/unexpected/misshaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise ModelLoadError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")
+    if unexpected:
+        raise ModelLoadError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected)")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{path}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def _apply_quantization(model: nn.Module, quant: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers where the checkpoint has ``.scales`` (mlx-community layout)."""
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if path in quant:  # per-layer override: a dict, or False for "left unquantized"
+            return quant[path]
+        return f"{path}.scales" in weights
+
+    nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"], class_predicate=predicate)
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> None:
+    """Quantize-on-load (``--quantize 4|8``): every Linear/Embedding whose width allows it."""
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    mx.eval(model.parameters())
+
+
+def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    params = tree_flatten(model.parameters())
+    cast = [(k, v.astype(dtype)) for k, v in params if mx.issubdtype(v.dtype, mx.floating)]
+    model.load_weights(cast, strict=False)

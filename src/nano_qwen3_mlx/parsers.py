@@ -1,0 +1,215 @@
+"""Qwen3 output parsing: ``<think>`` reasoning split and ``<tool_call>`` extraction.
+
+Shared by the HTTP server and the Python API. Qwen3 writes its thinking as
+``<think>\\n...\\n</think>\\n\\ncontent``; some chat templates open ``<think>`` in the prompt,
+so the generated text starts inside the thinking block without an opening tag.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+TOOL_OPEN = "<tool_call>"
+TOOL_CLOSE = "</tool_call>"
+
+_TOOL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.DOTALL)
+
+
+def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str | None, str]:
+    """Split generated text into ``(reasoning, content)``.
+
+    ``reasoning`` is None when the text has no thinking block. The newlines that Qwen3 puts
+    around the thinking and after ``</think>`` are dropped. ``starts_in_reasoning`` says the
+    prompt already opened ``<think>``; a ``</think>`` without an opening tag implies the same.
+    An unclosed block (generation cut off while thinking) is all reasoning.
+    """
+    if starts_in_reasoning:
+        body = text
+    else:
+        stripped = text.lstrip()
+        if stripped.startswith(THINK_OPEN):
+            body = stripped[len(THINK_OPEN):]
+        elif THINK_CLOSE in text:
+            body = text
+        else:
+            return None, text
+    reasoning, closed, content = body.partition(THINK_CLOSE)
+    return reasoning.strip("\n"), content.lstrip("\n") if closed else ""
+
+
+class ReasoningStreamParser:
+    """Incremental :func:`split_reasoning`: tags may be split across deltas.
+
+    The concatenated outputs of ``feed`` and ``flush`` equal ``split_reasoning`` of the whole
+    text (given the same ``starts_in_reasoning``), except that an orphan ``</think>`` is only
+    recognised when ``starts_in_reasoning`` is set (a stream cannot wait for it).
+    ``enabled=False`` passes everything through as content (thinking disabled in the prompt).
+    """
+
+    def __init__(self, starts_in_reasoning: bool = False, enabled: bool = True) -> None:
+        if not enabled:
+            self._state = "content"
+        else:
+            self._state = "reasoning" if starts_in_reasoning else "start"
+        self._buf = ""
+        # True at the start of a section whose leading newlines Qwen3 adds and we drop.
+        self._lead = self._state == "reasoning"
+        self.saw_reasoning = self._state == "reasoning"
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """Add generated text; returns ``(reasoning_delta, content_delta)``."""
+        self._buf += delta
+        return self._drain(final=False)
+
+    def flush(self) -> tuple[str, str]:
+        """End of generation: release whatever was held back for a possible tag."""
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> tuple[str, str]:
+        reasoning: list[str] = []
+        content: list[str] = []
+        while self._step(reasoning, content, final):
+            pass
+        return "".join(reasoning), "".join(content)
+
+    def _step(self, reasoning: list[str], content: list[str], final: bool) -> bool:
+        """Process the buffer in the current state; True when the state changed."""
+        if self._state == "start":
+            return self._step_start(content, final)
+        if self._state == "reasoning":
+            return self._step_reasoning(reasoning, final)
+        self._step_content(content)
+        return False
+
+    def _step_start(self, content: list[str], final: bool) -> bool:
+        stripped = self._buf.lstrip()
+        if stripped.startswith(THINK_OPEN):
+            self._buf = stripped[len(THINK_OPEN):]
+            self._state, self._lead, self.saw_reasoning = "reasoning", True, True
+            return True
+        if THINK_OPEN.startswith(stripped) and not final:
+            return False  # could still become "<think>"
+        self._state, self._lead = "content", False
+        return True
+
+    def _step_reasoning(self, reasoning: list[str], final: bool) -> bool:
+        if self._lead:
+            self._buf = self._buf.lstrip("\n")
+            if not self._buf:
+                return False
+            self._lead = False
+        head, closed, tail = self._buf.partition(THINK_CLOSE)
+        if closed:
+            reasoning.append(head.rstrip("\n"))
+            self._buf, self._state, self._lead = tail, "content", True
+            return True
+        if final:
+            reasoning.append(self._buf.rstrip("\n"))
+            self._buf = ""
+            return False
+        # Hold back a possible partial "</think>" and trailing newlines (dropped before the tag).
+        keep = len(self._buf) - _partial_suffix(self._buf, THINK_CLOSE)
+        emit = self._buf[:keep].rstrip("\n")
+        reasoning.append(emit)
+        self._buf = self._buf[len(emit):]
+        return False
+
+    def _step_content(self, content: list[str]) -> None:
+        if self._lead:
+            self._buf = self._buf.lstrip("\n")
+            if not self._buf:
+                return
+            self._lead = False
+        content.append(self._buf)
+        self._buf = ""
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def new_tool_call_id() -> str:
+    """An OpenAI-style tool call id."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _tool_call_from_json(raw: str) -> dict[str, Any] | None:
+    """One OpenAI tool call from the JSON inside a ``<tool_call>`` block, or None if malformed."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    args = data.get("arguments", data.get("parameters", {}))
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return {
+        "id": new_tool_call_id(),
+        "type": "function",
+        "function": {"name": data["name"], "arguments": args},
+    }
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Extract Qwen3 ``<tool_call>{json}</tool_call>`` blocks.
+
+    Returns ``(content, tool_calls)``: the text with the parsed blocks removed (stripped) and
+    the calls in OpenAI shape. A block whose JSON is malformed stays in the content.
+    """
+    calls: list[dict[str, Any]] = []
+    parts: list[str] = []
+    pos = 0
+    for match in _TOOL_BLOCK.finditer(text):
+        call = _tool_call_from_json(match.group(1).strip())
+        if call is None:
+            continue
+        calls.append(call)
+        parts.append(text[pos:match.start()])
+        pos = match.end()
+    if not calls:
+        return text, []
+    parts.append(text[pos:])
+    return "".join(parts).strip(), calls
+
+
+class ToolCallStreamParser:
+    """Streams content until a ``<tool_call>`` starts, then buffers the rest for parsing.
+
+    Tool calls are only known once their JSON is complete, so everything from the first
+    ``<tool_call>`` on is held and parsed by :meth:`flush` at the end of generation.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._in_tools = False
+
+    def feed(self, delta: str) -> str:
+        """Add content; returns the content that is safe to send now."""
+        self._buf += delta
+        if self._in_tools:
+            return ""
+        head, opened, tail = self._buf.partition(TOOL_OPEN)
+        if opened:
+            self._in_tools = True
+            self._buf = opened + tail
+            return head
+        keep = len(self._buf) - _partial_suffix(self._buf, TOOL_OPEN)
+        out, self._buf = self._buf[:keep], self._buf[keep:]
+        return out
+
+    def flush(self) -> tuple[str, list[dict[str, Any]]]:
+        """Returns ``(remaining_content, tool_calls)`` for the held text."""
+        held, self._buf = self._buf, ""
+        if not self._in_tools:
+            return held, []
+        return parse_tool_calls(held)

