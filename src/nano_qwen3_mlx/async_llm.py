@@ -1,0 +1,288 @@
+"""``AsyncLLM``: the engine in one background thread, results handed to asyncio.
+
+Only the engine thread touches MLX (MLX streams are thread-local). The event loop talks
+to it through a thread-safe inbox; outputs come back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine, RequestOutput
+from .outputs import ResultBuilder, add_reasoning, chunk_dict
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+Prompt = str | list[int]
+
+
+class QueueFullError(RuntimeError):
+    """The engine already holds ``max_queue_size`` requests; retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+class AsyncLLM:
+    """Asynchronous generation on one shared batching engine.
+
+    ``AsyncLLM(model=None, **engine_options)``; use ``async with`` or ``await start()`` /
+    ``await close()``.
+    """
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 **engine_options: Any) -> None:
+        self.config = config or EngineConfig.load(model=model, **engine_options)
+        self.engine: LLMEngine | None = None
+        self.error: BaseException | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats: dict[str, Any] = {}
+        self._stopping = False
+
+    # ---- lifetime -----------------------------------------------------------------------
+    async def start(self) -> AsyncLLM:
+        """Load the model in the engine thread and wait until it is ready."""
+        if self._thread is not None:
+            return self
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="nano-qwen3-engine",
+                                        daemon=True)
+        self._thread.start()
+        await ready
+        return self
+
+    async def close(self) -> None:
+        """Abort everything in flight and stop the engine thread."""
+        if self._thread is None:
+            return
+        self._inbox.put(("stop",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        self._thread = None
+
+    async def __aenter__(self) -> AsyncLLM:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.error is None and self._thread is not None \
+            and self._thread.is_alive()
+
+    @property
+    def tokenizer(self):
+        return self._engine().tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine().max_model_len
+
+    # ---- generation ---------------------------------------------------------------------
+    async def generate_stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+        priority: int = 0, request_id: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield chunks as tokens arrive. Leaving early (break, cancel) aborts the request."""
+        request_id, out_queue = self._submit(prompt, sampling_params, priority, request_id)
+        finished = False
+        try:
+            while not finished:
+                item = await out_queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield chunk_dict(item)
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+
+    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+                       priority: int = 0, request_id: str | None = None) -> dict[str, Any]:
+        """Generate to the end; returns the result dict (``generated_text``, ``usage``, ...)."""
+        builder: ResultBuilder | None = None
+        stream = self.generate_stream(prompt, sampling_params, priority=priority, request_id=request_id)
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                builder = builder or ResultBuilder(chunk["request_id"])
+                builder.add(_as_output(chunk))
+        return builder.result()
+
+    async def generate_batch(self, prompts: list[Prompt],
+                             sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
+        """All prompts at once through the batching engine; results in prompt order."""
+        return list(await asyncio.gather(*(self.generate(p, sampling_params) for p in prompts)))
+
+    async def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+                   **chat_template_kwargs: Any) -> dict[str, Any]:
+        """Chat; ``reasoning_content`` holds Qwen3 thinking when present."""
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=True, **chat_template_kwargs)
+        result = await self.generate(prompt, sampling_params)
+        starts_in_reasoning = self.tokenizer.decode(prompt[-4:]).rstrip().endswith("<think>")
+        return add_reasoning(result, starts_in_reasoning)
+
+    async def submit(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                     priority: int = 0) -> str:
+        """Start a request in the background; fetch it later with ``retrieve``."""
+        request_id = uuid.uuid4().hex
+        self._check_capacity()
+        task = asyncio.create_task(self.generate(prompt, sampling_params, priority=priority,
+                                                 request_id=request_id))
+        self._tasks[request_id] = task
+        await asyncio.sleep(0)  # let it enqueue, so a full queue fails here
+        if task.done() and task.exception() is not None:
+            self._tasks.pop(request_id)
+            raise task.exception()
+        return request_id
+
+    async def retrieve(self, request_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The result of a submitted request (``KeyError`` if unknown, ``TimeoutError``)."""
+        task = self._tasks[request_id]
+        result = await asyncio.wait_for(asyncio.shield(task), timeout)
+        self._tasks.pop(request_id, None)
+        return result
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed by the engine's next iteration."""
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+        self._inbox.put(("abort", request_id))
+
+    def get_stats(self) -> dict[str, Any]:
+        """The engine stats as of its latest step (refreshed at least every 0.25 s)."""
+        return dict(self._stats) | {"queue_size": len(self._queues),
+                                    "max_queue_size": self.config.max_queue_size}
+
+    # ---- the asyncio side ---------------------------------------------------------------
+    def _engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise RuntimeError("AsyncLLM is not started: use `async with` or `await start()`")
+        return self.engine
+
+    def _check_capacity(self) -> None:
+        if not self.is_ready:
+            raise EngineDeadError(f"engine is not running: {self.error or 'not started'}")
+        if len(self._queues) >= self.config.max_queue_size:
+            raise QueueFullError(f"request queue is full ({self.config.max_queue_size} requests)")
+
+    def _submit(self, prompt, params, priority, request_id) -> tuple[str, asyncio.Queue]:
+        self._check_capacity()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        out_queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = out_queue
+        self._inbox.put(("add", request_id, prompt, params, priority))
+        return request_id, out_queue
+
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        for request_id, item in items:
+            if (q := self._queues.get(request_id)) is not None:
+                q.put_nowait(item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for q in self._queues.values():
+            q.put_nowait(error)
+
+    # ---- the engine thread --------------------------------------------------------------
+    def _run(self, ready: asyncio.Future) -> None:
+        try:
+            self.engine = LLMEngine(self.config)
+        except BaseException as exc:  # surfaced to start()'s caller
+            self.error = exc
+            self._loop.call_soon_threadsafe(_set_exception, ready, exc)
+            return
+        self._stats = self.engine.get_stats()
+        self._loop.call_soon_threadsafe(_set_result, ready, self)
+        try:
+            self._serve_forever()
+        except BaseException as exc:
+            log.exception("engine thread died")
+            self.error = exc
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine thread died: {exc}"))
+
+    def _serve_forever(self) -> None:
+        engine, last_stats = self.engine, 0.0
+        while not self._stopping:
+            items = self._handle_commands(block=not engine.has_unfinished_requests())
+            if engine.has_unfinished_requests():
+                items += self._step()
+            if items:
+                self._loop.call_soon_threadsafe(self._deliver, items)
+            now = time.monotonic()
+            if now - last_stats > 0.25 or not engine.has_unfinished_requests():
+                self._stats, last_stats = engine.get_stats(), now
+        for request_id in list(engine._seqs):
+            engine.abort_request(request_id)
+        self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in engine.step()])
+
+    def _step(self) -> list[tuple[str, Any]]:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a failed step fails its requests, not the server
+            log.exception("engine step failed; failing the requests in flight")
+            outputs = self.engine.fail_all(f"engine error: {type(exc).__name__}")
+        return [(o.request_id, o) for o in outputs]
+
+    def _handle_commands(self, block: bool) -> list[tuple[str, Any]]:
+        items = []
+        try:
+            command = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            while True:
+                items += self._handle(command)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            return items
+
+    def _handle(self, command: tuple) -> list[tuple[str, Any]]:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt, params, priority = command
+            try:
+                self.engine.add_request(prompt, params, request_id, priority)
+            except ValueError as exc:
+                return [(request_id, exc)]
+        elif kind == "abort":
+            self.engine.abort_request(command[1])
+        elif kind == "stop":
+            self._stopping = True
+        return []
+
+
+def _as_output(chunk: dict[str, Any]) -> RequestOutput:
+    usage = chunk["usage"]
+    return RequestOutput(chunk["request_id"], chunk["text"], chunk["token_ids"], chunk["finished"],
+                         chunk["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"],
+                         chunk["logprobs"], chunk["error"])
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
