@@ -34,6 +34,9 @@ class ModelRunner:
         ctx = self._attention_context(batch)
         hidden = self.model.hidden_states(input_ids, ctx)  # (B, L, hidden)
         rows = [i for i, s in enumerate(batch.samples) if s]
+        if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
+            mx.async_eval(hidden)
+            return StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
         cols = [batch.num_new_tokens[i] - 1 for i in rows]
         last = hidden[mx.array(rows), mx.array(cols)]  # (B_sample, hidden)
         seqs = [batch.seqs[i] for i in rows]

@@ -1,0 +1,75 @@
+"""`nano-qwen3` as a user runs it: a subprocess, stdout text, a one-line error and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nano_qwen3_mlx.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **(env or {})})
+
+
+def test_generate_streams_text_and_prints_summary(tiny_qwen3_dir):
+    result = run_cli("generate", "Hello", "--model", str(tiny_qwen3_dir), "--max-tokens", "6",
+                     "--temperature", "0", "--no-chat")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "6 tokens" in summary and "tok/s" in summary
+
+
+def test_greedy_cli_equals_python_api(tiny_qwen3_dir):
+    from nano_qwen3_mlx import LLM, SamplingParams
+
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64) as llm:
+        messages = [{"role": "user", "content": "Hi there"}]
+        ids = llm.tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=False)
+        expected = llm.generate_single(ids, SamplingParams(temperature=0, max_tokens=8))
+    result = run_cli("generate", "Hi there", "--model", str(tiny_qwen3_dir), "-n", "8", "-t", "0",
+                     "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected["generated_text"] + "\n"
+
+
+def test_model_from_env_when_no_flag(tiny_qwen3_dir):
+    result = run_cli("generate", "Hello", "-n", "2", "-t", "0", env={"MODEL_NAME": str(tiny_qwen3_dir)})
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--model", "/no/such/dir"], "no such model"),
+    (["generate", "   ", "--model", "{tiny}"], "prompt is empty"),
+    (["generate", "hi", "--model", "{tiny}", "--max-tokens", "-1"], "max_tokens"),
+    (["generate", "hi", "--model", "{tiny}", "--temperature", "-2"], "temperature"),
+    (["generate", "hi", "--model", "{broken}"], "config.json"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_qwen3_dir, tmp_path, args, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen3_dir, broken)
+    (broken / "config.json").write_text("{oops")
+    args = [a.format(tiny=tiny_qwen3_dir, broken=broken) for a in args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_models_lists_aliases():
+    result = run_cli("models")
+    assert result.returncode == 0
+    assert "qwen3-0.6b" in result.stdout and "smollm2-135m" in result.stdout
+
+
+def test_corrupt_config_in_default_toml_is_reported(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine\nmodel=")
+    result = run_cli("generate", "hi", "--config", str(bad))
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
