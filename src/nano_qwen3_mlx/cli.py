@@ -111,6 +111,41 @@ def list_models() -> None:
         typer.echo(f"{alias:18} {target}")
 
 
+from .server.launch import serve  # noqa: E402 - the server owns its command's options
+
+app.command("serve")(serve)
+
+
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="local checkpoint dir both engines load (default: random weights of --shape)")] = None,
+    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, qwen3-0.6b")] = "small",
+    dtype: Annotated[str, typer.Option(help="dtype of the random checkpoint")] = "float32",
+    prompt_len: Annotated[int, typer.Option("--prompt-len")] = 128,
+    gen_len: Annotated[int, typer.Option("--gen-len")] = 64,
+    batch: Annotated[str, typer.Option(help="comma-separated concurrent request counts")] = "8,32",
+    out: Annotated[str, typer.Option(help="JSON report path")] = "bench-results/bench.json",
+) -> None:
+    """Benchmark this engine against mlx-lm (single stream, batches, TTFT, KV bytes/token)."""
+    from pathlib import Path
+
+    from . import bench as bench_mod
+
+    if shape not in bench_mod.SHAPES:
+        fail(f"unknown shape {shape!r}; choose from {', '.join(bench_mod.SHAPES)}")
+    try:
+        sizes = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        fail(f"--batch must be comma-separated integers, got {batch!r}")
+    if prompt_len < 1 or gen_len < 2 or any(b < 1 for b in sizes):
+        fail("--prompt-len must be >= 1, --gen-len >= 2 and batch sizes >= 1")
+    report = bench_mod.run(model, shape, dtype, prompt_len, gen_len, sizes, Path(out))
+    bench_mod.print_report(report)
+    typer.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
