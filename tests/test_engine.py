@@ -139,3 +139,26 @@ def test_paged_attention_equals_dense(tiny_qwen3_dir, llm):
     for s, ids in zip(seqs, prompts):
         dense = np.array(model(mx.array([ids]), DenseCache(2))[0, -1])
         np.testing.assert_allclose(last[s.seq_id], dense, atol=1e-4, rtol=1e-4)
+
+
+def test_exception_in_a_step_fails_only_that_step(tiny_qwen3_dir, monkeypatch):
+    """A step that raises fails its own requests; later requests run; no block leaks."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64) as llm:
+        expected = llm.generate_single("after the fault", params)["token_ids"]
+        engine, real_run, calls = llm.engine, llm.engine.runner.run, {"n": 0}
+
+        def flaky_run(batch, prev):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected fault")
+            return real_run(batch, prev)
+
+        monkeypatch.setattr(engine.runner, "run", flaky_run)
+        failed = llm.generate(["first victim", "second victim"], params)
+        assert [r["finish_reason"] for r in failed] == ["error", "error"]
+        assert "injected fault" in failed[0]["error"]
+        assert llm.generate_single("after the fault", params)["token_ids"] == expected
+        stats = llm.get_stats()
+    assert stats["kv_cache"]["num_used_blocks"] == 0
+    assert stats["requests"]["errors"] == 2

@@ -187,9 +187,24 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule -> run (lazily, on the device) -> postprocess the previous step."""
+        """Schedule -> run (lazily, on the device) -> postprocess the previous step.
+
+        If anything in the step raises, only the requests of this step and of the step in
+        flight fail (``finish_reason='error'``, blocks freed); the engine keeps serving.
+        """
         outputs, self._early_outputs = self._early_outputs, []
-        batch = self.scheduler.schedule()
+        batch = None
+        try:
+            batch = self.scheduler.schedule()
+            outputs += self._run_batch(batch)
+        except Exception as exc:
+            log.exception("engine step failed; failing the requests of this step")
+            outputs += self._fail_step(batch, f"engine error: {type(exc).__name__}: {exc}")
+        self.stats.num_steps += 1
+        return [o for o in outputs if o is not None]
+
+    def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
+        outputs = []
         if batch and self._needs_sync(batch):
             outputs += self._postprocess(self._prev)
             self._prev, batch = None, _drop_finished(batch)
@@ -201,8 +216,18 @@ class LLMEngine:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
         self._prev = out
-        self.stats.num_steps += 1
-        return [o for o in outputs if o is not None]
+        return outputs
+
+    def _fail_step(self, batch: ScheduledBatch | None, error: str) -> list[RequestOutput]:
+        seqs = (batch.seqs if batch else []) + (self._prev.seqs if self._prev else [])
+        self._prev, outputs = None, []
+        for seq in self._seqs.values():
+            seq.pending_row = None  # the step that would have produced it is gone
+        for seq in dict.fromkeys(seqs):
+            if not seq.is_finished:
+                self._finish(seq, "error")
+                outputs.append(self._output(seq, "", [], None, error=error))
+        return outputs
 
     @staticmethod
     def _needs_sync(batch: ScheduledBatch) -> bool:
