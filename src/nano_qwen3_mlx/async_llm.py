@@ -71,7 +71,9 @@ class AsyncLLM:
         if self._thread is None:
             return
         self._inbox.put(("stop",))
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        # Wait without a limit: a thread still loading the model must not be left running
+        # inside MLX while the interpreter shuts down (that aborts the process).
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._thread = None
 
     async def __aenter__(self) -> AsyncLLM:

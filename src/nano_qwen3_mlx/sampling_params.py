@@ -33,33 +33,33 @@ class SamplingParams:
     stop: list[str] | str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop_sequences, str):
+            self.stop_sequences = [self.stop_sequences]
         if self.stop is not None:
             extra = [self.stop] if isinstance(self.stop, str) else list(self.stop)
             self.stop_sequences = list(self.stop_sequences) + extra
             self.stop = None
-        if isinstance(self.stop_sequences, str):
-            self.stop_sequences = [self.stop_sequences]
         self._validate()
 
     def _validate(self) -> None:
         _check(self, "temperature", _finite(self.temperature) and self.temperature >= 0, ">= 0")
         _check(self, "top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]")
-        _check(self, "top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an int >= 0 (0 = off)")
+        _check(self, "top_k", _int(self.top_k) and self.top_k >= 0, "an int >= 0 (0 = off)")
         _check(self, "min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]")
-        ok_max = self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1)
+        ok_max = self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1)
         _check(self, "max_tokens", ok_max, "an int >= 1")
         ok_rep = _finite(self.repetition_penalty) and self.repetition_penalty > 0
         _check(self, "repetition_penalty", ok_rep, "> 0")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(self, name, _finite(value) and -2 <= value <= 2, "in [-2, 2]")
-        ok_lp = self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20)
+        ok_lp = self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20)
         _check(self, "logprobs", ok_lp, "an int in [0, 20]")
-        _check(self, "min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, ">= 0")
+        _check(self, "min_tokens", _int(self.min_tokens) and self.min_tokens >= 0, ">= 0")
         ok_stop = all(isinstance(s, str) and s for s in self.stop_sequences)
         _check(self, "stop_sequences", ok_stop, "a list of non-empty strings")
-        ok_seed = self.seed is None or isinstance(self.seed, int)
-        _check(self, "seed", ok_seed, "an int")
+        ok_seed = self.seed is None or (_int(self.seed) and -(2**63) <= self.seed < 2**64)
+        _check(self, "seed", ok_seed, "an int in [-2**63, 2**64)")
 
     @property
     def is_greedy(self) -> bool:
@@ -105,6 +105,10 @@ class SamplingParams:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(params: SamplingParams, name: str, ok: bool, expected: str) -> None:

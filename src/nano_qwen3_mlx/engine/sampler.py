@@ -105,11 +105,15 @@ class Sampler:
         vocab = logits.shape[-1]
         k = mx.array([p.top_k if 0 < p.top_k < vocab else vocab for p in ps])
         kth = mx.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-        probs = mx.softmax(sorted_desc, axis=-1)
+        # Top-p runs on the top-k survivors, renormalised (vLLM/HF order); rows with
+        # top_p == 1 skip it, since float32 cumsums reach 1.0 before the tail ends.
+        in_top_k = mx.arange(vocab)[None] < k[:, None]
+        probs = mx.softmax(mx.where(in_top_k, sorted_desc, -mx.inf), axis=-1)
         before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
         top_p = mx.array([p.top_p for p in ps])[:, None]
-        inside = before < top_p  # the first token is always inside
+        inside = (before < top_p) & in_top_k  # the first token is always inside
         pth = mx.min(mx.where(inside, sorted_desc, mx.inf), axis=-1, keepdims=True)
+        pth = mx.where(top_p < 1.0, pth, -mx.inf)
         threshold = mx.maximum(kth, pth)
         return mx.where(logits >= threshold, logits, -mx.inf)
 
@@ -123,7 +127,7 @@ class Sampler:
                 rows.append(mx.random.gumbel(shape=(1, vocab)))
                 continue
             if seq.rng_key is None:
-                seq.rng_key = mx.random.key(seq.params.seed)
+                seq.rng_key = mx.random.key(seq.params.seed % 2**63)
             seq.rng_key, sub = mx.random.split(seq.rng_key)
             rows.append(mx.random.gumbel(shape=(1, vocab), key=sub))
         return mx.concatenate(rows, axis=0)

@@ -1,0 +1,174 @@
+"""``nano-qwen3 serve``: run the OpenAI-compatible server until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+from typing import Annotated, Any
+
+import typer
+from aiohttp import web
+from pydantic import ValidationError
+
+from ..config import EngineConfig, ServerConfig
+from .app import create_app
+from .state import STATE_KEY, ServerState
+
+log = logging.getLogger("nano_qwen3_mlx.server")
+
+# Seconds in-flight requests get to finish on shutdown before they are aborted.
+SHUTDOWN_GRACE_S = 30.0
+WORKERS_REFUSED = (
+    "--workers above 1 is not supported: one engine batches all requests on the accelerator; "
+    "to scale out, run replicas behind a load balancer"
+)
+
+Opt = typer.Option
+
+
+def serve(
+    model: Annotated[str | None, Opt("--model", "-m", help="alias, local dir, .gguf or HF repo id")] = None,
+    host: Annotated[str | None, Opt(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, Opt(help="port (default 8000)")] = None,
+    config: Annotated[str | None, Opt("--config", help="TOML config, e.g. configs/production.toml")] = None,
+    max_num_seqs: Annotated[int | None, Opt(help="sequences decoded together")] = None,
+    kv_cache_gb: Annotated[float | None, Opt(help="KV cache budget in GB")] = None,
+    max_queue_size: Annotated[int | None, Opt(help="requests held before 429")] = None,
+    max_model_len: Annotated[int | None, Opt(help="context length cap")] = None,
+    device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
+    dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
+    quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
+    api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> (env API_KEY)")] = None,
+    served_model_name: Annotated[str | None, Opt(help="model name shown to clients")] = None,
+    log_level: Annotated[str | None, Opt(help="debug, info, warning, error")] = None,
+    log_prompts: Annotated[bool | None, Opt("--log-prompts/--no-log-prompts", help="log prompt text")] = None,
+    cors_origin: Annotated[list[str] | None, Opt("--cors-origin", help="allowed CORS origin (repeatable)")] = None,
+    request_timeout: Annotated[float | None, Opt(help="server-wide request deadline, seconds")] = None,
+    workers: Annotated[int | None, Opt(help="must be 1: one engine serves all requests")] = None,
+) -> None:
+    """Serve the OpenAI-compatible API (chat, completions, models, health, stats, metrics)."""
+    if workers is not None and workers > 1:
+        typer.echo(f"error: {WORKERS_REFUSED}", err=True)
+        raise typer.Exit(2)
+    engine_config = _load(EngineConfig, config, model=model, max_num_seqs=max_num_seqs,
+                          kv_cache_gb=kv_cache_gb, max_queue_size=max_queue_size,
+                          max_model_len=max_model_len, device=device, dtype=dtype,
+                          quantize=quantize)
+    server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
+                          served_model_name=served_model_name, log_level=log_level,
+                          log_prompts=log_prompts, cors_origins=cors_origin or None,
+                          request_timeout=request_timeout, workers=workers)
+    if server_config.workers > 1:
+        typer.echo(f"error: {WORKERS_REFUSED}", err=True)
+        raise typer.Exit(2)
+    _setup_logging(server_config.log_level)
+    if not _is_loopback(server_config.host) and not server_config.api_key:
+        typer.echo(f"warning: binding {server_config.host} without --api-key: anyone who can "
+                   "reach this port can use the model", err=True)
+    code = asyncio.run(run_server(engine_config, server_config))
+    if code:
+        raise typer.Exit(code)
+
+
+def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
+    try:
+        return cls.load(config_file, **flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        _fail(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}")
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nano_qwen3_mlx").setLevel(level.upper())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(config: ServerConfig, port: int) -> str:
+    host = config.host
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} GiB"
+
+
+def _banner(state: ServerState, url: str) -> None:
+    """Model, memory budget, KV blocks and URL, once the engine is ready."""
+    stats = state.engine.get_stats() if state.engine is not None else {}
+    kv, mem = stats.get("kv_cache", {}), stats.get("memory", {})
+    lines = [
+        f"model        {state.model_name} (context {state.engine.max_model_len} tokens)",
+        f"memory       {_size(mem.get('active_bytes', 0))} in use, of which KV cache "
+        f"{_size(kv.get('bytes', 0))}",
+        f"KV blocks    {kv.get('num_blocks', '?')} x {kv.get('block_size', '?')} tokens",
+        f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
+    ]
+    typer.echo("\n".join(lines), err=True)
+
+
+async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Serve until a signal; 1 if the engine failed to start. Shutdown lets in-flight
+    requests finish for up to ``SHUTDOWN_GRACE_S`` seconds, then aborts them."""
+    try:
+        # Bind before the engine starts loading, so a busy port fails fast and cleanly.
+        family = socket.AF_INET6 if ":" in server_config.host else socket.AF_INET
+        sock = socket.create_server((server_config.host, server_config.port), family=family)
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {server_config.host}:{server_config.port}: "
+                   f"{exc.strerror or exc}", err=True)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    url = _url(server_config, sock.getsockname()[1])
+    app = create_app(engine_config, server_config, on_ready=lambda state: _banner(state, url))
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE_S).start()
+        typer.echo(f"loading {engine_config.model} ...", err=True)
+        return await _wait(app, stop)
+    finally:
+        typer.echo("shutting down ...", err=True)
+        await runner.cleanup()
+
+
+async def _wait(app: web.Application, stop: asyncio.Event) -> int:
+    state = app[STATE_KEY]
+    failed = asyncio.create_task(state.start_failed.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (failed, stopped):
+        task.cancel()
+    if state.start_error is None:
+        return 0
+    err = state.start_error
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    typer.echo(f"error: the model failed to load: {reason}", err=True)
+    return 1

@@ -1,0 +1,68 @@
+"""Prometheus metrics; each app owns its registry so several apps (tests) never collide."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_PREFIX = "nano_qwen3"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class ServerMetrics:
+    """Request counters and latency histograms, plus engine gauges refreshed at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{_PREFIX}_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(f"{_PREFIX}_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter(
+            f"{_PREFIX}_generation_tokens", "Tokens generated", registry=r
+        )
+        self.ttft = Histogram(
+            f"{_PREFIX}_time_to_first_token_seconds", "Time to first token", registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            f"{_PREFIX}_inter_token_latency_seconds", "Time between streamed tokens", registry=r,
+            buckets=_ITL_BUCKETS,
+        )
+        self.e2e = Histogram(
+            f"{_PREFIX}_request_duration_seconds", "Whole request latency", ["route"], registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.waiting = Gauge(f"{_PREFIX}_requests_waiting", "Requests queued", registry=r)
+        self.running = Gauge(f"{_PREFIX}_requests_running", "Sequences being decoded", registry=r)
+        self.kv_used = Gauge(f"{_PREFIX}_kv_cache_used_blocks", "KV blocks in use", registry=r)
+        self.kv_total = Gauge(f"{_PREFIX}_kv_cache_blocks", "KV blocks in the pool", registry=r)
+        self.kv_usage = Gauge(f"{_PREFIX}_kv_cache_usage_ratio", "Used / total KV blocks", registry=r)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.e2e.labels(route=route).observe(seconds)
+
+    def observe_usage(self, usage: dict[str, int] | None) -> None:
+        if usage:
+            self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+            self.generation_tokens.inc(usage.get("completion_tokens", 0))
+
+    def update_engine(self, stats: dict[str, Any]) -> None:
+        """Copy engine stats (``AsyncLLM.get_stats()``) into the gauges."""
+        requests = stats.get("requests", {})
+        kv = stats.get("kv_cache", {})
+        self.waiting.set(requests.get("waiting", 0))
+        self.running.set(requests.get("running", 0))
+        total, used = kv.get("num_blocks", 0), kv.get("num_used_blocks", 0)
+        self.kv_total.set(total)
+        self.kv_used.set(used)
+        self.kv_usage.set(used / total if total else 0.0)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

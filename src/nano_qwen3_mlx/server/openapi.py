@@ -1,0 +1,93 @@
+"""``/openapi.json``: the OpenAPI 3.1 document, generated from the pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .. import __version__
+from .protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+)
+
+_MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest, CompletionRequest, ChatCompletionResponse, ChatCompletionChunk,
+    CompletionResponse, ModelList, ModelCard, HealthResponse, ErrorResponse,
+]
+_ERRORS = {
+    "400": "Invalid request", "401": "Missing or wrong API key", "404": "Unknown model",
+    "408": "Request timed out", "413": "Body too large", "429": "Queue full (see Retry-After)",
+    "503": "Model loading or engine not running",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(model)}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {c: {"description": _ERRORS[c], "content": _json(ErrorResponse)} for c in codes}
+
+
+def _generate(request: type[BaseModel], response: type[BaseModel], summary: str) -> dict:
+    ok = {**_json(response), "text/event-stream": {"schema": {"type": "string"}}}
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": _json(request)},
+            "responses": {
+                "200": {"description": "Completion (JSON, or SSE when stream=true)", "content": ok},
+                **_errors("400", "401", "404", "408", "413", "429", "503"),
+            },
+        }
+    }
+
+
+def _get(summary: str, content: dict[str, Any], *errors: str) -> dict[str, Any]:
+    return {"get": {"summary": summary,
+                    "responses": {"200": {"description": "OK", "content": content},
+                                  **_errors(*errors)}}}
+
+
+def build_openapi(with_auth: bool) -> dict[str, Any]:
+    """The OpenAPI document; ``with_auth`` adds the bearer scheme used by ``--api-key``."""
+    _, defs = models_json_schema([(m, "validation") for m in _MODELS],
+                                 ref_template="#/components/schemas/{model}")
+    model_param = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    models_one = _get("One model", _json(ModelCard), "401", "404")
+    models_one["get"]["parameters"] = [model_param]
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "nano-qwen3-mlx", "version": __version__},
+        "paths": {
+            "/v1/chat/completions": _generate(ChatCompletionRequest, ChatCompletionResponse,
+                                              "Chat completion"),
+            "/v1/completions": _generate(CompletionRequest, CompletionResponse,
+                                         "Text completion"),
+            "/v1/models": _get("Served models", _json(ModelList), "401"),
+            "/v1/models/{model_id}": models_one,
+            "/health": _get("Liveness and readiness", _json(HealthResponse), "503"),
+            "/stats": _get("Engine statistics", {"application/json": {"schema": {"type": "object"}}},
+                           "401", "503"),
+            "/metrics": _get("Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}),
+        },
+        "components": {"schemas": defs.get("$defs", {})},
+    }
+    if with_auth:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    return doc

@@ -1,0 +1,81 @@
+"""The route table and the small endpoints (models, health, stats, metrics, OpenAPI)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .chat import chat_completions
+from .completions import completions
+from .errors import APIError
+from .metrics import CONTENT_TYPE
+from .openapi import build_openapi
+from .state import STATE_KEY, ServerState
+
+routes = web.RouteTableDef()
+routes.post("/v1/chat/completions")(chat_completions)
+routes.post("/v1/completions")(completions)
+
+
+def _model_card(state: ServerState) -> dict:
+    engine = state.ready_engine()
+    return {"id": state.model_name, "object": "model", "created": state.created,
+            "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len}
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    """The one served model (OpenAI ``list`` shape)."""
+    state = request.app[STATE_KEY]
+    return web.json_response({"object": "list", "data": [_model_card(state)]})
+
+
+@routes.get("/v1/models/{model_id:.+}")
+async def get_model(request: web.Request) -> web.Response:
+    """One model by id; 404 for anything this server does not serve."""
+    state = request.app[STATE_KEY]
+    card = _model_card(state)
+    state.check_model(request.match_info["model_id"])
+    return web.json_response(card)
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """200 when ready; 503 while loading or after the engine died."""
+    state = request.app[STATE_KEY]
+    body = {"status": "ok", "model": state.model_name, "uptime_s": round(state.uptime_s, 3)}
+    if state.failure is not None:
+        # The exception class only: messages may carry file paths.
+        body.update(status="error", error=type(state.failure).__name__)
+        return web.json_response(body, status=503)
+    if state.engine is None or not state.engine.is_ready:
+        body["status"] = "loading"
+        return web.json_response(body, status=503, headers={"Retry-After": "5"})
+    return web.json_response(body)
+
+
+@routes.get("/stats")
+async def stats(request: web.Request) -> web.Response:
+    """Engine statistics (``AsyncLLM.get_stats()``) plus server uptime."""
+    state = request.app[STATE_KEY]
+    engine = state.engine
+    if engine is None:
+        raise APIError(503, "the model is still loading", code="model_loading")
+    body = {"model": state.model_name, "uptime_s": round(state.uptime_s, 3),
+            "is_ready": engine.is_ready, **engine.get_stats()}
+    return web.json_response(body)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format."""
+    state = request.app[STATE_KEY]
+    if state.engine is not None and state.engine.is_ready:
+        state.metrics.update_engine(state.engine.get_stats())
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document generated from the request/response models."""
+    state = request.app[STATE_KEY]
+    return web.json_response(build_openapi(with_auth=bool(state.config.api_key)))

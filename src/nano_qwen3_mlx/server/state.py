@@ -1,0 +1,98 @@
+"""What the handlers share: the engine, the server config and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from ..config import ServerConfig
+from ..sampling_params import SamplingParams
+from .errors import APIError
+from .metrics import ServerMetrics
+
+
+class Engine(Protocol):
+    """The part of ``AsyncLLM`` the server uses."""
+
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    is_ready: bool
+    error: BaseException | None
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def generate_stream(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams,
+        *,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def get_stats(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Per-app state, stored under :data:`STATE_KEY`."""
+
+    config: ServerConfig
+    engine: Engine | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    # Keep-alive comment interval while a stream waits for tokens.
+    keepalive_s: float = 10.0
+    # Chunks buffered for a slow reader before its request is aborted.
+    max_buffered_chunks: int = 4096
+    start_error: BaseException | None = None
+    start_failed: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
+    model_aliases: set[str] = field(default_factory=set)
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine cannot serve (failed start or dead engine thread), or None."""
+        if self.start_error is not None:
+            return self.start_error
+        return None if self.engine is None else self.engine.error
+
+    @property
+    def model_name(self) -> str | None:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return None if self.engine is None else self.engine.model_name
+
+    def ready_engine(self) -> Engine:
+        """The engine, or a 503 while it loads or after it died."""
+        if self.failure is not None:
+            raise APIError(503, "the engine is not running; see the server log", code="engine_dead")
+        if self.engine is None or not self.engine.is_ready:
+            raise APIError(503, "the model is still loading", code="model_loading",
+                           headers={"Retry-After": "5"})
+        return self.engine
+
+    def check_model(self, name: str | None) -> str:
+        """The served model name; 404 for a model this server does not serve."""
+        served = self.model_name or ""
+        if name is None or name == served or name in self.model_aliases:
+            return served
+        raise APIError(404, f"The model `{name}` does not exist.", param="model",
+                       code="model_not_found")
+
+
+STATE_KEY = web.AppKey("nano_qwen3_state", ServerState)

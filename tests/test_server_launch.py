@@ -1,0 +1,35 @@
+"""``nano-qwen3 serve`` option handling that needs no model: refusals exit 2 in one line."""
+
+from __future__ import annotations
+
+import socket
+
+from typer.testing import CliRunner
+
+from nano_qwen3_mlx.cli import app
+from nano_qwen3_mlx.server.launch import _is_loopback
+
+
+def test_workers_refused():
+    result = CliRunner().invoke(app, ["serve", "--workers", "4"])
+    assert result.exit_code == 2
+    assert "replicas" in result.output and "Traceback" not in result.output
+
+
+def test_bad_port_refused():
+    result = CliRunner().invoke(app, ["serve", "--port", "70000"])
+    assert result.exit_code == 2 and "port" in result.output
+
+
+def test_busy_port_fails_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--model", "/nonexistent", "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen" in result.output
+
+
+def test_loopback_detection():
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.2")
