@@ -50,3 +50,32 @@ def test_truncated_gguf_is_one_clear_line(smollm2_gguf, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "truncated.gguf" in result.stderr
+
+
+async def test_http_chat_answers_paris(smollm2_gguf):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nano_qwen3_mlx.async_llm import AsyncLLM
+    from nano_qwen3_mlx.config import EngineConfig, ServerConfig
+    from nano_qwen3_mlx.server import create_app
+
+    config = EngineConfig(model="smollm2-135m", num_kv_blocks=64, max_num_seqs=4)
+    async with AsyncLLM(config=config) as llm:
+        app = create_app(server_config=ServerConfig(), engine=llm)
+        async with TestClient(TestServer(app)) as client:
+            body = {"model": "smollm2-135m", "temperature": 0, "max_tokens": 24,
+                    "messages": [{"role": "user", "content": QUESTION}]}
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 200, await resp.text()
+            answer = (await resp.json())["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+
+
+def test_serve_without_reachable_default_model_names_the_demo(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    env.pop("MODEL_NAME", None)
+    cmd = [sys.executable, "-m", "nano_qwen3_mlx.cli", "serve", "--port", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "smollm2-135m" in errors[0], result.stderr

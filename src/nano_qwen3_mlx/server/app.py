@@ -79,7 +79,7 @@ async def _start(state: ServerState, config: EngineConfig | None,
     except Exception as exc:
         state.start_error = exc
         state.start_failed.set()
-        log.error("the engine failed to start: %s", exc)
+        log.debug("the engine failed to start: %s", exc)  # the caller reports it to the user
         log.debug("engine start failure", exc_info=exc)
         return
     if state.engine.model_name and state.engine.model_name != state.model_name:
