@@ -14,7 +14,6 @@ import openai  # a dev dependency: a missing client must fail, not skip
 import pytest
 
 
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
