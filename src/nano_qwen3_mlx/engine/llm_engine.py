@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -19,6 +19,7 @@ from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner, StepOutput
+from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
@@ -50,14 +51,6 @@ class RequestOutput:
         }
 
 
-@dataclass(slots=True)
-class _OutputState:
-    detokenizer: Any
-    stop_matcher: Any
-    pieces: list[str] = field(default_factory=list)
-    matched: bool = False
-
-
 class LLMEngine:
     """One model, one paged KV cache, many requests. Not thread-safe: one thread drives it."""
 
@@ -76,6 +69,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
         self._early_outputs: list[RequestOutput] = []
@@ -135,10 +129,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority)
-        seq.state = _OutputState(
-            self.tokenizer.detokenizer(skip_special_tokens=True),
-            _stop_matcher(params.stop_sequences),
-        )
+        seq.state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         self.stats.num_prompt_tokens += len(token_ids)
@@ -232,7 +223,7 @@ class LLMEngine:
     @staticmethod
     def _needs_sync(batch: ScheduledBatch) -> bool:
         # Penalties need every earlier token, including the one still being sampled.
-        return any(s.params.uses_penalties or s.params.min_tokens for s in batch.seqs)
+        return any(s.params.uses_penalties for s in batch.seqs)
 
     def _postprocess(self, prev: StepOutput | None) -> list[RequestOutput | None]:
         if prev is None:
@@ -245,30 +236,16 @@ class LLMEngine:
             if seq.is_finished:
                 continue  # finished a step earlier: this token is the one extra, dropped
             seq.pending_row = None
-            logprobs = self._logprobs(seq, row, ids[row], *lps)
+            logprobs = self.output_processor.logprobs(seq, row, ids[row], *lps)
             outputs.append(self._append_token(seq, ids[row], logprobs, now))
             ready = min(seq.num_computed_tokens, len(seq.token_ids))
             self.block_manager.seal_full_blocks(seq, ready)
         self.stats.record_tokens(len(outputs), now)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> RequestOutput | None:
-        seq.token_ids.append(token)
+    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> RequestOutput:
         self._record_timing(seq, now)
-        params, state = seq.params, seq.state
-        text, reason = "", None
-        is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
-        if is_eos or token in params.stop_token_ids:
-            reason = "stop"
-        else:
-            text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
-            state.matched = matched is not None
-            reason = "stop" if state.matched else None
-        if reason is None and seq.reached_max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = reason or "length"
-        if reason and not state.matched:
-            tail, _ = state.stop_matcher.feed(state.detokenizer.finalize())
-            text += tail + state.stop_matcher.flush()
+        text, reason = self.output_processor.append(seq, token, self.max_model_len)
         if reason:
             self._finish(seq, reason)
         return self._output(seq, text, [token], logprobs)
@@ -281,24 +258,12 @@ class LLMEngine:
             self.stats.itl.append(now - seq.last_token_time)
         seq.last_token_time = now
 
-    def _logprobs(self, seq: Sequence, row: int, token: int, lp, top_ids, top_lp):
-        n = seq.params.logprobs
-        if n is None or lp is None:
-            return None
-        tops = [] if not n or top_ids is None else [
-            {"token_id": t, "token": self.tokenizer.token_to_str(t), "logprob": v}
-            for t, v in zip(top_ids[row][:n], top_lp[row][:n])
-        ]
-        return [{"token_id": token, "token": self.tokenizer.token_to_str(token),
-                 "logprob": lp[row], "top_logprobs": tops}]
-
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.stats.record_finish(reason, time.monotonic() - seq.arrival_time)
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int], logprobs,
                 error: str | None = None) -> RequestOutput:
-        seq.state.pieces.append(text)
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
         return RequestOutput(
@@ -339,12 +304,6 @@ def _drop_finished(batch: ScheduledBatch) -> ScheduledBatch | None:
 
 def _tolist(array: mx.array | None) -> list | None:
     return None if array is None else array.tolist()
-
-
-def _stop_matcher(stop_sequences: list[str]):
-    from ..tokenizer import StopMatcher
-
-    return StopMatcher(stop_sequences)
 
 
 def total_memory_bytes() -> int:
