@@ -162,3 +162,11 @@ def test_exception_in_a_step_fails_only_that_step(tiny_qwen3_dir, monkeypatch):
         stats = llm.get_stats()
     assert stats["kv_cache"]["num_used_blocks"] == 0
     assert stats["requests"]["errors"] == 2
+
+
+def test_one_bad_prompt_in_a_batch_runs_none(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(["fine", [], "also fine"], GREEDY)
+    stats = llm.get_stats()
+    assert stats["requests"]["running"] == 0 and stats["requests"]["waiting"] == 0
+    assert stats["kv_cache"]["num_used_blocks"] == 0

@@ -32,7 +32,15 @@ class LLM:
                  sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
         """Generate for one or many prompts (strings or token-id lists), batched together."""
         prompts = _as_prompt_list(prompts)
-        builders = [self._add(p, sampling_params) for p in prompts]
+        builders: list[ResultBuilder] = []
+        try:
+            for prompt in prompts:
+                builders.append(self._add(prompt, sampling_params))
+        except ValueError:  # one bad prompt: run none of them
+            for builder in builders:
+                self.engine.abort_request(builder.request_id)
+            self._drain()
+            raise
         by_id = {b.request_id: b for b in builders}
         while not all(b.finished for b in builders):
             for out in self.engine.step():
