@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,10 +42,24 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         raise bad_request("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not _is_encodable(data):
+        # JSON allows "\ud800" escapes; the tokenizer (and UTF-8) cannot take lone surrogates.
+        raise bad_request("the request body contains invalid Unicode (a lone surrogate)")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_encodable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def new_id(prefix: str) -> str:

@@ -43,8 +43,23 @@ def _errors(*codes: str) -> dict[str, Any]:
     return {c: {"description": _ERRORS[c], "content": _json(ErrorResponse)} for c in codes}
 
 
-def _generate(request: type[BaseModel], response: type[BaseModel], summary: str) -> dict:
-    ok = {**_json(response), "text/event-stream": {"schema": {"type": "string"}}}
+def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One SSE event (OpenAPI 3.1: the schema of ``text/event-stream`` describes each event):
+    its data is a JSON chunk, an error object after the stream began, or the final [DONE]."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]},
+                       "event": {"type": "string"}, "id": {"type": "string"},
+                       "retry": {"type": "integer"}},
+    }
+
+
+def _generate(request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel],
+              summary: str) -> dict:
+    ok = {**_json(response), "text/event-stream": {"schema": _sse_event(chunk)}}
     return {
         "post": {
             "summary": summary,
@@ -75,9 +90,9 @@ def build_openapi(with_auth: bool) -> dict[str, Any]:
         "info": {"title": "nano-qwen3-mlx", "version": __version__},
         "paths": {
             "/v1/chat/completions": _generate(ChatCompletionRequest, ChatCompletionResponse,
-                                              "Chat completion"),
+                                              ChatCompletionChunk, "Chat completion"),
             "/v1/completions": _generate(CompletionRequest, CompletionResponse,
-                                         "Text completion"),
+                                         CompletionResponse, "Text completion"),
             "/v1/models": _get("Served models", _json(ModelList), "401"),
             "/v1/models/{model_id}": models_one,
             "/health": _get("Liveness and readiness", _json(HealthResponse), "503"),
