@@ -170,3 +170,22 @@ def test_one_bad_prompt_in_a_batch_runs_none(llm):
     stats = llm.get_stats()
     assert stats["requests"]["running"] == 0 and stats["requests"]["waiting"] == 0
     assert stats["kv_cache"]["num_used_blocks"] == 0
+
+
+def test_prefill_batches_stay_within_the_padded_token_budget(tiny_qwen3_dir, llm):
+    """A short and a long prompt are not padded into one oversized prefill step."""
+    prompts = ["short", "long " * 300]
+    expected = [llm.generate_single(p, GREEDY)["token_ids"] for p in prompts]
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=128, max_num_batched_tokens=256) as small:
+        engine, shapes = small.engine, []
+        real_run = engine.runner.run
+
+        def spy(batch, prev):
+            if batch.is_prefill:
+                shapes.append((len(batch), max(batch.num_new_tokens)))
+            return real_run(batch, prev)
+
+        engine.runner.run = spy
+        got = [r["token_ids"] for r in small.generate(prompts, GREEDY)]
+    assert got == expected
+    assert all(rows * length <= 256 for rows, length in shapes), shapes

@@ -92,6 +92,8 @@ class Scheduler:
             if budget <= 0:
                 return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if self._padded_room(batch) <= 0:
+                break
             seq = self.waiting[0]
             if seq.pending_row is not None or not self._admit(seq):
                 break  # strict priority order: nothing jumps the head of the queue
@@ -118,11 +120,23 @@ class Scheduler:
 
     def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
         # A chunk shrinks to what fits, so a long prompt still progresses in a small pool.
-        chunk = min(seq.num_uncomputed_tokens, budget, self._fits(seq))
+        chunk = min(seq.num_uncomputed_tokens, budget, self._fits(seq), self._padded_room(batch))
+        if chunk <= 0:
+            return 0
         self.block_manager.append_slots(seq, chunk)
         batch.add(seq, chunk)
         seq.num_computed_tokens += chunk
         return budget - chunk
+
+    def _padded_room(self, batch: ScheduledBatch) -> int:
+        """Longest chunk one more row may have: rows are padded to the longest, and the
+        padded (rows x length) batch, not just its real tokens, must fit the token budget."""
+        if not batch:
+            return self.max_num_batched_tokens
+        rows, longest = len(batch) + 1, max(batch.num_new_tokens)
+        if rows * longest > self.max_num_batched_tokens:
+            return 0
+        return self.max_num_batched_tokens // rows
 
     def _schedule_decode(self, decodes: list[Sequence]) -> ScheduledBatch:
         batch = ScheduledBatch(is_prefill=False)
