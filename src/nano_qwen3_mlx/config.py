@@ -66,7 +66,7 @@ class EngineConfig(_Settings):
     num_kv_blocks: int | None = Field(None, ge=2)
     kv_cache_gb: float | None = Field(None, gt=0)
     # Share of the memory left after weights that the KV pool may take when no size is given.
-    kv_cache_fraction: float = Field(0.5, gt=0, le=0.95)
+    kv_cache_fraction: float = Field(0.25, gt=0, le=0.95)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=16)
