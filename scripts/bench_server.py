@@ -14,29 +14,25 @@ a random-weight Qwen3 checkpoint of `--shape` is written to a temporary folder (
 not depend on the weights' values).
 
 Thinking is off by default (`chat_template_kwargs.enable_thinking=false` for both servers):
-random weights tend to emit only whitespace, which a Qwen3 reasoning parser must hold back
-until it knows whether a `<think>` block starts, so TTFT would measure that wait rather
-than the server. `--thinking` turns it back on.
+random weights tend to emit only whitespace, which a Qwen3 reasoning parser holds back (up
+to 64 characters) until it knows whether a `<think>` block starts, so TTFT would measure
+that wait rather than the server. `--thinking` turns it back on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+from serverproc import exit_on_sigterm, free_port, percentile, running, serve_command
 
 WORDS = ("river stone cloud lamp garden window silver morning quiet engine paper orange "
          "forest signal bridge letter winter candle market harbor").split()
@@ -57,54 +53,13 @@ class ServerResult:
 
 
 # ---- servers ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_command(name: str, model: Path, port: int, args: argparse.Namespace) -> list[str]:
     if name == "nano-qwen3":
-        return [sys.executable, "-m", "nano_qwen3_mlx.cli", "serve", "--model", str(model),
-                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                "--max-num-seqs", str(max(args.clients_list)),
-                "--kv-cache-gb", str(args.kv_cache_gb)]
+        return serve_command(str(model), port, ["--max-num-seqs", str(max(args.clients_list)),
+                                                "--kv-cache-gb", str(args.kv_cache_gb)])
     return [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "WARNING",
             "--decode-concurrency", str(max(args.clients_list))]
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], port: int, startup_s: float = 300.0):
-    """Start a server and yield its URL once ``/health`` answers 200; stop it afterwards."""
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_s
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise SystemExit(f"error: {cmd[2]} did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 # ---- clients ------------------------------------------------------------------------------
@@ -172,17 +127,11 @@ def bench_one(name: str, url: str, args: argparse.Namespace) -> list[ServerResul
             res.ttfts += ttfts
         res.tok_s = res.completion_tokens / res.wall_s if res.wall_s else 0.0
         res.ttfts.sort()
-        res.ttft_p50_s, res.ttft_p99_s = _pct(res.ttfts, 50), _pct(res.ttfts, 99)
+        res.ttft_p50_s, res.ttft_p99_s = percentile(res.ttfts, 50), percentile(res.ttfts, 99)
         print(f"  {name}: {n} clients, {res.tok_s:.1f} tok/s, TTFT p50 "
               f"{res.ttft_p50_s * 1000:.0f} ms", file=sys.stderr)
         results.append(res)
     return results
-
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -242,8 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so a server this script started is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             model, label = Path(args.model), args.model
@@ -256,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.server_list:
             port = free_port()
             print(f"starting {name} on 127.0.0.1:{port} ...", file=sys.stderr)
-            with running(server_command(name, model, port, args), port) as url:
+            with running(server_command(name, model, port, args), port, stop_s=30) as url:
                 results += bench_one(name, url, args)
     table = markdown(results, args, label)
     print(table)

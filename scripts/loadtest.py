@@ -24,137 +24,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
-from urllib.parse import urlparse
 
 import aiohttp
-
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hum "
-         "strange songs about rivers mountains tea bread clocks and distant stars").split()
-
-
-@dataclass
-class LoadConfig:
-    requests: int = 100
-    clients: int = 8
-    duration: float = 60.0
-    max_tokens: int = 32
-    max_prompt_words: int = 48
-    stream_share: float = 0.5
-    disconnect_share: float = 0.15
-    bad_share: float = 0.15
-    request_timeout: float = 60.0
-    settle_s: float = 15.0
-    memory_tolerance_mb: float = 64.0
-    api_key: str | None = None
-    seed: int = 0
-
-
-@dataclass
-class Report:
-    sent: int = 0
-    completed: int = 0
-    aborted: int = 0  # dropped mid-stream by the client, on purpose
-    failed: int = 0  # a good request that did not complete (non-2xx, error event, broken stream)
-    rejected_busy: int = 0  # 429: allowed under load, but counted
-    bad_sent: int = 0
-    bad_rejected: int = 0  # a bad request answered 4xx with OpenAI error JSON (as designed)
-    bad_accepted: int = 0  # a bad request that did not get a proper 4xx
-    statuses: dict[str, int] = field(default_factory=dict)
-    errors_by_status: dict[str, int] = field(default_factory=dict)
-    num_5xx: int = 0
-    completion_tokens: int = 0
-    wall_s: float = 0.0
-    tok_s: float = 0.0
-    ttft_p50_s: float | None = None
-    ttft_p99_s: float | None = None
-    peak_running: int = 0
-    peak_active_mb: float = 0.0
-    mlx_peak_mb: float = 0.0
-    baseline_active_mb: float = 0.0
-    final_active_mb: float = 0.0
-    final_used_blocks: int | None = None
-    final_cached_blocks: int | None = None
-    final_running: int | None = None
-    final_waiting: int | None = None
-    checks: dict[str, bool] = field(default_factory=dict)
-    samples: list[str] = field(default_factory=list)  # a few failure descriptions
-
-    @property
-    def ok(self) -> bool:
-        return all(self.checks.values())
-
-
-# ---- requests -----------------------------------------------------------------------------
-@dataclass
-class Job:
-    kind: str  # chat | completion | bad
-    body: Any  # dict, or raw bytes for bad JSON
-    stream: bool = False
-    drop_after: int | None = None  # SSE events to read before disconnecting
-    path: str = "/v1/chat/completions"
-    expect: tuple[int, ...] = ()  # statuses a bad request may get
-
-
-def _prompt(rng: random.Random, max_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
-
-
-def make_job(rng: random.Random, cfg: LoadConfig, max_model_len: int) -> Job:
-    roll = rng.random()
-    if roll < cfg.bad_share:
-        return _bad_job(rng, max_model_len)
-    max_words = max(1, min(cfg.max_prompt_words, max_model_len // 6))
-    params = {"max_tokens": rng.randint(1, cfg.max_tokens),
-              "temperature": rng.choice([0, 0, 0.7, 1.0]), "seed": rng.randrange(1000)}
-    if rng.random() < 0.1:
-        params["n"] = 2
-    disconnect = roll < cfg.bad_share + cfg.disconnect_share
-    stream = disconnect or rng.random() < cfg.stream_share
-    if stream:
-        params["stream"] = True
-        params["stream_options"] = {"include_usage": True}
-    drop = rng.randint(1, max(1, params["max_tokens"])) if disconnect else None
-    if disconnect:
-        params["max_tokens"] = max(params["max_tokens"], 8)
-        params["ignore_eos"] = True  # long enough that the drop lands mid-stream
-    if rng.random() < 0.5:
-        body = {"messages": [{"role": "user", "content": _prompt(rng, max_words)}], **params}
-        return Job("chat", body, stream, drop)
-    body = {"prompt": _prompt(rng, max_words), **params}
-    return Job("completion", body, stream, drop, path="/v1/completions")
-
-
-def _bad_job(rng: random.Random, max_model_len: int) -> Job:
-    chat, comp = "/v1/chat/completions", "/v1/completions"
-    user = [{"role": "user", "content": "hi"}]
-    choices = [
-        (chat, b'{"messages": [{"role": "user", "content": "hi"}', (400,)),  # truncated JSON
-        (chat, b"\xff\xfe\x00garbage", (400,)),  # not UTF-8
-        (chat, b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', (400,)),
-        (chat, {"messages": "hi", "max_tokens": "10"}, (400,)),  # wrong types
-        (chat, {"messages": user, "temperature": -1}, (400,)),
-        (chat, {"messages": []}, (400,)),
-        (chat, {"messages": user, "max_tokens": 10**12}, (400,)),
-        (chat, {"model": "gpt-4-unknown", "messages": user}, (404,)),
-        (comp, {"prompt": "hello " * (max_model_len + 8), "max_tokens": 4}, (400,)),  # too long
-        (comp, {"prompt": [10**9]}, (400,)),
-        (comp, {"prompt": "x", "n": 0}, (400,)),
-        (comp, [1, 2, 3], (400,)),
-    ]
-    path, body, expect = rng.choice(choices)
-    return Job("bad", body, path=path, expect=expect)
+from loadjobs import Job, LoadConfig, make_job
+from loadreport import Report, format_report, mb, summarize
+from serverproc import check_loopback, exit_on_sigterm, free_port, running, serve_command
 
 
 # ---- one request --------------------------------------------------------------------------
@@ -256,17 +138,6 @@ def _fail(report: Report, message: str) -> None:
 
 
 # ---- the run ------------------------------------------------------------------------------
-def check_loopback(url: str) -> None:
-    """Refuse anything but a loopback address: this tool must not load anyone else's server."""
-    host = urlparse(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(f"error: {url} is not a loopback address")
-
-
 async def get_json(session: aiohttp.ClientSession, url: str, path: str,
                    cfg: LoadConfig) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -286,7 +157,7 @@ async def run_load(url: str, cfg: LoadConfig) -> Report:
         models = await get_json(session, url, "/v1/models", cfg)
         max_model_len = models["data"][0].get("max_model_len") or 2048
         stats = await wait_idle(session, url, cfg)
-        report.baseline_active_mb = _mb(stats["memory"]["active_bytes"])
+        report.baseline_active_mb = mb(stats["memory"]["active_bytes"])
         jobs = iter([make_job(rng, cfg, max_model_len) for _ in range(cfg.requests)])
         deadline = time.monotonic() + cfg.duration
         monitor = asyncio.create_task(_monitor(session, url, cfg, report))
@@ -299,7 +170,7 @@ async def run_load(url: str, cfg: LoadConfig) -> Report:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
         final = await wait_idle(session, url, cfg, report.baseline_active_mb)
-    _summarize(report, ttfts, final, cfg)
+    summarize(report, ttfts, final, cfg.memory_tolerance_mb)
     return report
 
 
@@ -316,7 +187,7 @@ async def _monitor(session, url, cfg, report) -> None:
             stats = await get_json(session, url, "/stats", cfg)
             report.peak_running = max(report.peak_running, stats["requests"]["running"])
             report.peak_active_mb = max(report.peak_active_mb,
-                                        _mb(stats["memory"]["active_bytes"]))
+                                        mb(stats["memory"]["active_bytes"]))
         await asyncio.sleep(0.25)
 
 
@@ -334,104 +205,13 @@ def _is_idle(stats: dict, baseline_mb: float | None, cfg: LoadConfig) -> bool:
     req, kv = stats["requests"], stats["kv_cache"]
     idle = req["running"] == 0 and req["waiting"] == 0 and kv["num_used_blocks"] == 0
     if baseline_mb is not None:
-        idle = idle and _mb(stats["memory"]["active_bytes"]) <= baseline_mb + cfg.memory_tolerance_mb
+        idle = idle and mb(stats["memory"]["active_bytes"]) <= baseline_mb + cfg.memory_tolerance_mb
     return idle
 
 
-def _summarize(report: Report, ttfts: list[float], final: dict, cfg: LoadConfig) -> None:
-    report.tok_s = report.completion_tokens / report.wall_s if report.wall_s else 0.0
-    if ttfts:
-        ttfts.sort()
-        report.ttft_p50_s = _pct(ttfts, 50)
-        report.ttft_p99_s = _pct(ttfts, 99)
-    req, kv, mem = final["requests"], final["kv_cache"], final["memory"]
-    report.final_running, report.final_waiting = req["running"], req["waiting"]
-    report.final_used_blocks = kv["num_used_blocks"]
-    report.final_cached_blocks = kv.get("num_cached_blocks")
-    report.final_active_mb = _mb(mem["active_bytes"])
-    report.mlx_peak_mb = _mb(mem.get("peak_bytes", 0))
-    good = report.sent - report.bad_sent
-    report.checks = {
-        "no 5xx": report.num_5xx == 0,
-        "every good request completed or was dropped by design":
-            report.failed == 0 and report.completed + report.aborted + report.rejected_busy == good,
-        "every bad request got a 4xx with OpenAI error JSON": report.bad_accepted == 0,
-        "nothing running or waiting": req["running"] == 0 and req["waiting"] == 0,
-        "no used KV blocks (prefix cache aside)": kv["num_used_blocks"] == 0,
-        "memory back to baseline":
-            report.final_active_mb <= report.baseline_active_mb + cfg.memory_tolerance_mb,
-    }
-
-
-def _pct(values: list[float], p: float) -> float:
-    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
-    return values[k]
-
-
-def _mb(num_bytes: float) -> float:
-    return round(num_bytes / 2**20, 1)
-
-
-def format_report(report: Report) -> str:
-    ms = lambda s: "-" if s is None else f"{s * 1000:.0f} ms"  # noqa: E731
-    lines = [
-        f"sent {report.sent} in {report.wall_s:.1f} s: completed {report.completed}, "
-        f"aborted (client drops) {report.aborted}, failed {report.failed}, "
-        f"429 {report.rejected_busy}, bad requests {report.bad_sent} "
-        f"({report.bad_rejected} rejected with 4xx)",
-        f"statuses {dict(sorted(report.statuses.items()))}; errors by status "
-        f"{dict(sorted(report.errors_by_status.items()))}; 5xx {report.num_5xx}",
-        f"{report.completion_tokens} completion tokens, {report.tok_s:.1f} tok/s; "
-        f"TTFT p50 {ms(report.ttft_p50_s)}, p99 {ms(report.ttft_p99_s)}",
-        f"after: running {report.final_running}, waiting {report.final_waiting}, used blocks "
-        f"{report.final_used_blocks} (cached prefix blocks {report.final_cached_blocks}); "
-        f"active memory {report.baseline_active_mb} MiB before, {report.final_active_mb} MiB "
-        f"after, peak seen {report.peak_active_mb} MiB (MLX peak {report.mlx_peak_mb} MiB); "
-        f"peak running {report.peak_running}",
-    ]
-    lines += [f"  {'ok  ' if ok else 'FAIL'} {name}" for name, ok in report.checks.items()]
-    lines += [f"  sample failure: {s}" for s in report.samples[:10]]
-    return "\n".join(lines)
-
-
-# ---- starting a server --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(model: str, extra_args: list[str], startup_s: float = 300.0):
-    """``nano-qwen3 serve`` on a free loopback port for the duration of the block."""
-    import urllib.request
-
+def _serve(model: str, extra_args: list[str]):
     port = free_port()
-    cmd = [sys.executable, "-m", "nano_qwen3_mlx.cli", "serve", "--model", model,
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"error: the server exited: {proc.stderr.read()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise SystemExit("error: the server did not become healthy")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    return running(serve_command(model, port, extra_args), port)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, LoadConfig]:
@@ -456,10 +236,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, LoadC
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so a server this script started is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(serve(args.model, shlex.split(args.serve_args)))
+        url = args.url or stack.enter_context(_serve(args.model, shlex.split(args.serve_args)))
         report = asyncio.run(run_load(url.rstrip("/"), cfg))
     print(format_report(report))
     if args.json:

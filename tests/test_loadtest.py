@@ -4,7 +4,7 @@ to its baseline (the longer runs are for the command line)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -17,11 +17,9 @@ from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
 from nano_qwen3_mlx.server import create_app
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("loadtest", ROOT / "scripts" / "loadtest.py")
-loadtest = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("loadtest", loadtest)  # dataclasses look their module up
-_spec.loader.exec_module(loadtest)
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the scripts import their sibling modules by name
+loadtest = importlib.import_module("loadtest")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

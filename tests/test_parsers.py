@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nano_qwen3_mlx.parsers import (
+    MAX_THINK_INDENT,
     ReasoningStreamParser,
     ToolCallStreamParser,
     parse_tool_calls,
@@ -56,7 +57,8 @@ def _cut(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-_alphabet = st.sampled_from(["a", "b", " ", "\n", "<", ">", "/", "think", "<think>", "</think>", "</th", "é"])
+_alphabet = st.sampled_from(["a", "b", " ", "\n", "\n" * 40, "<", ">", "/", "think", "<think>",
+                             "</think>", "</th", "é"])
 _texts = st.lists(_alphabet, max_size=30).map("".join)
 
 
@@ -72,7 +74,9 @@ def test_stream_matches_split(text, cuts, inside):
 
 
 def _has_orphan_close(text: str) -> bool:
-    return not text.lstrip().startswith("<think>") and "</think>" in text
+    stripped = text.lstrip()
+    opens = stripped.startswith("<think>") and len(text) - len(stripped) <= MAX_THINK_INDENT
+    return not opens and "</think>" in text
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
@@ -90,6 +94,30 @@ def test_stream_content_not_delayed():
     parser = ReasoningStreamParser()
     assert parser.feed("Hello") == ("", "Hello")
     assert parser.feed(" world") == ("", " world")
+
+
+def test_leading_newlines_stream_before_the_end():
+    # A model that starts with newlines: they are held only while "<think>" could still follow.
+    parser = ReasoningStreamParser()
+    sent = [parser.feed("\n")[1] for _ in range(200)]
+    assert "".join(sent[:MAX_THINK_INDENT + 1]) != ""  # released once past the bound
+    assert parser.feed("hi") == ("", "hi")
+    assert parser.flush() == ("", "")
+    assert "".join(sent) == "\n" * 200
+
+
+def test_leading_whitespace_bound_matches_split():
+    for indent in (MAX_THINK_INDENT, MAX_THINK_INDENT + 1):
+        text = "\n" * indent + "<think>a"
+        expected = ("a", "") if indent <= MAX_THINK_INDENT else (None, text)
+        assert split_reasoning(text) == expected
+        assert _stream(list(text)) == (expected[0] or "", expected[1])
+
+
+def test_whitespace_then_text_is_released_at_once():
+    parser = ReasoningStreamParser()
+    assert parser.feed("\n\n") == ("", "")
+    assert parser.feed("Hi") == ("", "\n\nHi")
 
 
 def test_parse_tool_calls():

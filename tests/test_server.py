@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from nano_qwen3_mlx.config import ServerConfig
 from nano_qwen3_mlx.server import create_app
 from nano_qwen3_mlx.server.protocol import (
@@ -14,28 +12,13 @@ from nano_qwen3_mlx.server.protocol import (
     CompletionResponse,
     ModelList,
 )
-from nano_qwen3_mlx.tokenizer import Tokenizer
+from tests.server_client import USER
 from tests.test_server_fakes import FakeEngine
+
+pytest_plugins = ["tests.server_fixtures"]  # the tokenizer, engine and client fixtures
 
 THINKING = "<think>\nLet me think.\n</think>\n\nThe answer is 4."
 TOOL = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-USER = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(qwen_tokenizer_dir):
-    return Tokenizer.from_pretrained(qwen_tokenizer_dir)
-
-
-@pytest.fixture
-def engine(tokenizer):
-    return FakeEngine(tokenizer)
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine):
-    return await aiohttp_client(create_app(server_config=ServerConfig(), engine=engine,
-                                           keepalive_s=0.05))
 
 
 async def sse_events(resp) -> list:

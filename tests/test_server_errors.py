@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from nano_qwen3_mlx.config import ServerConfig
-from nano_qwen3_mlx.server import create_app
-from nano_qwen3_mlx.tokenizer import Tokenizer
+from tests.server_client import USER, make_client, wait_inactive
 from tests.test_server_fakes import FakeEngine
 
-USER = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(qwen_tokenizer_dir):
-    return Tokenizer.from_pretrained(qwen_tokenizer_dir)
-
-
-@pytest.fixture
-def engine(tokenizer):
-    return FakeEngine(tokenizer)
-
-
-async def make_client(aiohttp_client, engine, **config):
-    options = {k: config.pop(k) for k in ("keepalive_s", "max_buffered_chunks") if k in config}
-    app = create_app(server_config=ServerConfig(**config), engine=engine,
-                     **{"keepalive_s": 0.05, **options})
-    return await aiohttp_client(app)
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine):
-    return await make_client(aiohttp_client, engine)
+pytest_plugins = ["tests.server_fixtures"]  # the tokenizer, engine and client fixtures
 
 
 async def error_of(resp, status: int) -> dict:
@@ -59,6 +38,14 @@ async def error_of(resp, status: int) -> dict:
         ({"messages": USER, "top_p": 0}, "top_p"),
         ({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias"),
         ({"messages": USER, "logit_bias": {"5": 1000}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"5": -100.5}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocab
+        ({"messages": USER, "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ({"messages": USER, "logit_bias": {"\u00b2": 1}}, "logit_bias"),  # isdigit(), not int
+        ({"messages": USER, "stop_token_ids": [10**9]}, "stop_token_ids"),
+        ({"messages": USER, "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"messages": USER, "priority": 2**31}, "priority"),
+        ({"messages": USER, "priority": -(2**31) - 1}, "priority"),
         ({"messages": USER, "timeout": -1}, "timeout"),
         ({}, "messages"),
     ],
@@ -68,6 +55,19 @@ async def test_bad_chat_requests(client, body, param):
     assert err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param
+
+
+async def test_token_id_params_in_range(client, engine):
+    vocab = engine.tokenizer.vocab_size
+    body = {"messages": USER, "logit_bias": {str(vocab - 1): -100, "0": 100},
+            "stop_token_ids": [0, vocab - 1], "top_k": 10**9, "priority": -(2**31)}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    params = engine.calls[-1]["params"]
+    assert params.logit_bias == {vocab - 1: -100, 0: 100} and params.stop_token_ids == [0, vocab - 1]
+    assert params.top_k == 10**9  # the sampler keeps every token past the vocabulary size
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stop_token_ids": [vocab]})
+    assert (await error_of(resp, 400))["param"] == "stop_token_ids"
 
 
 @pytest.mark.parametrize(
@@ -183,6 +183,28 @@ async def test_slow_reader_is_aborted(aiohttp_client, tokenizer):
     assert err["code"] == "slow_reader" and not engine.active
 
 
+@pytest.mark.parametrize(
+    "options", [{"write_timeout_s": 0.2}, {"request_timeout": 0.3}],  # deadline: + 1 s grace
+)
+async def test_stuck_reader_is_cut_off(aiohttp_client, tokenizer, monkeypatch, options):
+    # A client that stops reading at the TCP level: once the socket buffers fill, a write
+    # blocks until the peer reads; here every write blocks.
+    engine = FakeEngine(tokenizer, lambda prompt, params: "word " * 200, token_delay=0.01)
+    client = await make_client(aiohttp_client, engine, **options)
+
+    async def stuck_write(self, data):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(web.StreamResponse, "write", stuck_write)
+    start = time.monotonic()
+    with pytest.raises(aiohttp.ClientError):  # the connection is dropped
+        resp = await client.post("/v1/chat/completions", json={"messages": USER, "stream": True})
+        await resp.read()
+    assert time.monotonic() - start < 3
+    await wait_inactive(engine)
+    assert not engine.active and len(engine.aborted) == 1
+
+
 async def test_client_disconnect_aborts(aiohttp_client, tokenizer):
     engine = FakeEngine(tokenizer, token_delay=0.05)
     client = await make_client(aiohttp_client, engine)
@@ -190,10 +212,7 @@ async def test_client_disconnect_aborts(aiohttp_client, tokenizer):
                              json={"messages": USER, "stream": True, "n": 2})
     await resp.content.readline()  # the stream has begun
     resp.close()
-    for _ in range(50):
-        if not engine.active:
-            break
-        await asyncio.sleep(0.02)
+    await wait_inactive(engine)
     assert not engine.active and len(engine.aborted) == 2
 
 
@@ -202,10 +221,7 @@ async def test_non_stream_disconnect_aborts(aiohttp_client, tokenizer):
     client = await make_client(aiohttp_client, engine)
     with pytest.raises(asyncio.TimeoutError):
         await client.post("/v1/chat/completions", json={"messages": USER}, timeout=0.1)
-    for _ in range(50):
-        if not engine.active:
-            break
-        await asyncio.sleep(0.02)
+    await wait_inactive(engine)
     assert not engine.active and engine.aborted
 
 

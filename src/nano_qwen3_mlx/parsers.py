@@ -16,6 +16,9 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
+# Leading whitespace a ``<think>`` may follow; more than this and the text is plain content, so
+# a stream never holds more than this back while it waits to see whether thinking starts.
+MAX_THINK_INDENT = 64
 
 _TOOL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.DOTALL)
 
@@ -26,13 +29,14 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
     ``reasoning`` is None when the text has no thinking block. The newlines that Qwen3 puts
     around the thinking and after ``</think>`` are dropped. ``starts_in_reasoning`` says the
     prompt already opened ``<think>``; a ``</think>`` without an opening tag implies the same.
-    An unclosed block (generation cut off while thinking) is all reasoning.
+    An unclosed block (generation cut off while thinking) is all reasoning, and a ``<think>``
+    after more than :data:`MAX_THINK_INDENT` characters of whitespace is not an opening tag.
     """
     if starts_in_reasoning:
         body = text
     else:
         stripped = text.lstrip()
-        if stripped.startswith(THINK_OPEN):
+        if stripped.startswith(THINK_OPEN) and len(text) - len(stripped) <= MAX_THINK_INDENT:
             body = stripped[len(THINK_OPEN):]
         elif THINK_CLOSE in text:
             body = text
@@ -88,12 +92,13 @@ class ReasoningStreamParser:
 
     def _step_start(self, content: list[str], final: bool) -> bool:
         stripped = self._buf.lstrip()
-        if stripped.startswith(THINK_OPEN):
-            self._buf = stripped[len(THINK_OPEN):]
-            self._state, self._lead, self.saw_reasoning = "reasoning", True, True
-            return True
-        if THINK_OPEN.startswith(stripped) and not final:
-            return False  # could still become "<think>"
+        if len(self._buf) - len(stripped) <= MAX_THINK_INDENT:
+            if stripped.startswith(THINK_OPEN):
+                self._buf = stripped[len(THINK_OPEN):]
+                self._state, self._lead, self.saw_reasoning = "reasoning", True, True
+                return True
+            if THINK_OPEN.startswith(stripped) and not final:
+                return False  # could still become "<think>"
         self._state, self._lead = "content", False
         return True
 

@@ -26,6 +26,7 @@ def create_app(
     *,
     keepalive_s: float = 10.0,
     max_buffered_chunks: int = 4096,
+    write_timeout_s: float = 30.0,
     on_ready: ReadyCallback | None = None,
 ) -> web.Application:
     """Build the OpenAI-compatible app.
@@ -33,11 +34,13 @@ def create_app(
     With ``engine=None`` an ``AsyncLLM`` is built from ``engine_config`` at startup. An engine
     that is not running yet is started in the background (``/health`` answers 503 meanwhile)
     and closed at cleanup; an engine that is already running is shared and left running.
-    ``on_ready(state)`` is called once the engine is ready.
+    ``on_ready(state)`` is called once the engine is ready. A stream write that blocks for
+    ``write_timeout_s`` (a client that stopped reading) cuts that client off.
     """
     server_config = server_config or ServerConfig()
     state = ServerState(config=server_config, engine=engine, keepalive_s=keepalive_s,
-                        max_buffered_chunks=max_buffered_chunks)
+                        max_buffered_chunks=max_buffered_chunks,
+                        write_timeout_s=write_timeout_s)
     if engine_config is not None and engine_config.model != server_config.served_model_name:
         state.model_aliases.add(engine_config.model)
     app = web.Application(client_max_size=server_config.max_body_bytes,

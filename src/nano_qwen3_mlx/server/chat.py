@@ -11,20 +11,12 @@ from aiohttp import web
 
 from ..parsers import ReasoningStreamParser, ToolCallStreamParser, parse_tool_calls, split_reasoning
 from .errors import bad_request
-from .generation import (
-    ClientGone,
-    Generation,
-    GenerationRun,
-    merge_usage,
-    new_id,
-    parse_body,
-    resolve_max_tokens,
-    sampling_params,
-)
+from .generation import GenerationRun, collect, merge_usage
 from .logprobs import chat_logprobs
+from .params import generations, new_id, parse_body
 from .protocol import ChatCompletionRequest, ChatMessage
 from .state import STATE_KEY
-from .streaming import CLIENT_CLOSED, stream_run
+from .streaming import stream_run
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -89,13 +81,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if state.config.log_prompts:
         log.info("chat prompt: %r", engine.tokenizer.decode(prompt.token_ids))
     requested = req.max_completion_tokens or req.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt.token_ids), engine.max_model_len)
     top = (req.top_logprobs or 0) if req.logprobs else None
     rid = new_id("chatcmpl")
-    gens = [
-        Generation(i, prompt.token_ids, params, f"{rid}-{i}")
-        for i, params in enumerate(sampling_params(req, max_tokens, top))
-    ]
+    gens = generations(req, engine, [prompt.token_ids], requested, top, rid)
     run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
     head = {"id": rid, "created": int(time.time()), "model": model}
     if req.stream:
@@ -116,24 +104,10 @@ def _split(text: str, prompt: ChatPrompt, use_tools: bool) -> tuple[str | None, 
 
 async def _complete(run: GenerationRun, head: dict[str, Any], prompt: ChatPrompt,
                     use_tools: bool) -> web.Response:
-    texts: dict[int, list[str]] = {g.index: [] for g in run.gens}
-    logprobs: dict[int, list[dict[str, Any]]] = {g.index: [] for g in run.gens}
-    finals: dict[int, dict[str, Any]] = {}
-    try:
-        async with run:
-            async for event in run.events():
-                if event is None:
-                    continue
-                index, chunk = event
-                texts[index].append(chunk.get("text", ""))
-                logprobs[index].extend(chunk.get("logprobs") or [])
-                if chunk.get("finished"):
-                    finals[index] = chunk
-    except ClientGone:
-        return web.Response(status=CLIENT_CLOSED)
+    out = await collect(run)
     choices = []
-    for index in sorted(finals):
-        reasoning, content, calls = _split("".join(texts[index]), prompt, use_tools)
+    for index in sorted(out.finals):
+        reasoning, content, calls = _split(out.texts[index], prompt, use_tools)
         message: dict[str, Any] = {
             "role": "assistant",
             "content": None if calls and not content else content,
@@ -141,11 +115,12 @@ async def _complete(run: GenerationRun, head: dict[str, Any], prompt: ChatPrompt
         }
         if calls:
             message["tool_calls"] = calls
-        lp = chat_logprobs(logprobs[index]) if run.gens[index].params.logprobs is not None else None
-        finish = "tool_calls" if calls else finals[index].get("finish_reason")
+        wants_lp = run.gens[index].params.logprobs is not None
+        lp = chat_logprobs(out.logprobs[index]) if wants_lp else None
+        finish = "tool_calls" if calls else out.finals[index].get("finish_reason")
         choices.append({"index": index, "message": message, "logprobs": lp,
                         "finish_reason": finish})
-    usage = merge_usage(len(prompt.token_ids), finals)
+    usage = merge_usage(len(prompt.token_ids), out.finals)
     run.state.metrics.observe_usage(usage)
     return web.json_response({**head, "object": "chat.completion", "choices": choices,
                               "usage": usage, "system_fingerprint": None})

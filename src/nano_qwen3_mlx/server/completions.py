@@ -9,20 +9,12 @@ from typing import Any
 from aiohttp import web
 
 from .errors import bad_request
-from .generation import (
-    ClientGone,
-    Generation,
-    GenerationRun,
-    merge_usage,
-    new_id,
-    parse_body,
-    resolve_max_tokens,
-    sampling_params,
-)
+from .generation import GenerationRun, collect, merge_usage
 from .logprobs import completion_logprobs
+from .params import generations, new_id, parse_body, vocab_size
 from .protocol import CompletionRequest
 from .state import STATE_KEY, Engine
-from .streaming import CLIENT_CLOSED, stream_run
+from .streaming import stream_run
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -34,7 +26,7 @@ def _prompts(req: CompletionRequest, engine: Engine) -> list[tuple[str, list[int
     if not items:
         raise bad_request("prompt must not be empty", "prompt")
     tokenizer = engine.tokenizer
-    vocab = getattr(tokenizer, "vocab_size", None)
+    vocab = vocab_size(engine)
     out = []
     for item in items:
         ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
@@ -56,12 +48,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if state.config.log_prompts:
         log.info("completion prompts: %r", [text for text, _ in prompts])
     rid = new_id("cmpl")
-    gens: list[Generation] = []
-    for p, (_, ids) in enumerate(prompts):
-        max_tokens = resolve_max_tokens(req.max_tokens or 16, len(ids), engine.max_model_len)
-        for i, params in enumerate(sampling_params(req, max_tokens, req.logprobs)):
-            index = p * req.n + i
-            gens.append(Generation(index, ids, params, f"{rid}-{index}"))
+    gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens or 16,
+                       req.logprobs, rid)
     run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     echoes = {g.index: prompts[g.index // req.n][0] if req.echo else "" for g in gens}
@@ -74,32 +62,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _complete(run: GenerationRun, head: dict[str, Any], echoes: dict[int, str],
                     prompt_tokens: int) -> web.Response:
-    texts: dict[int, list[str]] = {g.index: [echoes[g.index]] for g in run.gens}
-    logprobs: dict[int, list[dict[str, Any]]] = {g.index: [] for g in run.gens}
-    finals: dict[int, dict[str, Any]] = {}
-    try:
-        async with run:
-            async for event in run.events():
-                if event is not None:
-                    index, chunk = event
-                    texts[index].append(chunk.get("text", ""))
-                    logprobs[index].extend(chunk.get("logprobs") or [])
-                    if chunk.get("finished"):
-                        finals[index] = chunk
-    except ClientGone:
-        return web.Response(status=CLIENT_CLOSED)
+    out = await collect(run)
     wants_lp = {g.index: g.params.logprobs is not None for g in run.gens}
     choices = [
         {
             "index": index,
-            "text": "".join(texts[index]),
-            "logprobs": completion_logprobs(logprobs[index], len(echoes[index]))
+            "text": echoes[index] + out.texts[index],
+            "logprobs": completion_logprobs(out.logprobs[index], len(echoes[index]))
             if wants_lp[index] else None,
-            "finish_reason": finals[index].get("finish_reason"),
+            "finish_reason": out.finals[index].get("finish_reason"),
         }
-        for index in sorted(finals)
+        for index in sorted(out.finals)
     ]
-    usage = merge_usage(prompt_tokens, finals)
+    usage = merge_usage(prompt_tokens, out.finals)
     run.state.metrics.observe_usage(usage)
     return web.json_response({**head, "choices": choices, "usage": usage,
                               "system_fingerprint": None})

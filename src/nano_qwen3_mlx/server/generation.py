@@ -1,117 +1,25 @@
-"""Driving the engine for one HTTP request: parsing, sampling params, n streams, deadlines."""
+"""Driving the engine for one HTTP request: n streams, merged events, deadlines, errors."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from ..sampling_params import SamplingParams
-from .errors import APIError, bad_request, from_validation_error, from_value_error
-from .protocol import SamplingFields
+from .errors import APIError, from_value_error
 from .state import STATE_KEY, Engine, ServerState
 
 log = logging.getLogger("nano_qwen3_mlx.server")
-M = TypeVar("M", bound=BaseModel)
 
 
 class ClientGone(Exception):
     """The client closed the connection; its requests are aborted."""
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def parse_body(request: web.Request, model: type[M]) -> M:
-    """Read and validate a JSON body (size capped by ``client_max_size``)."""
-    raw = await request.read()
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
-        raise bad_request("the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw) and not _is_encodable(data):
-        # JSON allows "\ud800" escapes; the tokenizer (and UTF-8) cannot take lone surrogates.
-        raise bad_request("the request body contains invalid Unicode (a lone surrogate)")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _is_encodable(data: Any) -> bool:
-    try:
-        json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
-    """``max_tokens`` for a prompt, or a 400 naming the lengths when it cannot fit."""
-    room = max_model_len - prompt_len
-    if room <= 0 or (requested is not None and requested > room):
-        asked = prompt_len + (requested or 0)
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {asked} tokens ({prompt_len} in the prompt, {requested or 0} for the "
-            "completion). Please reduce the length of the prompt or of max_tokens.",
-            param="max_tokens" if room > 0 else "messages",
-        )
-    return requested if requested is not None else room
-
-
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
-    """One ``SamplingParams`` per choice (seed + i, so the n samples differ but repeat)."""
-    given = {
-        name: getattr(req, name)
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "stop_token_ids")
-        if getattr(req, name) is not None
-    }
-    if req.top_k is not None:
-        given["top_k"] = max(req.top_k, 0)  # OpenAI-style -1 means off
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    bias = _logit_bias(req.logit_bias)
-    try:
-        return [
-            SamplingParams(
-                **given, max_tokens=max_tokens, stop_sequences=stop, logprobs=logprobs,
-                logit_bias=bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                seed=None if req.seed is None else req.seed + i,
-            )
-            for i in range(req.n)
-        ]
-    except ValueError as exc:
-        raise from_value_error(exc) from None
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for key, value in (bias or {}).items():
-        if not key.isdigit() or not math.isfinite(value) or not -100 <= value <= 100:
-            raise bad_request("logit_bias maps token ids to biases in [-100, 100]", "logit_bias")
-        out[int(key)] = value
-    return out
 
 
 @dataclass(slots=True)
@@ -143,7 +51,8 @@ class GenerationRun:
         self.priority = priority
         limits = [t for t in (timeout, self.state.config.request_timeout) if t]
         self.timeout = min(limits) if limits else None
-        self._deadline = time.monotonic() + self.timeout if self.timeout else None
+        # time.monotonic() when the request times out, None for never.
+        self.deadline = time.monotonic() + self.timeout if self.timeout else None
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(self.state.max_buffered_chunks)
         self._tasks: list[asyncio.Task[None]] = []
         self._finished: set[int] = set()
@@ -211,8 +120,8 @@ class GenerationRun:
 
     def _wait_s(self) -> float:
         wait = self.state.keepalive_s
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
             if left <= 0:
                 raise APIError(408, f"the request timed out after {self.timeout:g} s",
                                code="timeout")
@@ -278,6 +187,32 @@ def _engine_error_kind(exc: BaseException) -> str | None:
     if isinstance(exc, EngineDeadError):
         return "EngineDeadError"
     return type(exc).__name__
+
+
+@dataclass(slots=True)
+class Collected:
+    """A finished run's output per choice index (texts joined, finals = last chunks)."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    finals: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+async def collect(run: GenerationRun) -> Collected:
+    """Run to the end for a non-streaming response (``ClientGone`` when the client left)."""
+    texts: dict[int, list[str]] = {g.index: [] for g in run.gens}
+    out = Collected(logprobs={g.index: [] for g in run.gens})
+    async with run:
+        async for event in run.events():
+            if event is None:
+                continue
+            index, chunk = event
+            texts[index].append(chunk.get("text", ""))
+            out.logprobs[index].extend(chunk.get("logprobs") or [])
+            if chunk.get("finished"):
+                out.finals[index] = chunk
+    out.texts = {index: "".join(parts) for index, parts in texts.items()}
+    return out
 
 
 def merge_usage(prompt_tokens: int, chunks: dict[int, dict[str, Any]]) -> dict[str, int]:

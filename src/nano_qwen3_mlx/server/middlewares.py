@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..config import ServerConfig
 from .errors import APIError, error_body
+from .generation import ClientGone
 from .state import STATE_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -23,6 +24,8 @@ log = logging.getLogger("nano_qwen3_mlx.server")
 
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 _OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
+# HTTP status logged when the client left before we answered (as nginx does).
+CLIENT_CLOSED = 499
 # Typed request storage where aiohttp has it (3.12+), a plain key before.
 REQUEST_ID_KEY = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 
@@ -40,7 +43,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     given = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID_KEY] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     start = time.monotonic()
-    status = 499  # the handler was cancelled: the client went away
+    status = CLIENT_CLOSED  # the handler was cancelled: the client went away
     try:
         response = await handler(request)
         status = response.status
@@ -61,6 +64,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except APIError as err:
         return err.response()
+    except ClientGone:
+        return web.Response(status=CLIENT_CLOSED)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

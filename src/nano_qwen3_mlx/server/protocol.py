@@ -70,6 +70,7 @@ class SamplingFields(_Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    # -1 (or 0) is off; a top_k above the vocabulary size keeps every token.
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=64)
@@ -86,7 +87,8 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: int = 0
+    # Lower runs first; bounded to a 32-bit int like vLLM's.
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     # Seconds before the server gives up on this request (also capped server-wide).
     timeout: float | None = Field(None, gt=0)
 

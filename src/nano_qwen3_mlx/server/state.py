@@ -54,6 +54,8 @@ class ServerState:
     keepalive_s: float = 10.0
     # Chunks buffered for a slow reader before its request is aborted.
     max_buffered_chunks: int = 4096
+    # Seconds one write to a client may block before the client is cut off.
+    write_timeout_s: float = 30.0
     start_error: BaseException | None = None
     start_failed: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = field(default_factory=time.monotonic)

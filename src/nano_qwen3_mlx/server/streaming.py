@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,21 +13,29 @@ from aiohttp import web
 
 from .errors import APIError
 from .generation import ClientGone, GenerationRun
+from .state import STATE_KEY
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
-# HTTP status logged when the client left before we answered (as nginx does).
-CLIENT_CLOSED = 499
+# Past the request's deadline a write still gets this long, so the 408 event can go out.
+DEADLINE_GRACE_S = 1.0
 
 ChunkFn = Callable[[int, dict[str, Any]], list[dict[str, Any]]]
 PayloadsFn = Callable[[], list[dict[str, Any]]]
 
 
 class SSEWriter:
-    """Writes one SSE stream; a failed write means the client went away."""
+    """Writes one SSE stream; a failed write means the client went away.
 
-    def __init__(self, request: web.Request) -> None:
+    Each write is bounded by the server's ``write_timeout_s`` and by the request's deadline
+    (``time.monotonic()`` based, None for none): a client that stops reading at the TCP level
+    would otherwise hold the handler in ``write`` forever. Such a client is cut off.
+    """
+
+    def __init__(self, request: web.Request, deadline: float | None = None) -> None:
         self.request = request
+        self.write_timeout_s = request.app[STATE_KEY].write_timeout_s
+        self.deadline = deadline
         self.response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -52,12 +62,27 @@ class SSEWriter:
     async def _write(self, text: str) -> None:
         await self._guard(self.response.write(text.encode()))
 
-    @staticmethod
-    async def _guard(awaitable: Any) -> None:
+    async def _guard(self, awaitable: Any) -> None:
         try:
-            await awaitable
+            await asyncio.wait_for(awaitable, self._timeout())
+        except asyncio.TimeoutError:
+            log.info("client stopped reading; closing its connection")
+            self._cut_off()
+            raise ClientGone from None
         except (ConnectionError, RuntimeError) as exc:  # aiohttp: closing transport
             raise ClientGone from exc
+
+    def _timeout(self) -> float:
+        if self.deadline is None:
+            return self.write_timeout_s
+        left = self.deadline - time.monotonic()
+        return min(self.write_timeout_s, max(left, 0.0) + DEADLINE_GRACE_S)
+
+    def _cut_off(self) -> None:
+        # abort(), not close(): close() would wait for the unread buffer to drain.
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
 
 async def stream_run(
@@ -72,7 +97,7 @@ async def stream_run(
     The response starts at the first chunk or the first keep-alive tick, so a full queue
     (raised at once) is a real 429 rather than an error event inside a 200 stream.
     """
-    sse = SSEWriter(request)
+    sse = SSEWriter(request, run.deadline)
     try:
         async with run:
             async for event in run.events():
@@ -88,7 +113,9 @@ async def stream_run(
         await sse.done()
     except ClientGone:
         log.info("client went away; request aborted")
-        return sse.response if sse.started else web.Response(status=CLIENT_CLOSED)
+        if not sse.started:
+            raise  # answered 499 by the error middleware
+        return sse.response
     except APIError as err:
         if not sse.started:
             raise

@@ -1,0 +1,140 @@
+"""From request JSON to engine work: body parsing, ``max_tokens`` and ``SamplingParams``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from ..sampling_params import SamplingParams
+from .errors import bad_request, from_validation_error, from_value_error
+from .generation import Generation
+from .protocol import SamplingFields
+from .state import Engine
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """Read and validate a JSON body (size capped by ``client_max_size``)."""
+    raw = await request.read()
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        raise bad_request("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not _is_encodable(data):
+        # JSON allows "\ud800" escapes; the tokenizer (and UTF-8) cannot take lone surrogates.
+        raise bad_request("the request body contains invalid Unicode (a lone surrogate)")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_encodable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def vocab_size(engine: Engine) -> int | None:
+    """The tokenizer's vocabulary size (added tokens included), None when it does not say."""
+    return getattr(engine.tokenizer, "vocab_size", None)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+    """``max_tokens`` for a prompt, or a 400 naming the lengths when it cannot fit."""
+    room = max_model_len - prompt_len
+    if room <= 0 or (requested is not None and requested > room):
+        asked = prompt_len + (requested or 0)
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {asked} tokens ({prompt_len} in the prompt, {requested or 0} for the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            param="max_tokens" if room > 0 else "messages",
+        )
+    return requested if requested is not None else room
+
+
+def generations(req: SamplingFields, engine: Engine, prompts: list[list[int]],
+                requested: int | None, logprobs: int | None, rid: str) -> list[Generation]:
+    """``req.n`` choices per prompt; choice ``p * n + i`` runs as request ``{rid}-{index}``."""
+    vocab = vocab_size(engine)
+    gens: list[Generation] = []
+    for p, ids in enumerate(prompts):
+        max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len)
+        for i, params in enumerate(sampling_params(req, max_tokens, logprobs, vocab)):
+            index = p * req.n + i
+            gens.append(Generation(index, ids, params, f"{rid}-{index}"))
+    return gens
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+                    vocab: int | None = None) -> list[SamplingParams]:
+    """One ``SamplingParams`` per choice (seed + i, so the n samples differ but repeat)."""
+    given = {
+        name: getattr(req, name)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty")
+        if getattr(req, name) is not None
+    }
+    if req.top_k is not None:
+        # OpenAI-style -1 means off; a top_k above the vocabulary keeps every token (sampler).
+        given["top_k"] = max(req.top_k, 0)
+    if req.stop_token_ids is not None:
+        given["stop_token_ids"] = _token_ids(req.stop_token_ids, vocab)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    bias = _logit_bias(req.logit_bias, vocab)
+    try:
+        return [
+            SamplingParams(
+                **given, max_tokens=max_tokens, stop_sequences=stop, logprobs=logprobs,
+                logit_bias=bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                seed=None if req.seed is None else req.seed + i,
+            )
+            for i in range(req.n)
+        ]
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+def _in_vocab(token_id: int, vocab: int | None) -> bool:
+    return token_id >= 0 and (vocab is None or token_id < vocab)
+
+
+def _token_ids(ids: list[int], vocab: int | None) -> list[int]:
+    if not all(_in_vocab(t, vocab) for t in ids):
+        raise bad_request(f"stop_token_ids must be token ids in [0, {vocab or 'vocab size'})",
+                          "stop_token_ids")
+    return ids
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        valid_key = key.isascii() and key.isdigit() and len(key) < 20 and _in_vocab(int(key), vocab)
+        if not valid_key or not math.isfinite(value) or not -100 <= value <= 100:
+            raise bad_request(f"logit_bias maps token ids in [0, {vocab or 'vocab size'}) to "
+                              "biases in [-100, 100]", "logit_bias")
+        out[int(key)] = value
+    return out
