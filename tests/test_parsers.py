@@ -170,3 +170,21 @@ def test_tool_stream_parser_no_tools():
     assert parser.feed("a <tool") == "a "
     assert parser.feed("s>") == "<tools>"
     assert parser.flush() == ("", [])
+
+
+def test_prompt_thinking_reads_the_qwen3_template(qwen_tokenizer_dir):
+    """The rendered Qwen3 prompt says whether thinking is on and where the reply starts."""
+    from nano_qwen3_mlx.outputs import add_reasoning
+    from nano_qwen3_mlx.parsers import prompt_thinking
+    from nano_qwen3_mlx.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(qwen_tokenizer_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    on = tok.apply_chat_template(messages, tokenize=True)
+    off = tok.apply_chat_template(messages, tokenize=True, enable_thinking=False)
+    assert prompt_thinking(tok, on) == (True, False)
+    assert prompt_thinking(tok, off) == (False, False)
+    text = "<think>\nplan\n</think>\n\nanswer"
+    assert add_reasoning({"generated_text": text}, tok, on)["reasoning_content"] == "plan"
+    plain = add_reasoning({"generated_text": text}, tok, off)
+    assert plain["reasoning_content"] is None and plain["generated_text"] == text

@@ -141,8 +141,7 @@ class AsyncLLM:
         """Chat; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=True, **chat_template_kwargs)
         result = await self.generate(prompt, sampling_params)
-        starts_in_reasoning = self.tokenizer.decode(prompt[-4:]).rstrip().endswith("<think>")
-        return add_reasoning(result, starts_in_reasoning)
+        return add_reasoning(result, self.tokenizer, prompt)
 
     async def submit(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                      priority: int = 0) -> str:

@@ -71,7 +71,7 @@ class LLM:
         """Chat with the model; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self._render(messages, chat_template_kwargs)
         result = self.generate([prompt], sampling_params)[0]
-        return add_reasoning(result, self._starts_in_reasoning(prompt))
+        return add_reasoning(result, self.tokenizer, prompt)
 
     def chat_stream(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
                     **chat_template_kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -99,10 +99,6 @@ class LLM:
 
     def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-
-    def _starts_in_reasoning(self, prompt_ids: list[int]) -> bool:
-        tail = self.tokenizer.decode(prompt_ids[-4:])
-        return tail.rstrip().endswith("<think>")
 
     def _drain(self) -> None:
         while self.engine.has_unfinished_requests():

@@ -58,11 +58,13 @@ def chunk_dict(out: RequestOutput) -> dict[str, Any]:
     }
 
 
-def add_reasoning(result: dict[str, Any], starts_in_reasoning: bool = False) -> dict[str, Any]:
+def add_reasoning(result: dict[str, Any], tokenizer: Any, prompt_ids: list[int]) -> dict[str, Any]:
     """Chat results: split Qwen3 ``<think>`` text into ``reasoning_content``."""
-    from .parsers import split_reasoning
+    from .parsers import prompt_thinking, split_reasoning
 
-    reasoning, content = split_reasoning(result["generated_text"], starts_in_reasoning)
+    thinking, starts_in_reasoning = prompt_thinking(tokenizer, prompt_ids)
+    text = result["generated_text"]
+    reasoning, content = split_reasoning(text, starts_in_reasoning) if thinking else (None, text)
     result["reasoning_content"] = reasoning
     result["content"] = content
     result["generated_text"] = content

@@ -23,6 +23,16 @@ MAX_THINK_INDENT = 64
 _TOOL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.DOTALL)
 
 
+def prompt_thinking(tokenizer: Any, prompt_ids: list[int]) -> tuple[bool, bool]:
+    """``(thinking, starts_in_reasoning)`` for a rendered chat prompt.
+
+    Qwen3's template closes an empty ``<think></think>`` when thinking is disabled, and
+    some templates open ``<think>`` so the reply starts inside the thinking block.
+    """
+    tail = tokenizer.decode(list(prompt_ids[-4:])).rstrip()
+    return not tail.endswith(THINK_CLOSE), tail.endswith(THINK_OPEN)
+
+
 def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str | None, str]:
     """Split generated text into ``(reasoning, content)``.
 

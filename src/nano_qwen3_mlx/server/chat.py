@@ -9,7 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..parsers import ReasoningStreamParser, ToolCallStreamParser, parse_tool_calls, split_reasoning
+from ..parsers import (
+    ReasoningStreamParser,
+    ToolCallStreamParser,
+    parse_tool_calls,
+    prompt_thinking,
+    split_reasoning,
+)
 from .errors import bad_request
 from .generation import GenerationRun, collect, merge_usage
 from .logprobs import chat_logprobs
@@ -58,8 +64,7 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest, use_tools: bool) -
         log.info("chat template failed: %r", exc)
         raise bad_request(f"the chat template rejected the messages: {_short(exc)}",
                           "messages") from None
-    tail = tokenizer.decode(list(ids[-4:])).rstrip()
-    return ChatPrompt(list(ids), not tail.endswith("</think>"), tail.endswith("<think>"))
+    return ChatPrompt(list(ids), *prompt_thinking(tokenizer, ids))
 
 
 def _short(exc: Exception) -> str:
