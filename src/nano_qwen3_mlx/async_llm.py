@@ -105,7 +105,25 @@ class AsyncLLM:
         priority: int = 0, request_id: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield chunks as tokens arrive. Leaving early (break, cancel) aborts the request."""
-        request_id, out_queue = self._submit(prompt, sampling_params, priority, request_id)
+        outputs = self._outputs(prompt, sampling_params, priority, request_id)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                yield chunk_dict(out)
+
+    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+                       priority: int = 0, request_id: str | None = None) -> dict[str, Any]:
+        """Generate to the end; returns the result dict (``generated_text``, ``usage``, ...)."""
+        builder: ResultBuilder | None = None
+        outputs = self._outputs(prompt, sampling_params, priority, request_id)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                builder = builder or ResultBuilder(out.request_id)
+                builder.add(out)
+        return builder.result()
+
+    async def _outputs(self, prompt, params, priority, request_id) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one request; leaving early aborts it."""
+        request_id, out_queue = self._submit(prompt, params, priority, request_id)
         finished = False
         try:
             while not finished:
@@ -114,22 +132,11 @@ class AsyncLLM:
                     finished = True
                     raise item
                 finished = item.finished
-                yield chunk_dict(item)
+                yield item
         finally:
             self._queues.pop(request_id, None)
             if not finished:
                 self._inbox.put(("abort", request_id))
-
-    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
-                       priority: int = 0, request_id: str | None = None) -> dict[str, Any]:
-        """Generate to the end; returns the result dict (``generated_text``, ``usage``, ...)."""
-        builder: ResultBuilder | None = None
-        stream = self.generate_stream(prompt, sampling_params, priority=priority, request_id=request_id)
-        async with contextlib.aclosing(stream):
-            async for chunk in stream:
-                builder = builder or ResultBuilder(chunk["request_id"])
-                builder.add(_as_output(chunk))
-        return builder.result()
 
     async def generate_batch(self, prompts: list[Prompt],
                              sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
@@ -270,13 +277,6 @@ class AsyncLLM:
         elif kind == "stop":
             self._stopping = True
         return []
-
-
-def _as_output(chunk: dict[str, Any]) -> RequestOutput:
-    usage = chunk["usage"]
-    return RequestOutput(chunk["request_id"], chunk["text"], chunk["token_ids"], chunk["finished"],
-                         chunk["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"],
-                         chunk["logprobs"], chunk["error"])
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:
