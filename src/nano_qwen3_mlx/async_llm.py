@@ -242,8 +242,7 @@ class AsyncLLM:
             now = time.monotonic()
             if now - last_stats > 0.25 or not engine.has_unfinished_requests():
                 self._stats, last_stats = engine.get_stats(), now
-        for request_id in list(engine._seqs):
-            engine.abort_request(request_id)
+        engine.abort_all()
         self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in engine.step()])
 
     def _step(self) -> list[tuple[str, Any]]:

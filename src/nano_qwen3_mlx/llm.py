@@ -83,8 +83,7 @@ class LLM:
 
     def close(self) -> None:
         """Abort anything unfinished (frees every KV block)."""
-        for request_id in list(self.engine._seqs):
-            self.engine.abort_request(request_id)
+        self.engine.abort_all()
         self._drain()
 
     def __enter__(self) -> LLM:

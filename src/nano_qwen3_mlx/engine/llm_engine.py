@@ -161,6 +161,11 @@ class LLMEngine:
         self._early_outputs.append(self._output(seq, "", [], None))
         return True
 
+    def abort_all(self) -> None:
+        """Abort every unfinished request (their final outputs come with the next step)."""
+        for request_id in list(self._seqs):
+            self.abort_request(request_id)
+
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with ``finish_reason='error'`` (used after a step raised)."""
         self._prev = None
