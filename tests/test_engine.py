@@ -189,3 +189,35 @@ def test_prefill_batches_stay_within_the_padded_token_budget(tiny_qwen3_dir, llm
         got = [r["token_ids"] for r in small.generate(prompts, GREEDY)]
     assert got == expected
     assert all(rows * length <= 256 for rows, length in shapes), shapes
+
+
+def test_requests_in_the_same_step_share_a_prefix(tiny_qwen3_dir):
+    """n copies of one long prompt admitted together compute its blocks once."""
+    prompt = "Shared system prompt. " * 20 + "Question?"
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=128, enable_prefix_caching=False) as plain:
+        expected = plain.generate_single(prompt, params)["token_ids"]
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=128) as llm:
+        results = llm.generate([prompt] * 4, params)
+        stats = llm.get_stats()
+    prompt_len = results[0]["usage"]["prompt_tokens"]
+    assert [r["token_ids"] for r in results] == [expected] * 4
+    assert stats["tokens"]["prefill_computed"] < prompt_len + 3 * 16, stats["tokens"]
+    assert stats["kv_cache"]["num_used_blocks"] == 0
+
+
+def test_preemption_during_chunked_prefill_with_priorities(tiny_qwen3_dir, llm):
+    """Long prompts in chunks, a pool too small for all, mixed priorities: same greedy output."""
+    prompts = [f"{i} " + "word " * (20 + 7 * i) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [llm.generate_single(p, params)["token_ids"] for p in prompts]
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=24, block_size=4, max_num_batched_tokens=32) as small:
+        engine, got = small.engine, {}
+        ids = {engine.add_request(p, params, priority=(i * 5) % 3): i for i, p in enumerate(prompts)}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got.setdefault(ids[out.request_id], []).extend(out.token_ids)
+        stats = small.get_stats()
+    assert [got[i] for i in range(len(prompts))] == expected
+    assert stats["requests"]["preemptions"] > 0
+    assert stats["kv_cache"]["num_used_blocks"] == 0

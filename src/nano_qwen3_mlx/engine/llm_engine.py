@@ -223,6 +223,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self._finish(seq, "error")
                 outputs.append(self._output(seq, "", [], None, error=error))
+        # Blocks this step was filling may hold garbage: no later request may match them.
+        self.block_manager.reset_prefix_cache()
         return outputs
 
     @staticmethod

@@ -86,7 +86,10 @@ class Scheduler:
 
     def _schedule_prefill(self) -> ScheduledBatch:
         batch, budget = ScheduledBatch(is_prefill=True), self.max_num_batched_tokens
-        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+        # Most important first, so a preemption victim (the least important) is never a
+        # sequence already placed in this batch.
+        prefilling = sorted((s for s in self.running if s.num_uncomputed_tokens > 1), key=Sequence.sort_key)
+        for seq in prefilling:
             if seq.status is SequenceStatus.RUNNING and self._make_room(seq):
                 budget = self._add_chunk(batch, seq, budget)
             if budget <= 0:
@@ -126,6 +129,9 @@ class Scheduler:
         self.block_manager.append_slots(seq, chunk)
         batch.add(seq, chunk)
         seq.num_computed_tokens += chunk
+        # Register the prompt blocks this step fills now, so a request admitted later in
+        # this same step shares them: each layer writes every row's K/V before any row reads.
+        self.block_manager.seal_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
         return budget - chunk
 
     def _padded_room(self, batch: ScheduledBatch) -> int:
