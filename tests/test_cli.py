@@ -100,3 +100,11 @@ def test_download_offline_is_one_line_error(tmp_path):
     result = run_cli("download", "qwen3-0.6b", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "not cached" in result.stderr
+
+
+def test_config_errors_are_one_line_values():
+    """Settings turn pydantic errors into one ValueError line naming the field."""
+    from nano_qwen3_mlx.config import EngineConfig
+
+    with pytest.raises(ValueError, match=r"^invalid max_num_seqs: .*greater than or equal to 1$"):
+        EngineConfig.load(max_num_seqs=0)

@@ -22,15 +22,10 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _engine_config(model: str | None, config_file: str | None = None, **flags: Any):
-    from pydantic import ValidationError
-
     from .config import EngineConfig
 
     try:
         return EngineConfig.load(config_file, model=model, **flags)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        fail(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}")
     except ValueError as exc:
         fail(str(exc))
 

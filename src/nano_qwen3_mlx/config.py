@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -41,7 +41,10 @@ class _Settings(BaseSettings):
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **flags: Any):
-        """Build settings; ``flags`` whose value is None are treated as not given."""
+        """Build settings; ``flags`` whose value is None are treated as not given.
+
+        Raises ``ValueError`` with a one-line message for a bad value or config file.
+        """
         given = {k: v for k, v in flags.items() if v is not None}
         toml = read_toml(config_file, cls.section)
 
@@ -50,7 +53,11 @@ class _Settings(BaseSettings):
             def settings_customise_sources(cls_, settings_cls, init_settings, env_settings, **_):
                 return (init_settings, env_settings, InitSettingsSource(settings_cls, toml))
 
-        return cls.model_validate(_WithToml(**given).model_dump())
+        try:
+            return cls.model_validate(_WithToml(**given).model_dump())
+        except ValidationError as exc:  # one line a CLI can print as it is
+            err = exc.errors()[0]
+            raise ValueError(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 class EngineConfig(_Settings):

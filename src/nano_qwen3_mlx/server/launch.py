@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 from aiohttp import web
-from pydantic import ValidationError
 
 from ..config import EngineConfig, ServerConfig
 from .app import create_app
@@ -76,9 +75,6 @@ def serve(
 def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
     try:
         return cls.load(config_file, **flags)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        _fail(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}")
     except ValueError as exc:
         _fail(str(exc))
 
