@@ -232,16 +232,19 @@ class AsyncLLM:
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine thread died: {exc}"))
 
     def _serve_forever(self) -> None:
-        engine, last_stats = self.engine, 0.0
+        engine, last_stats, dirty = self.engine, 0.0, False
         while not self._stopping:
             items = self._handle_commands(block=not engine.has_unfinished_requests())
-            if engine.has_unfinished_requests():
+            busy = engine.has_unfinished_requests()
+            if busy:
                 items += self._step()
             if items:
                 self._loop.call_soon_threadsafe(self._deliver, items)
+            # Refresh the stats snapshot at most every 0.25 s while busy, once when idle.
+            dirty = dirty or busy or bool(items)
             now = time.monotonic()
-            if now - last_stats > 0.25 or not engine.has_unfinished_requests():
-                self._stats, last_stats = engine.get_stats(), now
+            if dirty and (now - last_stats > 0.25 or not engine.has_unfinished_requests()):
+                self._stats, last_stats, dirty = engine.get_stats(), now, False
         engine.abort_all()
         self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in engine.step()])
 
