@@ -59,6 +59,8 @@ def test_token_id_prompts_and_result_shape(llm):
     assert result["token_ids"] == llm.generate_single("Hello", GREEDY)["token_ids"]
     assert result["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
     assert result["finish_reason"] == "length" and result["request_id"]
+    assert result["prompt_token_ids"] == ids
+    assert llm.generate_single("Hello", GREEDY)["prompt_token_ids"] == ids
     assert result["generated_text"] == llm.tokenizer.decode(result["token_ids"], skip_special_tokens=True)
 
 

@@ -10,9 +10,8 @@ from .engine.llm_engine import RequestOutput
 class ResultBuilder:
     """Accumulates one request's ``RequestOutput``s into the final result dict."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int] | None = None) -> None:
+    def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
         self.pieces: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[dict[str, Any]] | None = None
@@ -38,7 +37,7 @@ class ResultBuilder:
             "finish_reason": out.finish_reason if out else None,
             "usage": out.usage if out else {},
             "logprobs": self.logprobs,
-            "prompt_token_ids": self.prompt_token_ids,
+            "prompt_token_ids": out.prompt_token_ids if out else None,
             "error": out.error if out else None,
         }
 

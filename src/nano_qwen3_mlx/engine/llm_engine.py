@@ -41,6 +41,7 @@ class RequestOutput:
     num_completion_tokens: int
     logprobs: list[dict[str, Any]] | None = None
     error: str | None = None
+    prompt_token_ids: list[int] | None = None  # on the final output only
 
     @property
     def usage(self) -> dict[str, int]:
@@ -273,9 +274,11 @@ class LLMEngine:
                 error: str | None = None) -> RequestOutput:
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
+        prompt_ids = seq.token_ids[:seq.num_prompt_tokens] if seq.is_finished else None
         return RequestOutput(
             seq.request_id, text, token_ids, seq.is_finished, seq.finish_reason,
             seq.num_prompt_tokens, len(seq.token_ids) - seq.num_prompt_tokens, logprobs, error,
+            prompt_ids,
         )
 
     # ---- stats --------------------------------------------------------------------------
