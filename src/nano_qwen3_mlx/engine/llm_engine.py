@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .stats import EngineStats, percentiles
+from .stats import EngineStats, memory_stats, percentiles, total_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ class LLMEngine:
         outputs = []
         if batch and self._needs_sync(batch):
             outputs += self._postprocess(self._prev)
-            self._prev, batch = None, _drop_finished(batch)
+            self._prev, batch = None, batch.without_finished()
         if batch and batch.is_prefill:
             self.stats.num_computed_prompt_tokens += batch.num_tokens
         out = self.runner.run(batch, self._prev) if batch else None
@@ -301,33 +300,5 @@ class LLMEngine:
         }
 
 
-def _drop_finished(batch: ScheduledBatch) -> ScheduledBatch | None:
-    kept = ScheduledBatch(is_prefill=batch.is_prefill)
-    for i, seq in enumerate(batch.seqs):
-        if not seq.is_finished:
-            kept.seqs.append(seq)
-            kept.num_new_tokens.append(batch.num_new_tokens[i])
-            kept.start_positions.append(batch.start_positions[i])
-            kept.samples.append(batch.samples[i])
-    return kept if kept.seqs else None
-
-
 def _tolist(array: mx.array | None) -> list | None:
     return None if array is None else array.tolist()
-
-
-def total_memory_bytes() -> int:
-    """Memory the accelerator can use: Metal's working set, else physical RAM."""
-    try:
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
-        if size:
-            return int(size)
-    except Exception:  # CPU builds have no device info
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def memory_stats() -> dict[str, int]:
-    return {"active_bytes": mx.get_active_memory(), "peak_bytes": mx.get_peak_memory(),
-            "cache_bytes": mx.get_cache_memory()}

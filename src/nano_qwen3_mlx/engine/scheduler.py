@@ -30,6 +30,17 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def without_finished(self) -> ScheduledBatch | None:
+        """The rows whose sequence is still unfinished (None if none is)."""
+        kept = ScheduledBatch(is_prefill=self.is_prefill)
+        for i, seq in enumerate(self.seqs):
+            if not seq.is_finished:
+                kept.seqs.append(seq)
+                kept.num_new_tokens.append(self.num_new_tokens[i])
+                kept.start_positions.append(self.start_positions[i])
+                kept.samples.append(self.samples[i])
+        return kept if kept.seqs else None
+
     def __len__(self) -> int:
         return len(self.seqs)
 

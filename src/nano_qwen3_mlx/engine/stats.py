@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
+import mlx.core as mx
 import numpy as np
 
 
@@ -54,3 +56,20 @@ class EngineStats:
             return 0.0
         span = time.monotonic() - self._token_times[0][0]
         return sum(n for _, n in self._token_times) / max(span, 1e-6)
+
+
+def total_memory_bytes() -> int:
+    """Memory the accelerator can use: Metal's working set, else physical RAM."""
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if size:
+            return int(size)
+    except Exception:  # CPU builds have no device info
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_stats() -> dict[str, int]:
+    return {"active_bytes": mx.get_active_memory(), "peak_bytes": mx.get_peak_memory(),
+            "cache_bytes": mx.get_cache_memory()}
