@@ -132,6 +132,20 @@ async def test_tool_choice_none_skips_parsing(client, engine):
     assert "<tool_call>" in data["choices"][0]["message"]["content"]
 
 
+async def test_named_tool_choice_offers_only_that_tool(client, engine):
+    tools = [{"type": "function", "function": {"name": name}} for name in ("get_weather", "get_time")]
+    pick = {"type": "function", "function": {"name": "get_time"}}
+    resp = await client.post("/v1/chat/completions",
+                             json={"messages": USER, "tools": tools, "tool_choice": pick})
+    assert resp.status == 200
+    prompt = engine.tokenizer.decode(engine.calls[-1]["prompt"])
+    assert "get_time" in prompt and "get_weather" not in prompt
+    missing = {"type": "function", "function": {"name": "nope"}}
+    resp = await client.post("/v1/chat/completions",
+                             json={"messages": USER, "tools": tools, "tool_choice": missing})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "tool_choice"
+
+
 async def test_n_choices_with_seeds(client, engine):
     body = {"messages": USER, "n": 3, "seed": 7, "temperature": 0.8}
     data = await (await client.post("/v1/chat/completions", json=body)).json()

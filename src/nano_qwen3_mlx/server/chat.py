@@ -54,7 +54,7 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
 def render_prompt(tokenizer: Any, req: ChatCompletionRequest, use_tools: bool) -> ChatPrompt:
     """Apply the chat template (400 when the template rejects the conversation)."""
     messages = [_message_dict(m) for m in req.messages]
-    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if use_tools else None
+    tools = [t.model_dump(exclude_none=True) for t in _offered_tools(req)] if use_tools else None
     kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED}
     try:
         ids = tokenizer.apply_chat_template(
@@ -65,6 +65,18 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest, use_tools: bool) -
         raise bad_request(f"the chat template rejected the messages: {_short(exc)}",
                           "messages") from None
     return ChatPrompt(list(ids), *prompt_thinking(tokenizer, ids))
+
+
+def _offered_tools(req: ChatCompletionRequest) -> list:
+    """The tools the model may call: all, or only the one a named ``tool_choice`` picks."""
+    choice = req.tool_choice
+    if not isinstance(choice, dict):
+        return list(req.tools or [])
+    name = (choice.get("function") or {}).get("name")
+    picked = [t for t in req.tools or [] if t.function.name == name]
+    if not picked:
+        raise bad_request(f"tool_choice names no tool in `tools`: {name!r}", "tool_choice")
+    return picked
 
 
 def _short(exc: Exception) -> str:
