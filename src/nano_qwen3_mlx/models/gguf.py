@@ -9,7 +9,6 @@ The GGUF tensor names are the one renaming table of the project (``TENSOR_NAMES`
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import mlx.core as mx
@@ -18,7 +17,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from ..tokenizer import Tokenizer
-from . import llama, qwen3
+from . import MODEL_TYPES
 
 # GGUF tensor name stem -> Hugging Face module path (per block: under model.layers.N).
 TENSOR_NAMES: dict[str, str] = {
@@ -38,8 +37,6 @@ TENSOR_NAMES: dict[str, str] = {
     "ffn_down": "mlp.down_proj",
 }
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3}
-
 # llama.cpp's convert_hf_to_gguf permutes the rows of Q and K of each head from HF's
 # "two halves" RoPE layout to interleaved pairs, and then runs RoPE in the traditional
 # (adjacent-pairs) mode. Running our model with rope_traditional=True on the permuted
@@ -47,6 +44,8 @@ ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen3": qwen3}
 # q·k is unchanged and v/o are untouched. It costs nothing at load time, which matters
 # because the weights are quantized. Qwen2/Qwen3 GGUFs are not permuted (NEOX RoPE).
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
+# The GGUF architectures whose tensor layout this loader knows (modules from MODEL_TYPES).
+GGUF_ARCHITECTURES = ("llama", "qwen3")
 
 # tokenizer.ggml.pre -> the split regex its merges were learned with (llama.cpp's
 # llama-vocab.cpp). Unlisted names get GPT-2's regex (ByteLevel's own).
@@ -120,8 +119,8 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
 def config_from_metadata(metadata: dict[str, Any], tensor_names: Any) -> dict[str, Any]:
     """The Hugging Face ``config.json`` equivalent of the GGUF metadata."""
     arch = str(_require(metadata, "general.architecture"))
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r} (supported: {sorted(ARCHITECTURES)})")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} (supported: {sorted(GGUF_ARCHITECTURES)})")
 
     def get(key: str, default: Any = _MISSING) -> Any:
         value = metadata.get(f"{arch}.{key}", default)
@@ -167,7 +166,7 @@ def _rope_scaling(get: Any) -> dict[str, Any] | None:
 
 def build_model(config: dict[str, Any], weights: dict[str, mx.array], dtype: mx.Dtype) -> nn.Module:
     """Instantiate the architecture, quantize the modules the file has quantized, load."""
-    arch = ARCHITECTURES[config["model_type"]]
+    arch = MODEL_TYPES[config["model_type"]]
     model = arch.Model(arch.ModelArgs.from_dict(config))
     weights = model.sanitize({hf_name(k): v for k, v in weights.items()})
     nn.quantize(model, class_predicate=lambda p, m: _quantization_of(p, m, weights))

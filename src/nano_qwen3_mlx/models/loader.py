@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import PROJECT_ROOT
-from . import qwen3
+from . import MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,11 @@ class LoadedModel:
     name: str
 
 
-def model_class(model_type: str) -> type[nn.Module]:
-    """The module implementing ``model_type`` (Qwen3 or the Llama family)."""
-    if model_type == "qwen3":
-        return qwen3.Model
-    if model_type in ("llama", "mistral", "smollm", "smollm2"):
-        from . import llama
-
-        return llama.Model
-    raise ModelLoadError(f"unsupported model_type {model_type!r} (supported: qwen3, llama)")
+def model_module(model_type: str) -> ModuleType:
+    """The module (``Model``, ``ModelArgs``) implementing ``model_type``."""
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+    return MODEL_TYPES[model_type]
 
 
 def resolve_model(name: str, *, download: bool = True) -> Path:
@@ -148,8 +145,8 @@ def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[
     """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not)."""
     config = read_config(path)
     try:
-        args_cls = model_class(config["model_type"])
-        model = args_cls(_model_args(config))
+        module = model_module(config["model_type"])
+        model = module.Model(module.ModelArgs.from_dict(config))
     except (TypeError, KeyError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: bad model config ({exc})") from None
     weights = model.sanitize(_read_safetensors(path))
@@ -160,11 +157,6 @@ def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[
         _cast_floats(model, DTYPES[dtype])
     mx.eval(model.parameters())
     return model, config
-
-
-def _model_args(config: dict[str, Any]) -> Any:
-    module = __import__(model_class(config["model_type"]).__module__, fromlist=["ModelArgs"])
-    return module.ModelArgs.from_dict(config)
 
 
 def _read_safetensors(path: Path) -> dict[str, mx.array]:
