@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from nano_qwen3_mlx import LLM, SamplingParams
+from nano_qwen3_mlx.bench import time_stream
 from nano_qwen3_mlx.models import gguf
 
 GGUF = Path(__file__).resolve().parents[1] / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,12 +29,8 @@ def ours(max_tokens: int) -> dict[str, float]:
     ids = llm.tokenizer.apply_chat_template(QUESTION, tokenize=True)
     llm.generate_single(ids, SamplingParams(temperature=0, max_tokens=2))  # warm-up
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    start, first, n = time.perf_counter(), None, 0
-    for chunk in llm.generate_stream(ids, params):
-        first = first or time.perf_counter()
-        n += len(chunk["token_ids"])
-    end = time.perf_counter()
-    return {"load_s": load_s, "ttft_s": first - start, "decode_tok_s": (n - 1) / (end - first),
+    ttft_s, decode_tok_s = time_stream(llm, ids, params)
+    return {"load_s": load_s, "ttft_s": ttft_s, "decode_tok_s": decode_tok_s,
             "prompt_tokens": len(ids)}
 
 

@@ -81,7 +81,7 @@ def bench_ours(path: Path, prompts: list[list[int]], gen_len: int, batch_sizes: 
     res = Result("nano-qwen3-mlx", kv_bytes_per_token=llm.engine.cache.bytes_per_token)
     llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     mx.reset_peak_memory()
-    res.single_ttft_s, res.single_decode_tok_s = _ours_single(llm, prompts[0], params)
+    res.single_ttft_s, res.single_decode_tok_s = time_stream(llm, prompts[0], params)
     for b in batch_sizes:
         res.batch_tok_s[b], res.batch_ttft_s[b] = _ours_batch(llm, prompts[:b], params)
     res.peak_memory_gb = mx.get_peak_memory() / 1e9
@@ -89,7 +89,8 @@ def bench_ours(path: Path, prompts: list[list[int]], gen_len: int, batch_sizes: 
     return res
 
 
-def _ours_single(llm, prompt, params) -> tuple[float, float]:
+def time_stream(llm, prompt, params) -> tuple[float, float]:
+    """(TTFT seconds, decode tok/s) of one streamed ``LLM`` request."""
     start, first, n = time.perf_counter(), None, 0
     for chunk in llm.generate_stream(prompt, params):
         first = first or time.perf_counter()
