@@ -75,6 +75,7 @@ class ReasoningStreamParser:
         self._buf = ""
         # True at the start of a section whose leading newlines Qwen3 adds and we drop.
         self._lead = self._state == "reasoning"
+        self.saw_reasoning = self._state == "reasoning"
 
     def feed(self, delta: str) -> tuple[str, str]:
         """Add generated text; returns ``(reasoning_delta, content_delta)``."""
@@ -106,7 +107,7 @@ class ReasoningStreamParser:
         if len(self._buf) - len(stripped) <= MAX_THINK_INDENT:
             if stripped.startswith(THINK_OPEN):
                 self._buf = stripped[len(THINK_OPEN):]
-                self._state, self._lead = "reasoning", True
+                self._state, self._lead, self.saw_reasoning = "reasoning", True, True
                 return True
             if THINK_OPEN.startswith(stripped) and not final:
                 return False  # could still become "<think>"
