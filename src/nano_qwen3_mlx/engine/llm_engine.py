@@ -177,8 +177,8 @@ class LLMEngine:
         if batch and self._needs_sync(batch):
             outputs += self._postprocess(self._in_flight)
             self._in_flight, batch = None, batch.without_finished()
-        if batch and batch.is_prefill:
-            self.stats.num_computed_prompt_tokens += batch.num_tokens
+        if batch:
+            self.stats.num_computed_prompt_tokens += batch.num_prefill_tokens
         out = self.runner.run(batch, self._in_flight) if batch else None
         outputs += self._postprocess(self._in_flight)
         if out is not None:
