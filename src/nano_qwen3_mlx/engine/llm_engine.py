@@ -62,6 +62,7 @@ class LLMEngine:
         self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
         self.load_time_s = time.monotonic() - t0
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self._num_parameters: dict[str, int] | None = None
         self.cache = self._make_cache()
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
@@ -112,6 +113,14 @@ class LLMEngine:
         budget_blocks = int(cfg.kv_cache_fraction * left // block_bytes)
         seq_blocks = -(-self.model_max_len // cfg.block_size)
         return max(2, min(budget_blocks, cfg.max_num_seqs * seq_blocks))
+
+    @property
+    def num_parameters(self) -> dict[str, int]:
+        """``{"total": ..., "active": ...}``: the model's parameter counts (quantized weights
+        counted unpacked); active < total for a mixture of experts."""
+        if self._num_parameters is None:
+            self._num_parameters = self.model.num_parameters()
+        return self._num_parameters
 
     @property
     def weights_nbytes(self) -> int:
@@ -287,6 +296,7 @@ class LLMEngine:
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
         return {
             "model": self.config.model,
+            "parameters": self.num_parameters,
             "uptime_s": time.monotonic() - s.started,
             "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                          "finished": s.num_finished, "aborted": s.num_aborted, "errors": s.num_errors,

@@ -8,7 +8,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import AttentionContext, RoPE
+from .base import AttentionContext, RoPE, count_parameters
 
 
 @dataclass
@@ -113,10 +113,12 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
+    decoder_layer = DecoderLayer  # a family whose layers differ (MoE) names its own
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.layers = [self.decoder_layer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, input_ids: mx.array, ctx: AttentionContext) -> mx.array:
@@ -132,10 +134,12 @@ class Model(nn.Module):
     The two halves are separate so the engine computes logits only for the rows it samples.
     """
 
+    backbone = Qwen3Model
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.model = Qwen3Model(args)
+        self.model = self.backbone(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -157,6 +161,12 @@ class Model(nn.Module):
             weights.pop("lm_head.scales", None)
             weights.pop("lm_head.biases", None)
         return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts (quantized weights counted unpacked): ``total`` and ``active``
+        (used per token; the same for a dense model)."""
+        total = count_parameters(self)
+        return {"total": total, "active": total}
 
     @property
     def layers(self) -> list[DecoderLayer]:
