@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
@@ -19,6 +20,9 @@ from nano_qwen3_mlx.models.base import DenseCache
 from nano_qwen3_mlx.models.loader import ModelLoadError, load, load_model_dir
 from tests.checkpoints import quantize_checkpoint
 from tests.test_engine import PROMPTS
+from tests.test_gguf import PROMPT as GGUF_PROMPT
+from tests.test_gguf import TINY, TINY_TOKENS, gguf_name
+from tests.test_gguf import oracle as gguf_oracle
 from tests.test_model import PROMPT, decode_logits, greedy
 
 CONFIG_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers")
@@ -167,3 +171,110 @@ def test_engine_preemption_and_prefix_cache_keep_output(moe_llm, tiny_moe_dir):
     assert got == expected
     assert stats["requests"]["preemptions"] > 0 and stats["kv_cache"]["prefix_cache_hits"] > 0
     assert stats["kv_cache"]["num_used_blocks"] == 0
+
+
+# ---- GGUF (llama.cpp's qwen3moe) ----------------------------------------------------------
+GGUF_EXPERT_STEMS = {"mlp.gate": "ffn_gate_inp", "mlp.switch_mlp.gate_proj": "ffn_gate_exps",
+                     "mlp.switch_mlp.up_proj": "ffn_up_exps", "mlp.switch_mlp.down_proj": "ffn_down_exps"}
+TINY_GGUF_MOE = {**TINY, "model_type": "qwen3_moe", "head_dim": 32, "tie_word_embeddings": True,
+                 "rope_theta": 1e6, "num_experts": 4, "num_experts_per_tok": 2,
+                 "moe_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [0],
+                 "norm_topk_prob": True}
+
+
+def write_moe_gguf(path, config, weights, expert_type):
+    """What llama.cpp writes for Qwen3-MoE: stacked ``ffn_*_exps`` experts (quantized with
+    ``expert_type``), everything else F32, ``qwen3moe.*`` metadata."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    writer = GGUFWriter(str(path), "qwen3moe")
+    for name, value in config_metadata(config).items():
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"qwen3moe.{name}", value)
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_string("tokenizer.ggml.pre", "qwen2")
+    writer.add_array("tokenizer.ggml.tokens", TINY_TOKENS)
+    writer.add_array("tokenizer.ggml.merges", ["Ġ t", "Ġt h"])
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    qtype = getattr(GGMLQuantizationType, expert_type)
+    for name, w in weights.items():
+        w = np.array(w)
+        if "switch_mlp" in name:
+            writer.add_tensor(moe_gguf_name(name), quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(moe_gguf_name(name), w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def config_metadata(config):
+    return {"block_count": config["num_hidden_layers"], "embedding_length": config["hidden_size"],
+            "feed_forward_length": config["intermediate_size"],
+            "attention.head_count": config["num_attention_heads"],
+            "attention.head_count_kv": config["num_key_value_heads"],
+            "attention.key_length": config["head_dim"], "context_length": 2048,
+            "attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
+            "rope.freq_base": config["rope_theta"], "expert_count": config["num_experts"],
+            "expert_used_count": config["num_experts_per_tok"],
+            "expert_feed_forward_length": config["moe_intermediate_size"]}
+
+
+def moe_gguf_name(hf: str) -> str:
+    module, suffix = hf.rsplit(".", 1)
+    for stem_hf, stem in GGUF_EXPERT_STEMS.items():
+        if module.endswith(stem_hf):
+            return f"blk.{module.split('.')[2]}.{stem}.{suffix}"
+    return gguf_name(hf)
+
+
+@pytest.mark.parametrize("expert_type", ["Q4_0", "Q4_1", "Q8_0"])
+def test_qwen3moe_gguf_keeps_experts_quantized_and_matches_mlx_lm(tmp_path, expert_type):
+    from gguf.quants import dequantize, quantize
+
+    from nano_qwen3_mlx.models.gguf import load_gguf
+
+    ref = gguf_oracle(lm_moe, TINY_GGUF_MOE)
+    weights = dict(tree_flatten(ref.parameters()))
+    path = write_moe_gguf(tmp_path / "moe.gguf", TINY_GGUF_MOE, weights, expert_type)
+    model, _, config = load_gguf(path, dtype=mx.float32)
+    assert config["mlp_only_layers"] == [0] and config["num_experts"] == 4
+    experts = model.layers[1].mlp.switch_mlp.down_proj
+    assert type(experts).__name__ == "QuantizedSwitchLinear" and experts.group_size == 32
+    # The oracle gets the same experts, dequantized with gguf's own reference code.
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, expert_type)
+    ref.load_weights([(k, mx.array(dequantize(quantize(np.array(v), qtype), qtype)))
+                      for k, v in weights.items() if "switch_mlp" in k], strict=False)
+    ids = mx.array([GGUF_PROMPT])
+    got, expected = model(ids, DenseCache(2)), ref(ids)
+    np.testing.assert_allclose(np.array(got), np.array(expected), atol=2e-3, rtol=2e-3)
+
+
+# ---- the server ----------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_server_serves_the_moe_checkpoint(tiny_moe_dir, moe_llm):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nano_qwen3_mlx.async_llm import AsyncLLM
+    from nano_qwen3_mlx.config import EngineConfig, ServerConfig
+    from nano_qwen3_mlx.server import create_app
+
+    config = EngineConfig(model=str(tiny_moe_dir), num_kv_blocks=64, max_num_seqs=4, max_model_len=256)
+    body = {"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8}
+    expected = moe_llm.engine.model.num_parameters()
+    async with AsyncLLM(config=config) as llm:
+        app = create_app(server_config=ServerConfig(served_model_name="moe"), engine=llm)
+        async with TestClient(TestServer(app)) as client:
+            card = (await (await client.get("/v1/models")).json())["data"][0]
+            assert card["parameters"] == expected and expected["active"] < expected["total"]
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(3)))
+            texts = [(await r.json())["choices"][0]["text"] for r in replies]
+            stats = await (await client.get("/stats")).json()
+    assert all(r.status == 200 for r in replies) and len(set(texts)) == 1  # batched, same greedy text
+    single = moe_llm.generate_single(body["prompt"], SamplingParams(temperature=0, max_tokens=8))
+    assert texts[0] == single["generated_text"] and len(single["token_ids"]) == 8
+    assert stats["parameters"] == expected
