@@ -122,3 +122,13 @@ def quantize_checkpoint(src: Path, dst: Path, bits: int, group_size: int = 32) -
         if f.name not in ("config.json", "model.safetensors"):
             shutil.copy(f, dst / f.name)
     return dst
+
+
+def copy_without(src: Path, dst: Path, *names: str) -> dict[str, mx.array]:
+    """Copy a checkpoint, leaving the named tensors out; returns the weights written."""
+    shutil.copytree(src, dst)
+    weights = mx.load(str(dst / "model.safetensors"))
+    for name in names:
+        weights.pop(name)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    return weights

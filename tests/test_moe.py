@@ -7,6 +7,7 @@ import json
 import shutil
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -17,8 +18,9 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.models import qwen3_moe, switch_layers
 from nano_qwen3_mlx.models.base import DenseCache
+from nano_qwen3_mlx.models.gguf import load_gguf
 from nano_qwen3_mlx.models.loader import ModelLoadError, load, load_model_dir
-from tests.checkpoints import quantize_checkpoint
+from tests.checkpoints import copy_without, quantize_checkpoint
 from tests.test_engine import PROMPTS
 from tests.test_gguf import PROMPT as GGUF_PROMPT
 from tests.test_gguf import TINY, TINY_TOKENS, gguf_name
@@ -107,8 +109,6 @@ def test_quantize_on_load_matches_mlx_lm_on_the_same_weights(tiny_moe_dir, tmp_p
     block = loaded.model.layers[2].mlp
     assert (block.switch_mlp.down_proj.bits, block.gate.bits) == (4, 8)
     ref = oracle(tiny_moe_dir)
-    import mlx.nn as nn
-
     nn.quantize(ref, group_size=64, bits=4, class_predicate=lambda p, m: (
         ref.quant_predicate(p, m) if hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0 else False))
     assert greedy(loaded.model, PROMPT, 32) == greedy(ref, PROMPT, 32, False)
@@ -126,10 +126,7 @@ def test_stacked_float_layout_loads(tiny_moe_dir, tmp_path):
 
 def test_missing_expert_is_named(tiny_moe_dir, tmp_path):
     path = tmp_path / "broken"
-    shutil.copytree(tiny_moe_dir, path)
-    weights = mx.load(str(path / "model.safetensors"))
-    weights.pop("model.layers.2.mlp.experts.5.down_proj.weight")
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    weights = copy_without(tiny_moe_dir, path, "model.layers.2.mlp.experts.5.down_proj.weight")
     with pytest.raises(ModelLoadError, match=r"missing tensor model\.layers\.2\.mlp\.experts\.5\."
                                              r"down_proj\.weight \(1 of 8 experts missing\)"):
         load_model_dir(path)
@@ -232,9 +229,8 @@ def moe_gguf_name(hf: str) -> str:
 
 @pytest.mark.parametrize("expert_type", ["Q4_0", "Q4_1", "Q8_0"])
 def test_qwen3moe_gguf_keeps_experts_quantized_and_matches_mlx_lm(tmp_path, expert_type):
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
-
-    from nano_qwen3_mlx.models.gguf import load_gguf
 
     ref = gguf_oracle(lm_moe, TINY_GGUF_MOE)
     weights = dict(tree_flatten(ref.parameters()))
@@ -244,9 +240,7 @@ def test_qwen3moe_gguf_keeps_experts_quantized_and_matches_mlx_lm(tmp_path, expe
     experts = model.layers[1].mlp.switch_mlp.down_proj
     assert type(experts).__name__ == "QuantizedSwitchLinear" and experts.group_size == 32
     # The oracle gets the same experts, dequantized with gguf's own reference code.
-    import gguf
-
-    qtype = getattr(gguf.GGMLQuantizationType, expert_type)
+    qtype = getattr(GGMLQuantizationType, expert_type)
     ref.load_weights([(k, mx.array(dequantize(quantize(np.array(v), qtype), qtype)))
                       for k, v in weights.items() if "switch_mlp" in k], strict=False)
     ids = mx.array([GGUF_PROMPT])
@@ -278,3 +272,13 @@ async def test_server_serves_the_moe_checkpoint(tiny_moe_dir, moe_llm):
     single = moe_llm.generate_single(body["prompt"], SamplingParams(temperature=0, max_tokens=8))
     assert texts[0] == single["generated_text"] and len(single["token_ids"]) == 8
     assert stats["parameters"] == expected
+
+
+def test_bfloat16_experts_run_where_gather_mm_is_float32_only(tiny_moe_dir):
+    """The CPU ``gather_mm`` takes float32 only: bf16 experts take the gathered-weights path."""
+    model, _ = load_model_dir(tiny_moe_dir, dtype="bfloat16")
+    assert model.layers[1].mlp.switch_mlp.up_proj.weight.dtype == mx.bfloat16
+    half = model(mx.array([PROMPT * 6]), DenseCache(3))[0].astype(mx.float32)
+    full = ours(tiny_moe_dir)(mx.array([PROMPT * 6]), DenseCache(3))[0]
+    rel = (mx.abs(half - full).mean() / mx.abs(full).mean()).item()
+    assert rel < 0.05, rel
