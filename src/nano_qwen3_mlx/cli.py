@@ -175,8 +175,9 @@ def list_models() -> None:
     """List the model aliases and where each one comes from."""
     from .models.loader import MODEL_ALIASES
 
+    width = max(map(len, MODEL_ALIASES))
     for alias, target in MODEL_ALIASES.items():
-        typer.echo(f"{alias:18} {target}")
+        typer.echo(f"{alias:{width}}  {target}")
 
 
 from .server.launch import serve  # noqa: E402 - the server owns its command's options

@@ -62,7 +62,9 @@ class LLMEngine:
         self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
         self.load_time_s = time.monotonic() - t0
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        self._num_parameters: dict[str, int] | None = None
+        # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
+        # counted once here, on the thread that owns the model.
+        self.num_parameters: dict[str, int] = self.model.num_parameters()
         self.cache = self._make_cache()
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
@@ -113,14 +115,6 @@ class LLMEngine:
         budget_blocks = int(cfg.kv_cache_fraction * left // block_bytes)
         seq_blocks = -(-self.model_max_len // cfg.block_size)
         return max(2, min(budget_blocks, cfg.max_num_seqs * seq_blocks))
-
-    @property
-    def num_parameters(self) -> dict[str, int]:
-        """``{"total": ..., "active": ...}``: the model's parameter counts (quantized weights
-        counted unpacked); active < total for a mixture of experts."""
-        if self._num_parameters is None:
-            self._num_parameters = self.model.num_parameters()
-        return self._num_parameters
 
     @property
     def weights_nbytes(self) -> int:
