@@ -124,6 +124,15 @@ def test_stacked_float_layout_loads(tiny_moe_dir, tmp_path):
         np.array(model(mx.array([PROMPT]), DenseCache(3))))
 
 
+def test_impossible_top_k_is_a_config_error(tiny_moe_dir, tmp_path):
+    path = tmp_path / "bad-k"
+    shutil.copytree(tiny_moe_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 9}))
+    with pytest.raises(ModelLoadError, match=r"config\.json: bad model config \(num_experts_per_tok=9"):
+        load_model_dir(path)
+
+
 def test_missing_expert_is_named(tiny_moe_dir, tmp_path):
     path = tmp_path / "broken"
     weights = copy_without(tiny_moe_dir, path, "model.layers.2.mlp.experts.5.down_proj.weight")

@@ -152,7 +152,7 @@ def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[
     try:
         module = model_module(config["model_type"])
         model = module.Model(module.ModelArgs.from_dict(config))
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: bad model config ({exc})") from None
     try:
         weights = model.sanitize(_read_safetensors(path))

@@ -39,6 +39,12 @@ class ModelArgs(qwen3.ModelArgs):
     mlp_only_layers: list[int] = field(default_factory=list)
     norm_topk_prob: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"1..num_experts={self.num_experts}")
+
     def is_sparse(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` has experts (Hugging Face's rule)."""
         return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
