@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import write_checkpoint
+from tests.checkpoints import TINY_QWEN3_MOE, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +37,9 @@ def smollm2_gguf() -> Path:
 def tiny_qwen3_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     """A tiny random Qwen3 checkpoint (fp32, 2 layers) with the real Qwen3 tokenizer."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A tiny random Qwen3-MoE checkpoint (HF layout, 8 experts, top-2, layer 0 dense)."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-moe"), qwen_tokenizer_dir, base=TINY_QWEN3_MOE)

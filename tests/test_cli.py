@@ -66,6 +66,7 @@ def test_models_lists_aliases():
     result = run_cli("models")
     assert result.returncode == 0
     assert "qwen3-0.6b" in result.stdout and "smollm2-135m" in result.stdout
+    assert "qwen3-30b-a3b-4bit" in result.stdout and "mlx-community/Qwen3-30B-A3B-4bit" in result.stdout
 
 
 def test_corrupt_config_in_default_toml_is_reported(tmp_path):

@@ -14,7 +14,7 @@ from mlx_lm.models import qwen3 as lm_qwen3
 from nano_qwen3_mlx.models.base import DenseCache
 from nano_qwen3_mlx.models.loader import ModelLoadError, load, load_model_dir
 from nano_qwen3_mlx.models.qwen3 import ModelArgs
-from tests.checkpoints import quantize_checkpoint, write_checkpoint
+from tests.checkpoints import copy_without, quantize_checkpoint, write_checkpoint
 
 PROMPT = [9707, 11, 847, 829, 374, 1207, 16948, 13, 358, 1075, 311, 3270]
 
@@ -124,10 +124,7 @@ def test_bf16_dtype_override(tiny_qwen3_dir):
 
 def test_missing_and_unexpected_tensors_are_named(tiny_qwen3_dir, tmp_path):
     path = tmp_path / "broken"
-    shutil.copytree(tiny_qwen3_dir, path)
-    weights = mx.load(str(path / "model.safetensors"))
-    weights.pop("model.layers.1.mlp.down_proj.weight")
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    weights = copy_without(tiny_qwen3_dir, path, "model.layers.1.mlp.down_proj.weight")
     with pytest.raises(ModelLoadError, match="missing tensor model.layers.1.mlp.down_proj.weight"):
         load_model_dir(path)
     weights["model.layers.1.mlp.down_proj.weight"] = mx.zeros((64, 128))

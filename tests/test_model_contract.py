@@ -39,6 +39,9 @@ class ContractOnly:
     def compute_logits(self, hidden):
         return self._model.compute_logits(hidden)
 
+    def num_parameters(self):
+        return self._model.num_parameters()
+
     def parameters(self):
         return self._model.parameters()
 

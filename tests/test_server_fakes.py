@@ -24,6 +24,7 @@ class FakeEngine:
         self.reply = reply or (lambda prompt, params: "Hello there, friend.")
         self.model_name = "fake-qwen3"
         self.max_model_len = max_model_len
+        self.num_parameters = {"total": 1000, "active": 1000}
         self.max_queue_size = max_queue_size
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay

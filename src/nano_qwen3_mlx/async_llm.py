@@ -95,6 +95,11 @@ class AsyncLLM:
     def max_model_len(self) -> int:
         return self._engine().max_model_len
 
+    @property
+    def num_parameters(self) -> dict[str, int]:
+        """``{"total": ..., "active": ...}`` (active: used per token; fewer for MoE)."""
+        return self._engine().num_parameters
+
     # ---- generation ---------------------------------------------------------------------
     async def generate_stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,

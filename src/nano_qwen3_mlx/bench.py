@@ -29,6 +29,12 @@ SHAPES: dict[str, dict[str, Any]] = {
               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64},
     "qwen3-0.6b": {"hidden_size": 1024, "num_hidden_layers": 28, "intermediate_size": 3072,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128},
+    # Qwen3-30B-A3B's layout scaled down: every layer sparse, 1/8 of the experts active.
+    "moe-small": {"model_type": "qwen3_moe", "hidden_size": 512, "num_hidden_layers": 8,
+                  "intermediate_size": 1536, "num_attention_heads": 8, "num_key_value_heads": 4,
+                  "head_dim": 64, "num_experts": 32, "num_experts_per_tok": 4,
+                  "moe_intermediate_size": 256, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
 }
 
 
@@ -41,20 +47,22 @@ class Result:
     batch_ttft_s: dict[int, float] = field(default_factory=dict)
     kv_bytes_per_token: int = 0
     peak_memory_gb: float = 0.0
+    parameters: dict[str, int] = field(default_factory=dict)  # total / active
 
 
 def random_checkpoint(shape: str, dtype: str, folder: Path) -> Path:
-    """A Qwen3 checkpoint with random weights and the real Qwen3 tokenizer files."""
+    """A checkpoint (Qwen3 or Qwen3-MoE) with random weights and the real Qwen3 tokenizer files."""
     from mlx.utils import tree_flatten
 
     from .config import PROJECT_ROOT
-    from .models.qwen3 import Model, ModelArgs
+    from .models import MODEL_TYPES
 
     config = {"model_type": "qwen3", "vocab_size": 151936, "rms_norm_eps": 1e-6,
               "rope_theta": 1e6, "max_position_embeddings": 40960, "tie_word_embeddings": True,
               "eos_token_id": 151645, "torch_dtype": dtype, **SHAPES[shape]}
     mx.random.seed(0)
-    model = Model(ModelArgs.from_dict(config))
+    arch = MODEL_TYPES[config["model_type"]]
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     weights = {k: (v * 0.5).astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))
@@ -80,7 +88,8 @@ def bench_ours(path: Path, prompts: list[list[int]], gen_len: int, batch_sizes: 
     need = (len(prompts[0]) + gen_len) * max(batch_sizes + [1])
     llm = LLM(str(path), max_num_seqs=max(batch_sizes + [1]), num_kv_blocks=need // 16 + 64,
               max_num_batched_tokens=4096, enable_prefix_caching=False)
-    res = Result("nano-qwen3-mlx", kv_bytes_per_token=llm.engine.cache.bytes_per_token)
+    res = Result("nano-qwen3-mlx", kv_bytes_per_token=llm.engine.cache.bytes_per_token,
+                 parameters=llm.engine.num_parameters)
     llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     mx.reset_peak_memory()
     res.single_ttft_s, res.single_decode_tok_s = time_stream(llm, prompts[0], params)
@@ -164,7 +173,8 @@ def run(model: str | None, shape: str, dtype: str, prompt_len: int, gen_len: int
         gc.collect()
         mx.clear_cache()
         ours = bench_ours(path, prompts, gen_len, batch_sizes)
-    report = {"model": model or f"random {shape} ({dtype})", "prompt_len": prompt_len,
+    report = {"model": model or f"random {shape} ({dtype})", "parameters": ours.parameters,
+              "prompt_len": prompt_len,
               "gen_len": gen_len, "device": str(mx.default_device()),
               "ours": asdict(ours), "mlx_lm": asdict(peer), "ratios": ratios(ours, peer)}
     if out:
@@ -203,5 +213,9 @@ def print_report(report: dict[str, Any]) -> None:
                       f"{peer['batch_ttft_s'][b]:.2f}", f"{ratio[f'batch{b}_ttft']:.2f}x (lower is better)")
     table.add_row("KV bytes per token", str(ours["kv_bytes_per_token"]),
                   str(peer["kv_bytes_per_token"]), f"{ratio['kv_bytes_per_token']:.2f}x")
+    params = report.get("parameters") or {}
+    if params:
+        table.add_row("parameters active / total (M)",
+                      f"{params['active'] / 1e6:.1f} / {params['total'] / 1e6:.1f}", "", "")
     table.add_row("peak memory GB", f"{ours['peak_memory_gb']:.2f}", f"{peer['peak_memory_gb']:.2f}", "")
     Console().print(table)

@@ -172,8 +172,9 @@ def list_models() -> None:
     """List the model aliases and where each one comes from."""
     from .models.loader import MODEL_ALIASES
 
+    width = max(map(len, MODEL_ALIASES))
     for alias, target in MODEL_ALIASES.items():
-        typer.echo(f"{alias:18} {target}")
+        typer.echo(f"{alias:{width}}  {target}")
 
 
 from .server.launch import serve  # noqa: E402 - the server owns its command's options
@@ -186,7 +187,7 @@ app.command("serve")(serve)
 @app.command()
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="local checkpoint dir both engines load (default: random weights of --shape)")] = None,
-    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, qwen3-0.6b")] = "small",
+    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, qwen3-0.6b, moe-small")] = "small",
     dtype: Annotated[str, typer.Option(help="dtype of the random checkpoint")] = "float32",
     prompt_len: Annotated[int, typer.Option("--prompt-len")] = 128,
     gen_len: Annotated[int, typer.Option("--gen-len")] = 64,

@@ -39,6 +39,9 @@ class LLMEngine:
         self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
         self.model: CausalLM = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
+        # counted once here, on the thread that owns the model.
+        self.num_parameters: dict[str, int] = self.model.num_parameters()
         self.cache = self._make_cache()
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
@@ -264,6 +267,7 @@ class LLMEngine:
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
         return {
             "model": self.config.model,
+            "parameters": self.num_parameters,
             "uptime_s": time.monotonic() - s.started,
             "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                          "finished": s.num_finished, "aborted": s.num_aborted, "errors": s.num_errors,

@@ -1,13 +1,15 @@
-"""Model definitions (Qwen3, Llama family) and the loader."""
+"""Model definitions (Qwen3, Qwen3-MoE, Llama family) and the loader."""
 
 from types import ModuleType
 
-from . import llama, qwen3
+from . import llama, qwen3, qwen3_moe
 
 # ``model_type`` (config.json) or ``general.architecture`` (GGUF) -> the module with
 # ``Model`` and ``ModelArgs``. The one table both loaders read.
 MODEL_TYPES: dict[str, ModuleType] = {
     "qwen3": qwen3,
+    "qwen3_moe": qwen3_moe,
+    "qwen3moe": qwen3_moe,  # llama.cpp's architecture name
     "llama": llama,
     "mistral": llama,
     "smollm": llama,

@@ -121,3 +121,19 @@ def _yarn_freqs(dims: int, base: float, cfg: dict[str, Any], max_pos: int):
     freqs = (freq_inter * freq_extra) / (freq_inter * extrapolation + freq_extra * (1 - extrapolation))
     mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return freqs, cfg.get("attention_factor", mscale)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Logical parameter count: a quantized weight counts its unpacked values, and its
+    ``scales``/``biases`` (quantization metadata) count nothing."""
+    total = 0
+    for _, m in module.named_modules():
+        bits = getattr(m, "bits", None)
+        for name, value in m.items():
+            if not isinstance(value, mx.array):
+                continue
+            if bits and name == "weight":
+                total += value.size * 32 // bits
+            elif not (bits and name in ("scales", "biases")):
+                total += value.size
+    return total

@@ -52,6 +52,10 @@ class CausalLM(Protocol):
         """``(..., hidden)`` -> ``(..., vocab_size)`` logits."""
         ...
 
+    def num_parameters(self) -> dict[str, int]:
+        """``{"total", "active"}`` parameter counts (active: used per token; < total for MoE)."""
+        ...
+
     def parameters(self) -> dict[str, Any]:
         """The weights as a tree of arrays (``nn.Module.parameters``); their size sets the
         default KV budget."""

@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import AttentionContext, RoPE
+from .base import AttentionContext, RoPE, count_parameters
 from .contract import LayerKV
 
 
@@ -122,10 +122,12 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embeddings, the decoder layers and the final norm (checkpoint prefix ``model.``)."""
 
+    decoder_layer = DecoderLayer  # a family whose layers differ (MoE) names its own
+
     def __init__(self, args: DecoderArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.layers = [self.decoder_layer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, input_ids: mx.array, ctx: AttentionContext) -> mx.array:
@@ -142,10 +144,12 @@ class DecoderLM(nn.Module):
     separate so the engine computes logits only for the rows it samples.
     """
 
+    backbone = DecoderModel  # a family with other layers (MoE) names its own
+
     def __init__(self, args: DecoderArgs) -> None:
         super().__init__()
         self.args = args
-        self.model = DecoderModel(args)
+        self.model = self.backbone(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -167,6 +171,12 @@ class DecoderLM(nn.Module):
             weights.pop("lm_head.scales", None)
             weights.pop("lm_head.biases", None)
         return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts (quantized weights counted unpacked): ``total`` and ``active``
+        (used per token; the same for a dense model)."""
+        total = count_parameters(self)
+        return {"total": total, "active": total}
 
     # ---- contract.CausalLM ------------------------------------------------------------------
     @property

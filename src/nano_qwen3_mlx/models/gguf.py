@@ -35,6 +35,11 @@ TENSOR_NAMES: dict[str, str] = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Qwen3-MoE: the router and the experts, already stacked (E, out, in) by llama.cpp.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
 }
 
 # llama.cpp's convert_hf_to_gguf permutes the rows of Q and K of each head from HF's
@@ -45,7 +50,7 @@ TENSOR_NAMES: dict[str, str] = {
 # because the weights are quantized. Qwen2/Qwen3 GGUFs are not permuted (NEOX RoPE).
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
 # The GGUF architectures whose tensor layout this loader knows (modules from MODEL_TYPES).
-GGUF_ARCHITECTURES = ("llama", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
 
 # tokenizer.ggml.pre -> the split regex its merges were learned with (llama.cpp's
 # llama-vocab.cpp). Unlisted names get GPT-2's regex (ByteLevel's own).
@@ -129,11 +134,12 @@ def config_from_metadata(metadata: dict[str, Any], tensor_names: Any) -> dict[st
         return value.item() if isinstance(value, mx.array) else value
 
     hidden, heads = get("embedding_length"), get("attention.head_count")
-    return {
+    moe = _moe_config(get, tensor_names) if arch == "qwen3moe" else {}
+    return moe | {
         "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
-        "intermediate_size": get("feed_forward_length"),
+        "intermediate_size": get("feed_forward_length", moe.get("intermediate_size", _MISSING)),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": get("attention.key_length", hidden // heads),
@@ -146,6 +152,19 @@ def config_from_metadata(metadata: dict[str, Any], tensor_names: Any) -> dict[st
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": _meta_int(metadata, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _meta_int(metadata, "tokenizer.ggml.eos_token_id"),
+    }
+
+
+def _moe_config(get: Any, tensor_names: Any) -> dict[str, Any]:
+    """Qwen3-MoE keys; a block without a router (``ffn_gate_inp``) has a dense MLP."""
+    blocks = range(get("block_count"))
+    return {
+        "num_experts": get("expert_count"),
+        "num_experts_per_tok": get("expert_used_count"),
+        "moe_intermediate_size": get("expert_feed_forward_length"),
+        "intermediate_size": 0,  # unused unless some block is dense, and then it is in the file
+        "mlp_only_layers": [i for i in blocks if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
+        "norm_topk_prob": True,  # llama.cpp's qwen3moe graph always renormalises the top-k
     }
 
 

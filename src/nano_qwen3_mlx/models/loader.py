@@ -35,6 +35,11 @@ MODEL_ALIASES: dict[str, str] = {
     "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen3-4b-4bit": "mlx-community/Qwen3-4B-4bit",
     "qwen3-8b-4bit": "mlx-community/Qwen3-8B-4bit",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-30b-a3b-4bit": "mlx-community/Qwen3-30B-A3B-4bit",
+    "qwen3-30b-a3b-8bit": "mlx-community/Qwen3-30B-A3B-8bit",
+    "qwen3-30b-a3b-instruct-2507": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+    "qwen3-30b-a3b-instruct-2507-4bit": "mlx-community/Qwen3-30B-A3B-Instruct-2507-4bit",
     "smollm2-135m": f"weights/{DEMO_GGUF}",
 }
 
@@ -149,9 +154,12 @@ def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[
     try:
         module = model_module(config["model_type"])
         model = module.Model(module.ModelArgs.from_dict(config))
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: bad model config ({exc})") from None
-    weights = model.sanitize(_read_safetensors(path))
+    try:
+        weights = model.sanitize(_read_safetensors(path))
+    except ValueError as exc:  # e.g. an MoE checkpoint missing an expert's tensor
+        raise ModelLoadError(f"{path}: {exc}") from None
     if quant := config.get("quantization"):
         _apply_quantization(model, quant, weights)
     load_strict(model, weights, path)
@@ -203,10 +211,14 @@ def _apply_quantization(model: nn.Module, quant: dict[str, Any], weights: dict[s
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> None:
-    """Quantize-on-load (``--quantize 4|8``): every Linear/Embedding whose width allows it."""
+    """Quantize-on-load (``--quantize 4|8``): every Linear/Embedding whose width allows it,
+    with the model's own per-layer choices (``quant_predicate``, e.g. an 8-bit MoE router)."""
+    own = getattr(model, "quant_predicate", None)
 
-    def predicate(path: str, module: nn.Module) -> bool:
-        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not (hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0):
+            return False
+        return own(path, module) if own else True
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
     mx.eval(model.parameters())

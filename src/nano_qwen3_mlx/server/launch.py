@@ -111,8 +111,11 @@ def _banner(state: ServerState, url: str) -> None:
     """Model, memory budget, KV blocks and URL, once the engine is ready."""
     stats = state.engine.get_stats() if state.engine is not None else {}
     kv, mem = stats.get("kv_cache", {}), stats.get("memory", {})
+    params = stats.get("parameters") or {"total": 0, "active": 0}
+    active = "" if params["active"] == params["total"] else f", {params['active'] / 1e9:.2f}B active"
     lines = [
-        f"model        {state.model_name} (context {state.engine.max_model_len} tokens)",
+        f"model        {state.model_name} (context {state.engine.max_model_len} tokens, "
+        f"{params['total'] / 1e9:.2f}B parameters{active})",
         f"memory       {_size(mem.get('active_bytes', 0))} in use, of which KV cache "
         f"{_size(kv.get('bytes', 0))}",
         f"KV blocks    {kv.get('num_blocks', '?')} x {kv.get('block_size', '?')} tokens",

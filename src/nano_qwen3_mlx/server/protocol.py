@@ -238,6 +238,8 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "nano-qwen3-mlx"
     max_model_len: int | None = None
+    # Parameter counts: ``total`` and ``active`` per token (fewer than total for MoE models).
+    parameters: dict[str, int] | None = None
 
 
 class ModelList(_Response):

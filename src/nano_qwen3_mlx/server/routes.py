@@ -19,7 +19,8 @@ routes.post("/v1/completions")(completions)
 def _model_card(state: ServerState) -> dict:
     engine = state.ready_engine()
     return {"id": state.model_name, "object": "model", "created": state.created,
-            "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len}
+            "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len,
+            "parameters": engine.num_parameters}
 
 
 @routes.get("/v1/models")

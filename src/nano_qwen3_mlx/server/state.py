@@ -23,6 +23,7 @@ class AsyncLLMLike(Protocol):
     tokenizer: Any
     model_name: str
     max_model_len: int
+    num_parameters: dict[str, int]  # {"total": ..., "active": ...}
     is_ready: bool
     error: BaseException | None
 
