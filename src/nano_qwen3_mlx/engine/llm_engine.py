@@ -16,6 +16,7 @@ from ..config import EngineConfig
 from ..models.loader import LoadedModel, load
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
+from .grammar import GrammarCompiler
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
@@ -67,13 +68,15 @@ class LLMEngine:
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.args.vocab_size)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
         self._early_outputs: list[RequestOutput] = []
         self._prev: StepOutput | None = None
+        self._caught_up: list[RequestOutput | None] | None = None  # _prev, read early
         self._seq_ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -122,13 +125,16 @@ class LLMEngine:
         self, prompt: str | list[int], params: SamplingParams | None = None,
         request_id: str | None = None, priority: int = 0,
     ) -> str:
-        """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run."""
+        """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run
+        or a grammar (``json_schema``, ``regex``, ...) that is invalid or unsupported."""
         params = params or SamplingParams()
         token_ids = self._prompt_ids(prompt)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
+        grammar = self.grammars.new_state(params)
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority)
+        seq.grammar = grammar
         seq.state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -168,7 +174,7 @@ class LLMEngine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with ``finish_reason='error'`` (used after a step raised)."""
-        self._prev = None
+        self._prev, self._caught_up = None, None
         outputs = []
         for seq in list(self._seqs.values()):
             if not seq.is_finished:
@@ -207,16 +213,27 @@ class LLMEngine:
         if batch and batch.is_prefill:
             self.stats.num_computed_prompt_tokens += batch.num_tokens
         out = self.runner.run(batch, self._prev) if batch else None
-        outputs += self._postprocess(self._prev)
+        outputs += self._take_prev_outputs()
         if out is not None:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
         self._prev = out
         return outputs
 
+    def _catch_up(self) -> None:
+        """Read the step in flight now (the sampler needs its tokens for grammar masks)."""
+        if self._prev is not None and self._caught_up is None:
+            self._caught_up = self._postprocess(self._prev)
+
+    def _take_prev_outputs(self) -> list[RequestOutput | None]:
+        caught, self._caught_up = self._caught_up, None
+        return caught if caught is not None else self._postprocess(self._prev)
+
     def _fail_step(self, batch: ScheduledBatch | None, error: str) -> list[RequestOutput]:
         seqs = (batch.seqs if batch else []) + (self._prev.seqs if self._prev else [])
-        self._prev, outputs = None, []
+        # Outputs read before the failure (requests that finished then) still go out.
+        outputs, self._caught_up = self._caught_up or [], None
+        self._prev = None
         for seq in self._seqs.values():
             seq.pending_row = None  # the step that would have produced it is gone
         for seq in dict.fromkeys(seqs):
