@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .constraints import check, request_constraint
 from .errors import bad_request
 from .generation import GenerationRun, collect, merge_usage
 from .logprobs import completion_logprobs
@@ -47,9 +48,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = _prompts(req, engine)
     if state.config.log_prompts:
         log.info("completion prompts: %r", [text for text, _ in prompts])
+    constraint, field = request_constraint(req)
+    check(constraint, field)
     rid = new_id("cmpl")
     gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens or 16,
-                       req.logprobs, rid)
+                       req.logprobs, rid, constraint)
     run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     echoes = {g.index: prompts[g.index // req.n][0] if req.echo else "" for g in gens}

@@ -77,20 +77,23 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
 
 
 def generations(req: SamplingFields, engine: Engine, prompts: list[list[int]],
-                requested: int | None, logprobs: int | None, rid: str) -> list[Generation]:
-    """``req.n`` choices per prompt; choice ``p * n + i`` runs as request ``{rid}-{index}``."""
+                requested: int | None, logprobs: int | None, rid: str,
+                constraint: dict[str, Any] | None = None) -> list[Generation]:
+    """``req.n`` choices per prompt; choice ``p * n + i`` runs as request ``{rid}-{index}``.
+    ``constraint``: structured-output ``SamplingParams`` fields (server/constraints.py)."""
     vocab = vocab_size(engine)
     gens: list[Generation] = []
     for p, ids in enumerate(prompts):
         max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len)
-        for i, params in enumerate(sampling_params(req, max_tokens, logprobs, vocab)):
+        for i, params in enumerate(sampling_params(req, max_tokens, logprobs, vocab, constraint)):
             index = p * req.n + i
             gens.append(Generation(index, ids, params, f"{rid}-{index}"))
     return gens
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    vocab: int | None = None) -> list[SamplingParams]:
+                    vocab: int | None = None,
+                    constraint: dict[str, Any] | None = None) -> list[SamplingParams]:
     """One ``SamplingParams`` per choice (seed + i, so the n samples differ but repeat)."""
     given = {
         name: getattr(req, name)
@@ -103,6 +106,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         given["top_k"] = max(req.top_k, 0)
     if req.stop_token_ids is not None:
         given["stop_token_ids"] = _token_ids(req.stop_token_ids, vocab)
+    given.update(constraint or {})
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias = _logit_bias(req.logit_bias, vocab)
     try:
