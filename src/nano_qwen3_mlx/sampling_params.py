@@ -7,13 +7,15 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .errors import InvalidRequestError
+
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to sample one request. ``temperature=0`` means greedy.
 
     ``stop`` is accepted as an alias of ``stop_sequences``. Invalid values raise
-    ``ValueError`` naming the field.
+    ``InvalidRequestError`` (a ``ValueError``) whose ``field`` names the field.
 
     Structured output (at most one of them): ``json_schema`` (a JSON Schema, dict or JSON
     text), ``regex``, ``choice`` (one of these strings) or ``grammar`` (Lark, llguidance's
@@ -81,7 +83,8 @@ class SamplingParams:
     def _validate_constraint(self) -> None:
         given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"give at most one of json_schema, regex, choice, grammar (got {given})")
+            raise InvalidRequestError(
+                f"give at most one of json_schema, regex, choice, grammar (got {given})", field=given[1])
         _check(self, "json_schema", self.json_schema is None or isinstance(self.json_schema, dict),
                "a JSON Schema object")
         for name in ("regex", "grammar", "grammar_after"):
@@ -144,7 +147,7 @@ def _parse_schema(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+        raise InvalidRequestError(f"json_schema is not valid JSON: {exc}", field="json_schema") from None
 
 
 def _finite(value: Any) -> bool:
@@ -157,4 +160,5 @@ def _int(value: Any) -> bool:
 
 def _check(params: SamplingParams, name: str, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {getattr(params, name)!r}")
+        message = f"{name} must be {expected}, got {getattr(params, name)!r}"
+        raise InvalidRequestError(message, field=name)

@@ -17,6 +17,7 @@ import llguidance as llg
 import llguidance.numpy as llg_np
 import numpy as np
 
+from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def grammar_source(params: SamplingParams) -> tuple[str, str] | None:
         try:
             return "json_schema", llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except ValueError as exc:
-            raise ValueError(f"json_schema is not a JSON object: {exc}") from None
+            raise InvalidRequestError(f"json_schema is not a JSON object: {exc}",
+                                      field="json_schema") from None
     if params.regex is not None:
         return "regex", llg.LLMatcher.grammar_from_regex(params.regex)
     if params.choice is not None:
@@ -47,14 +49,15 @@ def grammar_source(params: SamplingParams) -> tuple[str, str] | None:
 
 
 def check_grammar(params: SamplingParams) -> None:
-    """Raise ``ValueError`` naming the problem if ``params``' grammar is invalid or
+    """Raise ``InvalidRequestError`` naming the problem if ``params``' grammar is invalid or
     unsupported. Needs no tokenizer and touches no shared state: safe on any thread."""
     source = grammar_source(params)
     if source is None:
         return
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(source[1])
     if is_error:
-        raise ValueError(f"invalid {source[0]}: {_first_lines(messages[0])}")
+        raise InvalidRequestError(f"invalid {source[0]}: {_first_lines(messages[0])}",
+                                  field=source[0])
 
 
 @dataclass(slots=True)
@@ -110,7 +113,7 @@ class GrammarCompiler:
     def new_state(self, params: SamplingParams) -> GrammarState | None:
         """A fresh matcher for ``params``' constraint (None without one).
 
-        Raises ``ValueError`` naming the problem for an invalid or unsupported grammar.
+        Raises ``InvalidRequestError`` (a ``ValueError``) naming the problem for an invalid or unsupported grammar.
         """
         source = grammar_source(params)
         if source is None:
@@ -125,7 +128,8 @@ class GrammarCompiler:
             return matcher
         matcher = llg.LLMatcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"invalid {kind}: {_first_lines(matcher.get_error())}")
+            raise InvalidRequestError(f"invalid {kind}: {_first_lines(matcher.get_error())}",
+                                      field=kind)
         self._cache[grammar] = matcher
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -136,7 +140,9 @@ class GrammarCompiler:
             return None
         token = self._tokenizer.backend.token_to_id(text)
         if token is None:
-            raise ValueError(f"grammar_after must be a single token of the vocabulary, got {text!r}")
+            raise InvalidRequestError(
+                f"grammar_after must be a single token of the vocabulary, got {text!r}",
+                field="grammar_after")
         return token
 
 

@@ -6,14 +6,16 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..config import EngineConfig
+from ..errors import InvalidRequestError
+from ..models.contract import CausalLM, uniform_kv
 from ..models.loader import LoadedModel, load
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .grammar import GrammarCompiler
@@ -28,30 +30,6 @@ from .stats import EngineStats, memory_stats, percentiles, total_memory_bytes
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class RequestOutput:
-    """The news about one request after a step: the new text/tokens, and whether it ended."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_completion_tokens: int
-    logprobs: list[dict[str, Any]] | None = None
-    error: str | None = None
-    prompt_token_ids: list[int] | None = None  # on the final output only
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": self.num_completion_tokens,
-            "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
-        }
-
-
 class LLMEngine:
     """One model, one paged KV cache, many requests. Not thread-safe: one thread drives it."""
 
@@ -59,10 +37,9 @@ class LLMEngine:
         self.config = config
         if config.device == "cpu":
             mx.set_default_device(mx.cpu)
-        t0 = time.monotonic()
         self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
-        self.load_time_s = time.monotonic() - t0
-        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.model: CausalLM = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
         self.cache = self._make_cache()
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
@@ -75,15 +52,15 @@ class LLMEngine:
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
         self._early_outputs: list[RequestOutput] = []
-        self._prev: StepOutput | None = None
-        self._caught_up: list[RequestOutput | None] | None = None  # _prev, read early
+        # The step queued on the device whose sampled tokens are not read yet (pipelining).
+        self._in_flight: StepOutput | None = None
+        self._caught_up: list[RequestOutput | None] | None = None  # _in_flight, read early
         self._seq_ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------
     @property
     def model_max_len(self) -> int:
-        args = self.model.args
-        return self.config.max_model_len or args.max_position_embeddings
+        return self.config.max_model_len or self.model.max_position_embeddings
 
     @property
     def max_model_len(self) -> int:
@@ -92,13 +69,13 @@ class LLMEngine:
         return min(self.model_max_len, pool_tokens)
 
     def _make_cache(self) -> PagedKVCache:
-        args, cfg = self.model.args, self.config
-        dtype = self.model.model.norm.weight.dtype
-        probe = PagedKVCache(args.num_hidden_layers, 0, cfg.block_size, args.num_key_value_heads,
-                             args.head_dim, dtype)
+        cfg, model = self.config, self.model
+        kv, num_layers = uniform_kv(model), len(model.kv_layers)
+        probe = PagedKVCache(num_layers, 0, cfg.block_size, kv.num_kv_heads, kv.head_dim,
+                             model.dtype)
         num_blocks = self._num_kv_blocks(probe.bytes_per_token * cfg.block_size)
-        cache = PagedKVCache(args.num_hidden_layers, num_blocks, cfg.block_size,
-                             args.num_key_value_heads, args.head_dim, dtype)
+        cache = PagedKVCache(num_layers, num_blocks, cfg.block_size, kv.num_kv_heads,
+                             kv.head_dim, model.dtype)
         log.info("KV cache: %d blocks x %d tokens, %.1f MB (%d bytes/token)", num_blocks,
                  cfg.block_size, cache.nbytes / 1e6, cache.bytes_per_token)
         return cache
@@ -131,11 +108,12 @@ class LLMEngine:
         token_ids = self._prompt_ids(prompt)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use",
+                                      field="request_id")
         grammar = self.grammars.new_state(params)
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority)
         seq.grammar = grammar
-        seq.state = self.output_processor.new_state(params)
+        seq.output_state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         self.stats.num_prompt_tokens += len(token_ids)
@@ -146,15 +124,16 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = [int(t) for t in prompt]
-            vocab = self.model.args.vocab_size
+            vocab = self.model.vocab_size
             if any(t < 0 or t >= vocab for t in token_ids):
-                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})",
+                                          field="prompt")
         if not token_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequestError("prompt is empty", field="prompt")
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens; the context length is {self.max_model_len} "
-                "(prompt plus at least one new token must fit)"
+                "(prompt plus at least one new token must fit)", field="prompt",
             )
         return token_ids
 
@@ -174,18 +153,12 @@ class LLMEngine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with ``finish_reason='error'`` (used after a step raised)."""
-        self._prev, self._caught_up = None, None
-        outputs = []
-        for seq in list(self._seqs.values()):
-            if not seq.is_finished:
-                self._finish(seq, "error")
-                outputs.append(self._output(seq, "", [], None, error=error))
+        outputs = self._fail(list(self._seqs.values()), error)
         self._seqs.clear()
-        self.block_manager.reset_prefix_cache()
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._prev is not None or bool(self._early_outputs)
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None or bool(self._early_outputs)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -208,32 +181,35 @@ class LLMEngine:
     def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
         outputs = []
         if batch and self._needs_sync(batch):
-            outputs += self._postprocess(self._prev)
-            self._prev, batch = None, batch.without_finished()
+            outputs += self._postprocess(self._in_flight)
+            self._in_flight, batch = None, batch.without_finished()
         if batch and batch.is_prefill:
             self.stats.num_computed_prompt_tokens += batch.num_tokens
-        out = self.runner.run(batch, self._prev) if batch else None
-        outputs += self._take_prev_outputs()
+        out = self.runner.run(batch, self._in_flight) if batch else None
+        outputs += self._take_in_flight_outputs()
         if out is not None:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
-        self._prev = out
+        self._in_flight = out
         return outputs
 
     def _catch_up(self) -> None:
         """Read the step in flight now (the sampler needs its tokens for grammar masks)."""
-        if self._prev is not None and self._caught_up is None:
-            self._caught_up = self._postprocess(self._prev)
+        if self._in_flight is not None and self._caught_up is None:
+            self._caught_up = self._postprocess(self._in_flight)
 
-    def _take_prev_outputs(self) -> list[RequestOutput | None]:
+    def _take_in_flight_outputs(self) -> list[RequestOutput | None]:
         caught, self._caught_up = self._caught_up, None
-        return caught if caught is not None else self._postprocess(self._prev)
+        return caught if caught is not None else self._postprocess(self._in_flight)
 
     def _fail_step(self, batch: ScheduledBatch | None, error: str) -> list[RequestOutput]:
-        seqs = (batch.seqs if batch else []) + (self._prev.seqs if self._prev else [])
-        # Outputs read before the failure (requests that finished then) still go out.
-        outputs, self._caught_up = self._caught_up or [], None
-        self._prev = None
+        in_flight = self._in_flight.seqs if self._in_flight else []
+        return self._fail((batch.seqs if batch else []) + in_flight, error)
+
+    def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
+        """End ``seqs`` with ``finish_reason='error'``; the step in flight is dropped.
+        Outputs read before the failure (requests that finished then) still go out."""
+        self._in_flight, outputs, self._caught_up = None, self._caught_up or [], None
         for seq in self._seqs.values():
             seq.pending_row = None  # the step that would have produced it is gone
         for seq in dict.fromkeys(seqs):
