@@ -64,6 +64,17 @@ async def test_response_format_json_schema_and_json_object(client):
         assert out["choices"][0]["message"]["content"].startswith("{")
 
 
+async def test_with_thinking_the_grammar_applies_after_think(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "Person", "schema": PERSON}}
+    body = {"messages": USER, "temperature": 0, "max_tokens": 40, "response_format": fmt}
+    # Thinking on (Qwen3's default); the bias makes the random model close its thinking at once.
+    out = await post(client, "/v1/chat/completions", {**body, "logit_bias": {"151668": 100}})
+    jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), PERSON)
+    free = await post(client, "/v1/chat/completions", {**body, "max_tokens": 6})
+    # No </think> yet: the output is free (the random model's gibberish), not forced into JSON.
+    assert not free["choices"][0]["message"]["content"].startswith("{")
+
+
 async def test_completions_guided_fields_and_streaming(client):
     base = {"prompt": "Answer:", "temperature": 1.0, "seed": 1, "max_tokens": 12}
     out = await post(client, "/v1/completions", {**base, "guided_choice": ["yes", "no"]})

@@ -10,6 +10,7 @@ from .engine.llm_engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import GenerationResult, add_reasoning
 from .sampling_params import SamplingParams
+from .structured import chat_params
 
 Prompt = str | list[int]
 
@@ -76,7 +77,7 @@ class LLM:
              **chat_template_kwargs: Any) -> dict[str, Any]:
         """Chat with the model; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self._render(messages, chat_template_kwargs)
-        result = self.generate([prompt], sampling_params)[0]
+        result = self.generate([prompt], chat_params(self.tokenizer, prompt, sampling_params))[0]
         return add_reasoning(result, self.tokenizer, prompt)
 
     # ---- misc ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Constrained decoding with ``llguidance``: compiled grammars (cached), per-sequence matchers
 and the allowed-token masks the sampler applies row by row.
 
-Nothing here touches MLX: masks are numpy booleans, so they can be computed while the device
-runs the forward pass of the step they are for.
+Nothing here touches MLX: masks are numpy bitmasks, computed while the device runs the
+forward pass of the step they are for; the sampler unpacks them on the device.
 """
 
 from __future__ import annotations
@@ -146,15 +146,14 @@ class GrammarCompiler:
         return token
 
 
-def allowed_tokens(states: list[GrammarState], vocab_size: int) -> np.ndarray:
-    """``(len(states), vocab_size)`` booleans: the tokens each grammar allows next."""
+def token_bitmasks(states: list[GrammarState], vocab_size: int) -> np.ndarray:
+    """``(len(states), ceil(vocab_size / 32))`` int32: bit ``t % 32`` of word ``t // 32`` is
+    set when the grammar allows token ``t`` next."""
     width = llg_np.get_bitmask_shape(1, vocab_size)[1]
     bitmask = np.full((len(states), width), -1, np.int32)
     for row, state in enumerate(states):
         llg_np.fill_next_token_bitmask(state.matcher, bitmask, row)
-    # Bit i of int32 word j is token 32*j + i; little-endian bytes keep that order.
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
-    return bits[:, :vocab_size].astype(bool)
+    return bitmask
 
 
 def _first_lines(message: str, limit: int = 300) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .grammar import allowed_tokens
+from .grammar import token_bitmasks
 from .sequence import Sequence
 
 
@@ -105,9 +105,13 @@ class Sampler:
                 if s.grammar is not None and s.grammar.active and not s.is_finished]
         if not rows:
             return logits
-        allowed = allowed_tokens([seqs[i].grammar for i in rows], logits.shape[-1])
+        vocab = logits.shape[-1]
+        words = mx.array(token_bitmasks([seqs[i].grammar for i in rows], vocab))
+        # Unpacked on the device (portable: no Metal kernel): token t is bit t % 32 of word t // 32.
+        token = mx.arange(vocab)
+        allowed = (mx.take(words, token // 32, axis=1) >> (token % 32)) & 1
         r = mx.array(rows)
-        logits[r] = mx.where(mx.array(allowed), logits[r], -mx.inf)
+        logits[r] = mx.where(allowed.astype(mx.bool_), logits[r], -mx.inf)
         return logits
 
     # ---- choosing -----------------------------------------------------------------------

@@ -12,9 +12,14 @@ import json
 from typing import Any
 
 from ..engine.grammar import check_grammar
-from ..parsers import THINK_CLOSE
 from ..sampling_params import SamplingParams
-from ..structured import ToolSpec, guided_fields, response_format_fields, tool_call_grammar
+from ..structured import (
+    ToolSpec,
+    guided_fields,
+    response_format_fields,
+    thinking_gate,
+    tool_call_grammar,
+)
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, SamplingFields
 
@@ -58,8 +63,8 @@ def chat_constraint(tokenizer: Any, req: ChatCompletionRequest, tools: list[Tool
             raise bad_request(f"{field} cannot be combined with a forced tool_choice", field)
         grammar = tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls is not False)
         fields, field = {"grammar": grammar}, "tools"
-    if fields and thinking and _has_token(tokenizer, THINK_CLOSE):
-        fields["grammar_after"] = THINK_CLOSE
+    if fields:
+        fields.update(thinking_gate(tokenizer, thinking))
     check(fields, field)
     return fields
 
@@ -87,8 +92,3 @@ def with_tools_in_system(messages: list[dict[str, Any]], tools: list[dict[str, A
         first = {**messages[0], "content": messages[0]["content"] + "\n\n" + block}
         return [first, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
-
-
-def _has_token(tokenizer: Any, text: str) -> bool:
-    backend = getattr(tokenizer, "backend", None)
-    return backend is not None and backend.token_to_id(text) is not None
