@@ -40,9 +40,10 @@ class OutputProcessor:
         if is_eos or token in params.stop_token_ids:
             reason = "stop"  # the stop token itself is not part of the text
         else:
+            complete = seq.grammar is not None and seq.grammar.advance(token)
             text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
             state.matched = matched is not None
-            reason = "stop" if state.matched else None
+            reason = "stop" if state.matched or complete else None
         if reason is None and (seq.reached_max_tokens or seq.num_tokens >= max_model_len):
             reason = "length"
         if reason and not state.matched:  # flush what the detokenizer/matcher held back
@@ -59,5 +60,6 @@ class OutputProcessor:
         tops = [] if not n or top_ids is None else [
             {"token_id": t, "token": to_str(t), "logprob": v}
             for t, v in zip(top_ids[row][:n], top_lp[row][:n])
+            if v != float("-inf")  # tokens a grammar forbids are no alternatives
         ]
         return [{"token_id": token, "token": to_str(token), "logprob": lp[row], "top_logprobs": tops}]

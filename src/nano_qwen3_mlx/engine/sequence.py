@@ -43,6 +43,7 @@ class Sequence:
     last_token_time: float | None = None
     rng_key: Any = None  # mx.array key when params.seed is set
     output_state: Any = None  # output_processor.OutputState: detokenizer, stop matcher
+    grammar: Any = None  # grammar.GrammarState when the output is constrained
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
