@@ -13,16 +13,21 @@ class SamplingParams:
 
     ``stop`` is accepted as an alias of ``stop_sequences``. Invalid values raise
     ``ValueError`` naming the field.
+
+    A field of :data:`MODEL_DEFAULT_FIELDS` left out (or given as None) takes the model's
+    default when the engine runs the request (its ``generation_config.json``, then the
+    server's; ``max_tokens``: the engine's ``max_tokens_default``). Until then it reads as
+    the neutral value of :data:`NEUTRAL` and is listed in ``defaulted``.
     """
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    max_tokens: int | None = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
     stop_sequences: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -31,8 +36,13 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     stop: list[str] | str | None = None
+    defaulted: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        unset = {name for name in MODEL_DEFAULT_FIELDS if getattr(self, name) is None}
+        for name in unset:
+            setattr(self, name, NEUTRAL[name])
+        self.defaulted = frozenset(self.defaulted | unset)
         if isinstance(self.stop_sequences, str):
             self.stop_sequences = [self.stop_sequences]
         if self.stop is not None:
@@ -74,12 +84,22 @@ class SamplingParams:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stop"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("stop", "defaulted")}
 
     def clone(self, **overrides: Any) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
-        new = replace(self, **overrides)
-        return new
+        return replace(self, defaulted=self.defaulted - overrides.keys(), **overrides)
+
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
+        """Fill the fields left out with ``defaults`` (the model's); given fields stay."""
+        filled = {k: v for k, v in defaults.items() if k in self.defaulted}
+        return replace(self, defaulted=frozenset(), **filled)
+
+    def summary(self) -> str:
+        """The settings that shape the output, e.g. ``max_tokens=2048; temperature=0.7; ...``."""
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return "; ".join(f"{name}={getattr(self, name)}" for name in names)
 
     # Presets: each accepts overrides, e.g. ``SamplingParams.creative(max_tokens=500)``.
     @classmethod
@@ -101,6 +121,15 @@ class SamplingParams:
     @classmethod
     def deterministic(cls, **overrides: Any) -> SamplingParams:
         return cls(**{"temperature": 0.0, **overrides})
+
+
+# Fields whose default comes from the model (generation_config.json) or the server.
+MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                        "max_tokens")
+# What those fields read as before the engine fills them (no effect on the distribution;
+# max_tokens None = up to the context length).
+NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                           "repetition_penalty": 1.0, "max_tokens": None}
 
 
 def _finite(value: Any) -> bool:

@@ -24,6 +24,20 @@ class PagedKVCache:
         self.v_pools = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         mx.eval(self.k_pools, self.v_pools)
 
+    def grow(self, num_new_blocks: int) -> None:
+        """Add ``num_new_blocks`` blocks; existing blocks keep their ids and contents.
+
+        One layer at a time, so the peak is the old pool plus one layer's new pool.
+        """
+        n = self.num_blocks * self.block_size
+        extra = (num_new_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        for pools in (self.k_pools, self.v_pools):
+            for i, pool in enumerate(pools):
+                # The scratch block stays last.
+                pools[i] = mx.concatenate([pool[:n], mx.zeros(extra, self.dtype), pool[n:]])
+                mx.eval(pools[i])
+        self.num_blocks += num_new_blocks
+
     @property
     def scratch_block(self) -> int:
         return self.num_blocks

@@ -17,6 +17,7 @@ from ..models.loader import LoadedModel, load
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .kv_cache import PagedKVCache
+from .kv_pool import KVPoolPolicy, pool_blocks
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
 from .sampler import Sampler
@@ -66,7 +67,10 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   self._grow_pool if self.pool.grows else None)
+        self.sampling_defaults = sampling_defaults(config, self.loaded.generation_config)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -84,34 +88,88 @@ class LLMEngine:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence (prompt + output) a request may reach."""
-        pool_tokens = self.cache.num_blocks * self.cache.block_size
+        """Longest sequence (prompt + output) a request may reach (the pool may grow to it)."""
+        pool_tokens = self.pool.cap_blocks * self.config.block_size
         return min(self.model_max_len, pool_tokens)
 
     def _make_cache(self) -> PagedKVCache:
-        args, cfg = self.model.args, self.config
-        dtype = self.model.model.norm.weight.dtype
-        probe = PagedKVCache(args.num_hidden_layers, 0, cfg.block_size, args.num_key_value_heads,
-                             args.head_dim, dtype)
-        num_blocks = self._num_kv_blocks(probe.bytes_per_token * cfg.block_size)
-        cache = PagedKVCache(args.num_hidden_layers, num_blocks, cfg.block_size,
-                             args.num_key_value_heads, args.head_dim, dtype)
-        log.info("KV cache: %d blocks x %d tokens, %.1f MB (%d bytes/token)", num_blocks,
-                 cfg.block_size, cache.nbytes / 1e6, cache.bytes_per_token)
+        self.pool = self._pool_policy(self._block_bytes())
+        cache = self._new_cache(self.pool.initial_blocks)
+        log.info("KV pool: %d blocks x %d tokens (%.1f MB); cap %d blocks (%.1f MB)",
+                 cache.num_blocks, cache.block_size, cache.nbytes / 1e6, self.pool.cap_blocks,
+                 self.kv_cap_bytes / 1e6)
         return cache
 
-    def _num_kv_blocks(self, block_bytes: int) -> int:
+    def _new_cache(self, num_blocks: int) -> PagedKVCache:
+        args, cfg = self.model.args, self.config
+        return PagedKVCache(args.num_hidden_layers, num_blocks, cfg.block_size,
+                            args.num_key_value_heads, args.head_dim, self._kv_dtype)
+
+    @property
+    def _kv_dtype(self) -> mx.Dtype:
+        return self.model.model.norm.weight.dtype
+
+    def _block_bytes(self) -> int:
+        args = self.model.args
+        per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+        return per_token * self._kv_dtype.size * self.config.block_size
+
+    @property
+    def kv_cap_bytes(self) -> int:
+        """The most the KV pool may ever take (its scratch block included)."""
+        return (self.pool.cap_blocks + 1) * self._block_bytes()
+
+    def _pool_policy(self, block_bytes: int) -> KVPoolPolicy:
         cfg = self.config
         if cfg.num_kv_blocks:
-            return cfg.num_kv_blocks
-        if cfg.kv_cache_gb:
-            return max(2, int(cfg.kv_cache_gb * 1e9 // block_bytes))
-        # Default: a fraction of the memory left after the weights, but no more than
-        # max_num_seqs full-length sequences could ever use.
-        left = max(total_memory_bytes() - self.weights_nbytes, 0)
-        budget_blocks = int(cfg.kv_cache_fraction * left // block_bytes)
+            return KVPoolPolicy(cfg.num_kv_blocks, cfg.num_kv_blocks)
         seq_blocks = -(-self.model_max_len // cfg.block_size)
-        return max(2, min(budget_blocks, cfg.max_num_seqs * seq_blocks))
+        cap = min(self._cap_budget_blocks(block_bytes), cfg.max_num_seqs * seq_blocks)
+        # Start with room for one full token budget (a prefill chunk): a fraction of a second
+        # to allocate, and most single-user work never needs more.
+        initial = -(-cfg.max_num_batched_tokens // cfg.block_size) + cfg.max_num_seqs
+        return KVPoolPolicy(initial, cap, cfg.kv_shrink_idle_s)
+
+    def _cap_budget_blocks(self, block_bytes: int) -> int:
+        cfg = self.config
+        budgets = []
+        if cfg.kv_cache_gb:
+            budgets.append(cfg.kv_cache_gb * 1e9)
+        if cfg.max_memory_gb:
+            left = cfg.max_memory_gb * 1e9 - self.weights_nbytes
+            if left < 3 * block_bytes:
+                raise ValueError(f"--max-memory-gb {cfg.max_memory_gb:g} leaves no room for the "
+                                 f"KV cache: the weights alone take {self.weights_nbytes / 1e9:.2f} GB")
+            budgets.append(left)
+        if not budgets:  # a share of the memory left after the weights
+            budgets.append(cfg.kv_cache_fraction * max(total_memory_bytes() - self.weights_nbytes, 0))
+        return max(2, pool_blocks(min(budgets), block_bytes))
+
+    def _grow_pool(self, shortfall: int) -> int:
+        """Add blocks (at least ``shortfall``, usually double) up to the cap; 0 at the cap."""
+        added = self.pool.growth(self.cache.num_blocks, shortfall)
+        if added:
+            t0 = time.monotonic()
+            self.cache.grow(added)
+            self.block_manager.add_blocks(added)
+            log.info("KV pool grew to %d blocks (%.1f MB) in %.2f s", self.cache.num_blocks,
+                     self.cache.nbytes / 1e6, time.monotonic() - t0)
+        return added
+
+    def shrink_if_idle(self, now: float | None = None) -> bool:
+        """Give a grown pool back once the engine has been idle long enough; True if shrunk."""
+        now = time.monotonic() if now is None else now
+        if not self.pool.should_shrink(self.cache.num_blocks, self.has_unfinished_requests(), now):
+            return False
+        # Rebuilt rather than cut, so this works whatever the pool's layout; the prefix cache
+        # (idle blocks only) goes with it.
+        self.cache = self.runner.cache = None
+        mx.clear_cache()
+        self.cache = self.runner.cache = self._new_cache(self.pool.initial_blocks)
+        self.block_manager.reset_pool(self.pool.initial_blocks)
+        log.info("KV pool shrank to %d blocks (%.1f MB) after %.0f s idle", self.cache.num_blocks,
+                 self.cache.nbytes / 1e6, now - (self.pool.idle_since or now))
+        return True
 
     @property
     def weights_nbytes(self) -> int:
@@ -123,7 +181,7 @@ class LLMEngine:
         request_id: str | None = None, priority: int = 0,
     ) -> str:
         """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run."""
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
         token_ids = self._prompt_ids(prompt)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
@@ -189,6 +247,7 @@ class LLMEngine:
         flight fail (``finish_reason='error'``, blocks freed); the engine keeps serving.
         """
         outputs, self._early_outputs = self._early_outputs, []
+        self.pool.idle_since = None  # busy: the idle clock starts again when work ends
         batch = None
         try:
             batch = self.scheduler.schedule()
@@ -283,7 +342,8 @@ class LLMEngine:
     # ---- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         s, bm = self.stats, self.block_manager
-        kv = bm.stats() | {"bytes": self.cache.nbytes, "bytes_per_token": self.cache.bytes_per_token,
+        kv = bm.stats() | {"bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
+                           "cap_bytes": self.kv_cap_bytes, "bytes_per_token": self.cache.bytes_per_token,
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
         return {
             "model": self.config.model,
@@ -298,6 +358,18 @@ class LLMEngine:
             "kv_cache": kv,
             "memory": memory_stats(),
         }
+
+
+# Used when neither the request, the operator nor the model's generation_config says
+# (llama.cpp's and Ollama's choices: min_p keeps small models from rambling off-topic).
+SERVER_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                                            "min_p": 0.05, "repetition_penalty": 1.0}
+
+
+def sampling_defaults(config: EngineConfig, generation_config: dict[str, Any]) -> dict[str, Any]:
+    """What a request's left-out fields become: operator settings > model > server."""
+    return {**SERVER_SAMPLING_DEFAULTS, **generation_config, **config.sampling_defaults,
+            "max_tokens": config.max_tokens_default}
 
 
 def _tolist(array: mx.array | None) -> list | None:

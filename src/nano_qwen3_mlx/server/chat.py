@@ -138,7 +138,6 @@ async def _complete(run: GenerationRun, head: dict[str, Any], prompt: ChatPrompt
         choices.append({"index": index, "message": message, "logprobs": lp,
                         "finish_reason": finish})
     usage = merge_usage(len(prompt.token_ids), out.finals)
-    run.state.metrics.observe_usage(usage)
     return web.json_response({**head, "object": "chat.completion", "choices": choices,
                               "usage": usage, "system_fingerprint": None})
 
@@ -211,7 +210,6 @@ async def _stream(request: web.Request, run: GenerationRun, head: dict[str, Any]
 
     def on_end() -> list[dict[str, Any]]:
         usage = merge_usage(len(prompt.token_ids), finals)
-        run.state.metrics.observe_usage(usage)
         return [{**head, "choices": [], "usage": usage}] if include_usage else []
 
     return await stream_run(request, run, on_start, on_chunk, on_end)

@@ -48,7 +48,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if state.config.log_prompts:
         log.info("completion prompts: %r", [text for text, _ in prompts])
     rid = new_id("cmpl")
-    gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens or 16,
+    gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens,
                        req.logprobs, rid)
     run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
@@ -75,7 +75,6 @@ async def _complete(run: GenerationRun, head: dict[str, Any], echoes: dict[int, 
         for index in sorted(out.finals)
     ]
     usage = merge_usage(prompt_tokens, out.finals)
-    run.state.metrics.observe_usage(usage)
     return web.json_response({**head, "choices": choices, "usage": usage,
                               "system_fingerprint": None})
 
@@ -106,7 +105,6 @@ async def _stream(request: web.Request, run: GenerationRun, head: dict[str, Any]
 
     def on_end() -> list[dict[str, Any]]:
         usage = merge_usage(prompt_tokens, finals)
-        run.state.metrics.observe_usage(usage)
         return [{**head, "choices": [], "usage": usage}] if include_usage else []
 
     return await stream_run(request, run, on_start, on_chunk, on_end)

@@ -18,6 +18,18 @@ from .state import STATE_KEY, Engine, ServerState
 log = logging.getLogger("nano_qwen3_mlx.server")
 
 
+@dataclass(slots=True)
+class RunRecord:
+    """What the access log and response headers report about a request's generation."""
+
+    sampling: str  # the effective settings of its first choice (X-Sampling-Params)
+    tokens: int = 0  # tokens generated, also for aborted and timed-out requests
+    client_gone: bool = False  # the client left mid-stream (logged as 499)
+
+
+RUN_KEY = web.RequestKey("run", RunRecord) if hasattr(web, "RequestKey") else "run"
+
+
 class ClientGone(Exception):
     """The client closed the connection; its requests are aborted."""
 
@@ -48,6 +60,8 @@ class GenerationRun:
         self.engine: Engine = self.state.ready_engine()
         self.request = request
         self.gens = gens
+        self.record = RunRecord(gens[0].params.summary() if gens else "")
+        request[RUN_KEY] = self.record
         self.priority = priority
         limits = [t for t in (timeout, self.state.config.request_timeout) if t]
         self.timeout = min(limits) if limits else None
@@ -61,6 +75,8 @@ class GenerationRun:
         self._t0 = time.monotonic()
 
     async def __aenter__(self) -> GenerationRun:
+        prompts = {id(g.prompt): len(g.prompt) for g in self.gens}  # n choices share one
+        self.state.metrics.prompt_tokens.inc(sum(prompts.values()))
         self._tasks = [asyncio.create_task(self._pump(g)) for g in self.gens]
         return self
 
@@ -84,6 +100,7 @@ class GenerationRun:
         )
         try:
             async for chunk in stream:
+                self._count(chunk)
                 if not self._put(gen.index, chunk) or chunk.get("finished"):
                     break
         except asyncio.CancelledError:
@@ -94,6 +111,12 @@ class GenerationRun:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def _count(self, chunk: dict[str, Any]) -> None:
+        # Counted as the engine delivers them, so aborted and timed-out requests count too.
+        num = len(chunk.get("token_ids") or [])
+        self.record.tokens += num
+        self.state.metrics.generation_tokens.inc(num)
 
     def _put(self, index: int, item: Any) -> bool:
         try:

@@ -47,11 +47,6 @@ class ServerMetrics:
         self.requests.labels(route=route, status=str(status)).inc()
         self.e2e.labels(route=route).observe(seconds)
 
-    def observe_usage(self, usage: dict[str, int] | None) -> None:
-        if usage:
-            self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-            self.generation_tokens.inc(usage.get("completion_tokens", 0))
-
     def update_engine(self, stats: dict[str, Any]) -> None:
         """Copy engine stats (``AsyncLLM.get_stats()``) into the gauges."""
         requests = stats.get("requests", {})

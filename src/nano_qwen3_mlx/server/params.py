@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import uuid
@@ -18,6 +19,7 @@ from .protocol import SamplingFields
 from .state import Engine
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("nano_qwen3_mlx.server")
 
 
 def _reject_constant(name: str) -> None:
@@ -62,8 +64,9 @@ def vocab_size(engine: Engine) -> int | None:
     return getattr(engine.tokenizer, "vocab_size", None)
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
-    """``max_tokens`` for a prompt, or a 400 naming the lengths when it cannot fit."""
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int | None:
+    """``max_tokens`` for a prompt (None: left out, the engine's default applies; the context
+    still ends it), or a 400 naming the lengths when it cannot fit."""
     room = max_model_len - prompt_len
     if room <= 0 or (requested is not None and requested > room):
         asked = prompt_len + (requested or 0)
@@ -73,19 +76,26 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             "completion). Please reduce the length of the prompt or of max_tokens.",
             param="max_tokens" if room > 0 else "messages",
         )
-    return requested if requested is not None else room
+    return requested
 
 
 def generations(req: SamplingFields, engine: Engine, prompts: list[list[int]],
                 requested: int | None, logprobs: int | None, rid: str) -> list[Generation]:
-    """``req.n`` choices per prompt; choice ``p * n + i`` runs as request ``{rid}-{index}``."""
+    """``req.n`` choices per prompt; choice ``p * n + i`` runs as request ``{rid}-{index}``.
+
+    Left-out sampling fields take the engine's defaults here, so what runs is known (and
+    logged) before the request starts.
+    """
     vocab = vocab_size(engine)
+    defaults = getattr(engine, "sampling_defaults", {})
     gens: list[Generation] = []
     for p, ids in enumerate(prompts):
         max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len)
         for i, params in enumerate(sampling_params(req, max_tokens, logprobs, vocab)):
             index = p * req.n + i
-            gens.append(Generation(index, ids, params, f"{rid}-{index}"))
+            gens.append(Generation(index, ids, params.with_defaults(defaults), f"{rid}-{index}"))
+    if gens:
+        log.debug("%s runs with %s", rid, gens[0].params.summary())
     return gens
 
 

@@ -22,6 +22,7 @@ class Engine(Protocol):
     tokenizer: Any
     model_name: str
     max_model_len: int
+    sampling_defaults: dict[str, Any]
     is_ready: bool
     error: BaseException | None
 
