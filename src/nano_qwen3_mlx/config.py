@@ -89,13 +89,22 @@ class EngineConfig(_Settings):
     # max_tokens when a request leaves it out (the context length still stops it earlier).
     max_tokens_default: int = Field(2048, ge=1)
     # Sampling defaults that override the model's generation_config.json (e.g. temperature).
-    sampling_defaults: dict[str, float] = Field(default_factory=dict)
+    sampling_defaults: dict[str, int | float] = Field(default_factory=dict)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
     max_queue_size: int = Field(1024, ge=1)
     seed: int = 0
+
+    @field_validator("sampling_defaults")
+    @classmethod
+    def _known_fields(cls, value: dict[str, int | float]) -> dict[str, int | float]:
+        allowed = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        return value
 
     @field_validator("device", mode="before")
     @classmethod

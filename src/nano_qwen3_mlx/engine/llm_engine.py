@@ -368,8 +368,10 @@ SERVER_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "t
 
 def sampling_defaults(config: EngineConfig, generation_config: dict[str, Any]) -> dict[str, Any]:
     """What a request's left-out fields become: operator settings > model > server."""
-    return {**SERVER_SAMPLING_DEFAULTS, **generation_config, **config.sampling_defaults,
-            "max_tokens": config.max_tokens_default}
+    merged = {**SERVER_SAMPLING_DEFAULTS, **generation_config, **config.sampling_defaults,
+              "max_tokens": config.max_tokens_default}
+    merged["top_k"] = int(merged["top_k"])  # JSON/TOML may write 20.0
+    return merged
 
 
 def _tolist(array: mx.array | None) -> list | None:
