@@ -132,3 +132,28 @@ def test_model_generation_config_then_operator_settings(tiny_qwen3_dir, tmp_path
         # A preset keeps what it sets and takes the rest from the model.
         preset = SamplingParams.factual().with_defaults(defaults)
         assert (preset.temperature, preset.top_k, preset.max_tokens) == (0.3, 20, 7)
+
+
+def test_an_ignored_quantize_warns(smollm2_gguf, caplog):
+    from nano_qwen3_mlx.models.loader import load
+
+    with caplog.at_level(logging.WARNING, logger="nano_qwen3_mlx.models.loader"):
+        load(str(smollm2_gguf), quantize=8)
+    assert any("--quantize 8 ignored" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "hi", "-m", "nope-model"], "`nano-qwen3 models`"),
+    (["download", "qwen3-0.6b"], "`nano-qwen3 models`"),
+])
+def test_not_found_errors_point_to_the_models_command(args, expected, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "nano_qwen3_mlx.cli", *args], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "--model" not in lines[0], result.stderr

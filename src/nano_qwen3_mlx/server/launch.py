@@ -125,8 +125,9 @@ def _banner(state: ServerState, url: str) -> None:
     lines = [
         f"model        {state.model_name} (context {engine.max_model_len} tokens)",
         f"memory       {_size(mem.get('active_bytes', 0))} in use; KV pool {_size(kv.get('bytes', 0))} "
-        f"({kv.get('num_blocks', '?')} blocks of {kv.get('block_size', '?')} tokens), grows on "
-        f"demand up to {_size(kv.get('cap_bytes', 0))} (--kv-cache-gb)",
+        f"({kv.get('num_blocks', '?')} blocks of {kv.get('block_size', '?')} tokens), "
+        + (f"grows on demand up to {_size(kv.get('cap_bytes', 0))} (--kv-cache-gb)"
+           if kv.get("cap_blocks", 0) > kv.get("num_blocks", 0) else "fixed"),
         f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
         f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
     ]
