@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
-from nano_qwen3_mlx.engine.llm_engine import SERVER_SAMPLING_DEFAULTS
+from nano_qwen3_mlx.sampling_params import SERVER_SAMPLING_DEFAULTS
 from nano_qwen3_mlx.server import create_app
 
 on_module_loop = pytest.mark.asyncio(loop_scope="module")

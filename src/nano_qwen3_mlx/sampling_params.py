@@ -132,6 +132,21 @@ NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p"
                            "repetition_penalty": 1.0, "max_tokens": None}
 
 
+# Used when neither the request, the operator nor the model's generation_config says
+# (llama.cpp's and Ollama's choices: min_p keeps small models from rambling off-topic).
+SERVER_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                                            "min_p": 0.05, "repetition_penalty": 1.0}
+
+
+def merge_defaults(generation_config: dict[str, Any], overrides: dict[str, Any],
+                   max_tokens: int) -> dict[str, Any]:
+    """What a request's left-out fields become: operator overrides > the model's
+    generation_config > :data:`SERVER_SAMPLING_DEFAULTS`; ``max_tokens`` as given."""
+    merged = {**SERVER_SAMPLING_DEFAULTS, **generation_config, **overrides, "max_tokens": max_tokens}
+    merged["top_k"] = int(merged["top_k"])  # JSON/TOML may write 20.0
+    return merged
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

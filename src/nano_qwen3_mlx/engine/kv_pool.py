@@ -1,12 +1,15 @@
 """How big the KV pool may be: where it starts, its hard cap, how it grows, when it shrinks.
 
-Pure policy (no MLX): the engine asks it how many blocks to add when an allocation would
-fail, and whether an idle, grown pool should go back to its start size.
+Policy only (the pool itself is kv_cache.py's): the engine asks how many blocks to add when
+an allocation would fail, and whether an idle, grown pool should go back to its start size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from .stats import total_memory_bytes
 
 
 @dataclass(slots=True)
@@ -47,3 +50,31 @@ class KVPoolPolicy:
 def pool_blocks(budget_bytes: float, block_bytes: int) -> int:
     """Blocks that fit ``budget_bytes`` together with the pool's one scratch block."""
     return int(budget_bytes // block_bytes) - 1
+
+
+def size_pool(config: Any, block_bytes: int, weights_nbytes: int, model_max_len: int) -> KVPoolPolicy:
+    """The policy for an ``EngineConfig``: a fixed ``num_kv_blocks`` pool, or one that starts
+    with room for one full token budget (a prefill chunk) and grows up to its cap."""
+    if config.num_kv_blocks:
+        return KVPoolPolicy(config.num_kv_blocks, config.num_kv_blocks)
+    seq_blocks = -(-model_max_len // config.block_size)
+    cap = min(cap_blocks(config, block_bytes, weights_nbytes), config.max_num_seqs * seq_blocks)
+    initial = -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs
+    return KVPoolPolicy(initial, cap, config.kv_shrink_idle_s)
+
+
+def cap_blocks(config: Any, block_bytes: int, weights_nbytes: int) -> int:
+    """The hard cap: ``kv_cache_gb``, what ``max_memory_gb`` leaves after the weights (the
+    smaller of the two), else a share of the memory left after the weights."""
+    budgets = []
+    if config.kv_cache_gb:
+        budgets.append(config.kv_cache_gb * 1e9)
+    if config.max_memory_gb:
+        left = config.max_memory_gb * 1e9 - weights_nbytes
+        if left < 3 * block_bytes:
+            raise ValueError(f"--max-memory-gb {config.max_memory_gb:g} leaves no room for the KV "
+                             f"cache: the weights alone take {weights_nbytes / 1e9:.2f} GB")
+        budgets.append(left)
+    if not budgets:
+        budgets.append(config.kv_cache_fraction * max(total_memory_bytes() - weights_nbytes, 0))
+    return max(2, pool_blocks(min(budgets), block_bytes))

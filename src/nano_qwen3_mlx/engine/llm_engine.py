@@ -14,16 +14,16 @@ from mlx.utils import tree_flatten
 
 from ..config import EngineConfig
 from ..models.loader import LoadedModel, load
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
 from .kv_cache import PagedKVCache
-from .kv_pool import KVPoolPolicy, pool_blocks
+from .kv_pool import size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .stats import EngineStats, memory_stats, percentiles, total_memory_bytes
+from .stats import EngineStats, memory_stats, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
                                    self._grow_pool if self.pool.grows else None)
-        self.sampling_defaults = sampling_defaults(config, self.loaded.generation_config)
+        self.sampling_defaults = merge_defaults(self.loaded.generation_config,
+                                                config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -93,7 +94,8 @@ class LLMEngine:
         return min(self.model_max_len, pool_tokens)
 
     def _make_cache(self) -> PagedKVCache:
-        self.pool = self._pool_policy(self._block_bytes())
+        self.pool = size_pool(self.config, self._block_bytes(), self.weights_nbytes,
+                              self.model_max_len)
         cache = self._new_cache(self.pool.initial_blocks)
         log.info("KV pool: %d blocks x %d tokens (%.1f MB); cap %d blocks (%.1f MB)",
                  cache.num_blocks, cache.block_size, cache.nbytes / 1e6, self.pool.cap_blocks,
@@ -118,32 +120,6 @@ class LLMEngine:
     def kv_cap_bytes(self) -> int:
         """The most the KV pool may ever take (its scratch block included)."""
         return (self.pool.cap_blocks + 1) * self._block_bytes()
-
-    def _pool_policy(self, block_bytes: int) -> KVPoolPolicy:
-        cfg = self.config
-        if cfg.num_kv_blocks:
-            return KVPoolPolicy(cfg.num_kv_blocks, cfg.num_kv_blocks)
-        seq_blocks = -(-self.model_max_len // cfg.block_size)
-        cap = min(self._cap_budget_blocks(block_bytes), cfg.max_num_seqs * seq_blocks)
-        # Start with room for one full token budget (a prefill chunk): a fraction of a second
-        # to allocate, and most single-user work never needs more.
-        initial = -(-cfg.max_num_batched_tokens // cfg.block_size) + cfg.max_num_seqs
-        return KVPoolPolicy(initial, cap, cfg.kv_shrink_idle_s)
-
-    def _cap_budget_blocks(self, block_bytes: int) -> int:
-        cfg = self.config
-        budgets = []
-        if cfg.kv_cache_gb:
-            budgets.append(cfg.kv_cache_gb * 1e9)
-        if cfg.max_memory_gb:
-            left = cfg.max_memory_gb * 1e9 - self.weights_nbytes
-            if left < 3 * block_bytes:
-                raise ValueError(f"--max-memory-gb {cfg.max_memory_gb:g} leaves no room for the "
-                                 f"KV cache: the weights alone take {self.weights_nbytes / 1e9:.2f} GB")
-            budgets.append(left)
-        if not budgets:  # a share of the memory left after the weights
-            budgets.append(cfg.kv_cache_fraction * max(total_memory_bytes() - self.weights_nbytes, 0))
-        return max(2, pool_blocks(min(budgets), block_bytes))
 
     def _grow_pool(self, shortfall: int) -> int:
         """Add blocks (at least ``shortfall``, usually double) up to the cap; 0 at the cap."""
@@ -358,20 +334,6 @@ class LLMEngine:
             "kv_cache": kv,
             "memory": memory_stats(),
         }
-
-
-# Used when neither the request, the operator nor the model's generation_config says
-# (llama.cpp's and Ollama's choices: min_p keeps small models from rambling off-topic).
-SERVER_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "top_k": 40,
-                                            "min_p": 0.05, "repetition_penalty": 1.0}
-
-
-def sampling_defaults(config: EngineConfig, generation_config: dict[str, Any]) -> dict[str, Any]:
-    """What a request's left-out fields become: operator settings > model > server."""
-    merged = {**SERVER_SAMPLING_DEFAULTS, **generation_config, **config.sampling_defaults,
-              "max_tokens": config.max_tokens_default}
-    merged["top_k"] = int(merged["top_k"])  # JSON/TOML may write 20.0
-    return merged
 
 
 def _tolist(array: mx.array | None) -> list | None:
