@@ -6,7 +6,8 @@ mlx-lm cannot read GGUF, so the demo model is first exported as an MLX checkpoin
 quantized tensors, tokenizer.json and chat template) that both servers could load; ours serves
 the GGUF itself.
 
-    python scripts/memory_report.py [--concurrency 8] [--max-tokens 64] [--idle-wait 40]
+    python scripts/memory_report.py [--concurrency 8] [--max-tokens 64] [--context-words 0]
+                                    [--idle-wait 40]
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
     raise SystemExit("server not ready")
 
 
-def chat(url: str, max_tokens: int, i: int) -> None:
-    body = {"max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": f"Tell story number {i} about a dragon."}]}
+def chat(url: str, max_tokens: int, i: int, context_words: int) -> None:
+    notes = " ".join(f"note{i}-{j}" for j in range(context_words))  # a long document
+    body = {"max_tokens": max_tokens, "temperature": 0, "messages": [
+        {"role": "user", "content": f"{notes}\nTell story number {i} about a dragon."}]}
     req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=600).read()
@@ -79,7 +81,7 @@ def measure(name: str, cmd: list[str], url: str, args, env: dict) -> dict:
         ready_s = wait_ready(url, proc)
         time.sleep(2)
         idle = rss_mb(proc.pid)
-        threads = [threading.Thread(target=chat, args=(url, args.max_tokens, i))
+        threads = [threading.Thread(target=chat, args=(url, args.max_tokens, i, args.context_words))
                    for i in range(args.concurrency)]
         for t in threads:
             t.start()
@@ -100,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--context-words", type=int, default=0, help="words of padding per prompt")
     parser.add_argument("--idle-wait", type=float, default=40.0, help="seconds after the load")
     args = parser.parse_args()
     env = {**os.environ, "KV_SHRINK_IDLE_S": "30"}
@@ -111,8 +114,8 @@ def main() -> None:
             measure("mlx_lm.server", [str(BIN / "mlx_lm.server"), "--model", str(model_dir),
                                       "--port", "8392"], "http://127.0.0.1:8392", args, env),
         ]
-    print(f"concurrency {args.concurrency}, max_tokens {args.max_tokens}, "
-          f"idle wait {args.idle_wait:g} s")
+    print(f"concurrency {args.concurrency}, max_tokens {args.max_tokens}, context words "
+          f"{args.context_words}, idle wait {args.idle_wait:g} s")
     print("| server | ready (s) | RSS ready (MB) | RSS peak under load (MB) | RSS after load (MB) |")
     print("|---|---|---|---|---|")
     for r in rows:
