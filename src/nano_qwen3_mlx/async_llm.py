@@ -101,6 +101,11 @@ class AsyncLLM:
         """``{"total": ..., "active": ...}`` (active: used per token; fewer for MoE)."""
         return self._engine().num_parameters
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """What left-out request fields become (model generation_config, then server)."""
+        return self._engine().sampling_defaults
+
     # ---- generation ---------------------------------------------------------------------
     async def generate_stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
@@ -249,6 +254,8 @@ class AsyncLLM:
             busy = engine.has_unfinished_requests()
             if busy:
                 items += self._step()
+            elif engine.shrink_if_idle():
+                dirty = True
             if items:
                 self._loop.call_soon_threadsafe(self._deliver, items)
             # Refresh the stats snapshot at most every 0.25 s while busy, once when idle.

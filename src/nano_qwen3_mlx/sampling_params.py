@@ -23,16 +23,21 @@ class SamplingParams:
     ``strict=False`` ignores schema keywords the grammar engine does not implement (instead
     of rejecting the schema). ``grammar_after`` is a token (e.g. ``"</think>"``) before which
     output is free: Qwen3's reasoning stays unconstrained, its answer follows the grammar.
+
+    A field of :data:`MODEL_DEFAULT_FIELDS` left out (or given as None) takes the model's
+    default when the engine runs the request (its ``generation_config.json``, then the
+    server's; ``max_tokens``: the engine's ``max_tokens_default``). Until then it reads as
+    the neutral value of :data:`NEUTRAL` and is listed in ``defaulted``.
     """
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    max_tokens: int | None = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
     stop_sequences: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -47,8 +52,13 @@ class SamplingParams:
     grammar: str | None = None
     strict: bool = True
     grammar_after: str | None = None
+    defaulted: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        unset = {name for name in MODEL_DEFAULT_FIELDS if getattr(self, name) is None}
+        for name in unset:
+            setattr(self, name, NEUTRAL[name])
+        self.defaulted = frozenset(self.defaulted | unset)
         if isinstance(self.stop_sequences, str):
             self.stop_sequences = [self.stop_sequences]
         if self.stop is not None:
@@ -114,12 +124,22 @@ class SamplingParams:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stop"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("stop", "defaulted")}
 
     def clone(self, **overrides: Any) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
-        new = replace(self, **overrides)
-        return new
+        return replace(self, defaulted=self.defaulted - overrides.keys(), **overrides)
+
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
+        """Fill the fields left out with ``defaults`` (the model's); given fields stay."""
+        filled = {k: v for k, v in defaults.items() if k in self.defaulted}
+        return replace(self, defaulted=frozenset(), **filled)
+
+    def summary(self) -> str:
+        """The settings that shape the output, e.g. ``max_tokens=2048; temperature=0.7; ...``."""
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return "; ".join(f"{name}={getattr(self, name)}" for name in names)
 
     # Presets: each accepts overrides, e.g. ``SamplingParams.creative(max_tokens=500)``.
     @classmethod
@@ -148,6 +168,28 @@ def _parse_schema(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise InvalidRequestError(f"json_schema is not valid JSON: {exc}", field="json_schema") from None
+# Fields whose default comes from the model (generation_config.json) or the server.
+MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                        "max_tokens")
+# What those fields read as before the engine fills them (no effect on the distribution;
+# max_tokens None = up to the context length).
+NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                           "repetition_penalty": 1.0, "max_tokens": None}
+
+
+# Used when neither the request, the operator nor the model's generation_config says
+# (llama.cpp's and Ollama's choices: min_p keeps small models from rambling off-topic).
+SERVER_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                                            "min_p": 0.05, "repetition_penalty": 1.0}
+
+
+def merge_defaults(generation_config: dict[str, Any], overrides: dict[str, Any],
+                   max_tokens: int) -> dict[str, Any]:
+    """What a request's left-out fields become: operator overrides > the model's
+    generation_config > :data:`SERVER_SAMPLING_DEFAULTS`; ``max_tokens`` as given."""
+    merged = {**SERVER_SAMPLING_DEFAULTS, **generation_config, **overrides, "max_tokens": max_tokens}
+    merged["top_k"] = int(merged["top_k"])  # JSON/TOML may write 20.0
+    return merged
 
 
 def _finite(value: Any) -> bool:

@@ -82,6 +82,22 @@ class BlockManager:
     def can_append(self, seq: SeqLike, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
+    # ---- pool size ----------------------------------------------------------------------
+    def add_blocks(self, num_new_blocks: int) -> None:
+        """The KV pool grew: blocks ``num_blocks .. num_blocks + n - 1`` are free now."""
+        start = self.num_blocks
+        self.blocks.extend(Block(i) for i in range(start, start + num_new_blocks))
+        self._free.extend(range(start, start + num_new_blocks))
+
+    def reset_pool(self, num_blocks: int) -> None:
+        """The KV pool was rebuilt with ``num_blocks`` empty blocks (only when none is used)."""
+        if self.num_used_blocks:
+            raise RuntimeError("reset_pool called while blocks are in use")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free = deque(range(num_blocks))
+        self._cached.clear()
+        self._by_hash.clear()
+
     # ---- allocation ---------------------------------------------------------------------
     def allocate_prefix(self, seq: SeqLike, max_tokens: int) -> int:
         """Share cached full blocks matching the start of ``seq``; return tokens covered.

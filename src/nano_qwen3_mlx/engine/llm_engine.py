@@ -16,16 +16,17 @@ from ..errors import InvalidRequestError
 from ..models.contract import CausalLM, uniform_kv
 from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
 from .grammar import GrammarCompiler
 from .kv_cache import PagedKVCache
+from .kv_pool import size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .stats import EngineStats, memory_stats, percentiles, total_memory_bytes
+from .stats import EngineStats, memory_stats, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,11 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   self._grow_pool if self.pool.grows else None)
+        self.sampling_defaults = merge_defaults(self.loaded.generation_config,
+                                                config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
@@ -67,34 +72,59 @@ class LLMEngine:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence (prompt + output) a request may reach."""
-        pool_tokens = self.cache.num_blocks * self.cache.block_size
+        """Longest sequence (prompt + output) a request may reach (the pool may grow to it)."""
+        pool_tokens = self.pool.cap_blocks * self.config.block_size
         return min(self.model_max_len, pool_tokens)
 
     def _make_cache(self) -> PagedKVCache:
-        cfg, model = self.config, self.model
-        kv, num_layers = uniform_kv(model), len(model.kv_layers)
-        probe = PagedKVCache(num_layers, 0, cfg.block_size, kv.num_kv_heads, kv.head_dim,
-                             model.dtype)
-        num_blocks = self._num_kv_blocks(probe.bytes_per_token * cfg.block_size)
-        cache = PagedKVCache(num_layers, num_blocks, cfg.block_size, kv.num_kv_heads,
-                             kv.head_dim, model.dtype)
-        log.info("KV cache: %d blocks x %d tokens, %.1f MB (%d bytes/token)", num_blocks,
-                 cfg.block_size, cache.nbytes / 1e6, cache.bytes_per_token)
+        self.pool = size_pool(self.config, self._block_bytes(), self.weights_nbytes,
+                              self.model_max_len)
+        cache = self._new_cache(self.pool.initial_blocks)
+        log.info("KV pool: %d blocks x %d tokens (%.1f MB); cap %d blocks (%.1f MB)",
+                 cache.num_blocks, cache.block_size, cache.nbytes / 1e6, self.pool.cap_blocks,
+                 self.kv_cap_bytes / 1e6)
         return cache
 
-    def _num_kv_blocks(self, block_bytes: int) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks:
-            return cfg.num_kv_blocks
-        if cfg.kv_cache_gb:
-            return max(2, int(cfg.kv_cache_gb * 1e9 // block_bytes))
-        # Default: a fraction of the memory left after the weights, but no more than
-        # max_num_seqs full-length sequences could ever use.
-        left = max(total_memory_bytes() - self.weights_nbytes, 0)
-        budget_blocks = int(cfg.kv_cache_fraction * left // block_bytes)
-        seq_blocks = -(-self.model_max_len // cfg.block_size)
-        return max(2, min(budget_blocks, cfg.max_num_seqs * seq_blocks))
+    def _new_cache(self, num_blocks: int) -> PagedKVCache:
+        kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
+        return PagedKVCache(num_layers, num_blocks, self.config.block_size, kv.num_kv_heads,
+                            kv.head_dim, self.model.dtype)
+
+    def _block_bytes(self) -> int:
+        kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
+        per_token = 2 * num_layers * kv.num_kv_heads * kv.head_dim
+        return per_token * self.model.dtype.size * self.config.block_size
+
+    @property
+    def kv_cap_bytes(self) -> int:
+        """The most the KV pool may ever take (its scratch block included)."""
+        return (self.pool.cap_blocks + 1) * self._block_bytes()
+
+    def _grow_pool(self, shortfall: int) -> int:
+        """Add blocks (at least ``shortfall``, usually double) up to the cap; 0 at the cap."""
+        added = self.pool.growth(self.cache.num_blocks, shortfall)
+        if added:
+            t0 = time.monotonic()
+            self.cache.grow(added)
+            self.block_manager.add_blocks(added)
+            log.info("KV pool grew to %d blocks (%.1f MB) in %.2f s", self.cache.num_blocks,
+                     self.cache.nbytes / 1e6, time.monotonic() - t0)
+        return added
+
+    def shrink_if_idle(self, now: float | None = None) -> bool:
+        """Give a grown pool back once the engine has been idle long enough; True if shrunk."""
+        now = time.monotonic() if now is None else now
+        if not self.pool.should_shrink(self.cache.num_blocks, self.has_unfinished_requests(), now):
+            return False
+        # Rebuilt rather than cut, so this works whatever the pool's layout; the prefix cache
+        # (idle blocks only) goes with it.
+        self.cache = self.runner.cache = None
+        mx.clear_cache()
+        self.cache = self.runner.cache = self._new_cache(self.pool.initial_blocks)
+        self.block_manager.reset_pool(self.pool.initial_blocks)
+        log.info("KV pool shrank to %d blocks (%.1f MB) after %.0f s idle", self.cache.num_blocks,
+                 self.cache.nbytes / 1e6, now - (self.pool.idle_since or now))
+        return True
 
     @property
     def weights_nbytes(self) -> int:
@@ -107,7 +137,7 @@ class LLMEngine:
     ) -> str:
         """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run
         or a grammar (``json_schema``, ``regex``, ...) that is invalid or unsupported."""
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
         token_ids = self._prompt_ids(prompt)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
@@ -171,6 +201,7 @@ class LLMEngine:
         flight fail (``finish_reason='error'``, blocks freed); the engine keeps serving.
         """
         outputs, self._early_outputs = self._early_outputs, []
+        self.pool.idle_since = None  # busy: the idle clock starts again when work ends
         batch = None
         try:
             batch = self.scheduler.schedule()
@@ -279,7 +310,8 @@ class LLMEngine:
     # ---- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         s, bm = self.stats, self.block_manager
-        kv = bm.stats() | {"bytes": self.cache.nbytes, "bytes_per_token": self.cache.bytes_per_token,
+        kv = bm.stats() | {"bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
+                           "cap_bytes": self.kv_cap_bytes, "bytes_per_token": self.cache.bytes_per_token,
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
         return {
             "model": self.config.model,

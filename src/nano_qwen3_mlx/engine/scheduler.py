@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -60,8 +61,12 @@ class Scheduler:
     long prompt arriving never stalls the streams that are decoding.
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 grow_pool: Callable[[int], int] | None = None):
         self.block_manager = block_manager
+        # Asked for N more blocks before anything is refused or preempted; returns how many
+        # it added (0 at the pool's cap). None: a fixed pool.
+        self.grow_pool = grow_pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -115,6 +120,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
+        self._reserve(seq, min(seq.num_uncomputed_tokens, self.max_num_batched_tokens))
         if self._room_for(seq) <= 0:
             self.block_manager.free(seq)
             return False
@@ -129,7 +135,15 @@ class Scheduler:
         capacity = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size
         return capacity - seq.num_computed_tokens
 
+    def _reserve(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow the pool (when it may) so ``num_tokens`` more tokens of ``seq`` fit."""
+        bm = self.block_manager
+        shortfall = bm.blocks_needed(seq, num_tokens) - bm.num_free_blocks
+        if shortfall > 0 and self.grow_pool is not None:
+            self.grow_pool(shortfall)
+
     def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+        self._reserve(seq, min(seq.num_uncomputed_tokens, budget))
         # A chunk shrinks to what fits, so a long prompt still progresses in a small pool.
         chunk = min(seq.num_uncomputed_tokens, budget, self._room_for(seq))
         if chunk <= 0:
@@ -144,6 +158,7 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence) -> bool:
         """Preempt lowest-priority running sequences until ``seq`` can take one more token."""
+        self._reserve(seq, 1)
         while not self.block_manager.can_append(seq, 1):
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim)

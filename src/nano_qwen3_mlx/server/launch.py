@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..config import EngineConfig, ServerConfig
 from ..errors import exit_with_error, first_line
+from ..progress import Spinner
 from .app import create_app
 from .state import STATE_KEY, ServerState
 
@@ -35,7 +36,9 @@ def serve(
     port: Annotated[int | None, Opt(help="port (default 8000)")] = None,
     config: Annotated[str | None, Opt("--config", help="TOML config, e.g. configs/production.toml")] = None,
     max_num_seqs: Annotated[int | None, Opt(help="sequences decoded together")] = None,
-    kv_cache_gb: Annotated[float | None, Opt(help="KV cache budget in GB")] = None,
+    kv_cache_gb: Annotated[float | None, Opt(help="KV cache cap in GB: the pool starts small and grows on demand up to it")] = None,
+    max_memory_gb: Annotated[float | None, Opt(help="cap on weights + KV cache in GB")] = None,
+    max_tokens_default: Annotated[int | None, Opt(help="max_tokens of a request that leaves it out (default 2048)")] = None,
     max_queue_size: Annotated[int | None, Opt(help="requests held before 429")] = None,
     max_model_len: Annotated[int | None, Opt(help="context length cap")] = None,
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
@@ -53,7 +56,8 @@ def serve(
     if workers is not None and workers > 1:
         exit_with_error(WORKERS_REFUSED)
     engine_config = _load(EngineConfig, config, model=model, max_num_seqs=max_num_seqs,
-                          kv_cache_gb=kv_cache_gb, max_queue_size=max_queue_size,
+                          kv_cache_gb=kv_cache_gb, max_memory_gb=max_memory_gb,
+                          max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, device=device, dtype=dtype,
                           quantize=quantize)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
@@ -108,20 +112,29 @@ def _size(num_bytes: float) -> str:
 
 
 def _banner(state: ServerState, url: str) -> None:
-    """Model, memory budget, KV blocks and URL, once the engine is ready."""
-    stats = state.engine.get_stats() if state.engine is not None else {}
+    """Model, memory (KV pool and its cap), sampling defaults and URL, once ready."""
+    engine = state.engine
+    stats = engine.get_stats() if engine is not None else {}
     kv, mem = stats.get("kv_cache", {}), stats.get("memory", {})
     params = stats.get("parameters") or {"total": 0, "active": 0}
     active = "" if params["active"] == params["total"] else f", {params['active'] / 1e9:.2f}B active"
     lines = [
-        f"model        {state.model_name} (context {state.engine.max_model_len} tokens, "
+        f"model        {state.model_name} (context {engine.max_model_len} tokens, "
         f"{params['total'] / 1e9:.2f}B parameters{active})",
-        f"memory       {_size(mem.get('active_bytes', 0))} in use, of which KV cache "
-        f"{_size(kv.get('bytes', 0))}",
-        f"KV blocks    {kv.get('num_blocks', '?')} x {kv.get('block_size', '?')} tokens",
+        f"memory       {_size(mem.get('active_bytes', 0))} in use; KV pool {_size(kv.get('bytes', 0))} "
+        f"({kv.get('num_blocks', '?')} blocks of {kv.get('block_size', '?')} tokens), "
+        + (f"grows on demand up to {_size(kv.get('cap_bytes', 0))} (--kv-cache-gb)"
+           if kv.get("cap_blocks", 0) > kv.get("num_blocks", 0) else "fixed"),
+        f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
         f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
     ]
     typer.echo("\n".join(lines), err=True)
+
+
+def _defaults_line(defaults: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k} {v}" for k, v in defaults.items() if k != "max_tokens")
+    return (f"max_tokens {defaults.get('max_tokens')} (--max-tokens-default), {shown} "
+            "(for fields a request leaves out)")
 
 
 async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
@@ -140,14 +153,21 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     url = _url(server_config, sock.getsockname()[1])
-    app = create_app(engine_config, server_config, on_ready=lambda state: _banner(state, url))
+    spinner = Spinner(f"loading {engine_config.model} ...", plain=True)
+
+    def on_ready(state: ServerState) -> None:
+        spinner.stop()
+        _banner(state, url)
+
+    app = create_app(engine_config, server_config, on_ready=on_ready)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
         await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE_S).start()
-        typer.echo(f"loading {engine_config.model} ...", err=True)
+        spinner.start()
         return await _wait(app, stop)
     finally:
+        spinner.stop()
         typer.echo("shutting down ...", err=True)
         await runner.cleanup()
 

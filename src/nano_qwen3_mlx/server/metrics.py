@@ -41,16 +41,13 @@ class ServerMetrics:
         self.running = Gauge(f"{_PREFIX}_requests_running", "Sequences being decoded", registry=r)
         self.kv_used = Gauge(f"{_PREFIX}_kv_cache_used_blocks", "KV blocks in use", registry=r)
         self.kv_total = Gauge(f"{_PREFIX}_kv_cache_blocks", "KV blocks in the pool", registry=r)
+        self.kv_cap = Gauge(f"{_PREFIX}_kv_cache_cap_blocks", "Most KV blocks the pool may grow to",
+                            registry=r)
         self.kv_usage = Gauge(f"{_PREFIX}_kv_cache_usage_ratio", "Used / total KV blocks", registry=r)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
         self.e2e.labels(route=route).observe(seconds)
-
-    def observe_usage(self, usage: dict[str, int] | None) -> None:
-        if usage:
-            self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-            self.generation_tokens.inc(usage.get("completion_tokens", 0))
 
     def update_engine(self, stats: dict[str, Any]) -> None:
         """Copy engine stats (``AsyncLLM.get_stats()``) into the gauges."""
@@ -60,6 +57,7 @@ class ServerMetrics:
         self.running.set(requests.get("running", 0))
         total, used = kv.get("num_blocks", 0), kv.get("num_used_blocks", 0)
         self.kv_total.set(total)
+        self.kv_cap.set(kv.get("cap_blocks", total))
         self.kv_used.set(used)
         self.kv_usage.set(used / total if total else 0.0)
 

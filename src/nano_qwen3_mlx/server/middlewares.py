@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..config import ServerConfig
 from ..errors import AuthenticationError, NanoQwen3Error
-from .call import ClientGone
+from .call import RUN_KEY, ClientGone
 from .errors import error_body, error_response
 from .state import STATE_KEY
 
@@ -51,11 +51,14 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     finally:
         elapsed = time.monotonic() - start
+        run = request.get(RUN_KEY)
+        if run is not None and run.client_gone:
+            status = CLIENT_CLOSED  # a stream the client ended: its 200 never completed
         request.app[STATE_KEY].metrics.observe_request(_route_name(request), status, elapsed)
         # The still-encoded path without the query: no log injection, no secrets in queries.
-        access_log.info('%s "%s %s" %d %.1fms id=%s', request.remote, request.method,
+        access_log.info('%s "%s %s" %d %.1fms id=%s%s', request.remote, request.method,
                         request.rel_url.raw_path, status, elapsed * 1000,
-                        request[REQUEST_ID_KEY])
+                        request[REQUEST_ID_KEY], "" if run is None else f" tokens={run.tokens}")
 
 
 @web.middleware
@@ -135,6 +138,8 @@ def response_headers(origins: list[str]) -> Callable[..., Awaitable[None]]:
     async def hook(request: web.Request, response: web.StreamResponse) -> None:
         if REQUEST_ID_KEY in request:
             response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+        if RUN_KEY in request:
+            response.headers["X-Sampling-Params"] = request[RUN_KEY].sampling
         origin = request.headers.get("Origin")
         if origins and origin and _allowed(origin, origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import uuid
@@ -18,6 +19,7 @@ from .request import GenerationRequest
 from .state import AsyncLLMLike
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("nano_qwen3_mlx.server")
 
 
 def _reject_constant(name: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Request(BaseModel):
@@ -46,6 +47,18 @@ class ToolCall(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        # An image or audio part is a clear 400, not a union-validation puzzle.
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise PydanticCustomError(
+                    "text_only", "this model accepts text only (content part type '{kind}')",
+                    {"kind": kind})
+        return content
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None

@@ -7,6 +7,7 @@ An endpoint's protocol module turns the body into a :class:`GenerationRequest`; 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
@@ -43,8 +44,9 @@ class GenerationRequest:
     def num_prompt_tokens(self) -> int:
         return sum(len(ids) for ids in self.prompts)
 
-    def choices(self, max_model_len: int) -> list[Choice]:
-        """``n`` choices per prompt, each with its own ``max_tokens`` and seed."""
+    def choices(self, max_model_len: int, defaults: dict[str, Any] | None = None) -> list[Choice]:
+        """``n`` choices per prompt, each with its own seed; left-out sampling fields take
+        the engine's ``defaults`` here, so what runs is known before the request starts."""
         out = []
         for p, ids in enumerate(self.prompts):
             max_tokens = resolve_max_tokens(self.params.max_tokens, len(ids), max_model_len)
@@ -52,12 +54,14 @@ class GenerationRequest:
                 index = p * self.n + i
                 seed = None if self.params.seed is None else self.params.seed + i
                 params = self.params.clone(max_tokens=max_tokens, seed=seed)
+                params = params.with_defaults(defaults or {})
                 out.append(Choice(index, p, ids, params, f"{self.response_id}-{index}"))
         return out
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
-    """``max_tokens`` for a prompt, or a 400 naming the lengths when it cannot fit."""
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int | None:
+    """``max_tokens`` for a prompt (None: left out, the engine's default applies; the context
+    still ends it), or a 400 naming the lengths when it cannot fit."""
     room = max_model_len - prompt_len
     if room <= 0 or (requested is not None and requested > room):
         asked = prompt_len + (requested or 0)
@@ -67,4 +71,4 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             "completion). Please reduce the length of the prompt or of max_tokens.",
             field="max_tokens" if room > 0 else "messages",
         )
-    return requested if requested is not None else room
+    return requested

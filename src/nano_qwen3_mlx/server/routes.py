@@ -20,7 +20,9 @@ def _model_card(state: ServerState) -> dict:
     engine = state.ready_engine()
     return {"id": state.model_name, "object": "model", "created": state.created,
             "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len,
-            "parameters": engine.num_parameters}
+            "parameters": engine.num_parameters,
+            # What a request's left-out sampling fields (max_tokens included) become.
+            "sampling_defaults": getattr(engine, "sampling_defaults", None)}
 
 
 @routes.get("/v1/models")
@@ -62,8 +64,9 @@ async def stats(request: web.Request) -> web.Response:
     engine = state.engine
     if engine is None:
         raise ModelLoadingError()
-    body = {"model": state.model_name, "uptime_s": round(state.uptime_s, 3),
-            "is_ready": state.is_ready, **engine.get_stats()}
+    # The server's uptime last: the engine's snapshot has its own (frozen while idle).
+    body = {**engine.get_stats(), "model": state.model_name,
+            "uptime_s": round(state.uptime_s, 3), "is_ready": state.is_ready}
     return web.json_response(body)
 
 

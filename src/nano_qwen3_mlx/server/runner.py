@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..errors import GenerationFailedError, RequestTimeoutError, SlowReaderError
 from ..outputs import GenerationResult, RequestOutput, Usage
-from .call import ApiCall, ClientGone
+from .call import RUN_KEY, ApiCall, ClientGone, RunRecord
 from .errors import to_api_error
 from .formatter import Formatter
 from .request import Choice, GenerationRequest
@@ -47,7 +47,10 @@ class GenerationRun:
     def __init__(self, call: ApiCall, request: GenerationRequest) -> None:
         self.call = call
         self.request = request
-        self.choices = request.choices(call.engine.max_model_len)
+        self.choices = request.choices(call.engine.max_model_len,
+                                       getattr(call.engine, "sampling_defaults", None))
+        self.record = RunRecord(self.choices[0].params.summary() if self.choices else "")
+        call.http[RUN_KEY] = self.record
         limits = [t for t in (request.timeout, call.state.config.request_timeout) if t]
         self.timeout = min(limits) if limits else None
         # time.monotonic() when the request times out, None for never.
@@ -61,6 +64,7 @@ class GenerationRun:
         self._t0 = time.monotonic()
 
     async def __aenter__(self) -> GenerationRun:
+        self.call.state.metrics.prompt_tokens.inc(self.request.num_prompt_tokens)
         self._tasks = [asyncio.create_task(self._pump(c)) for c in self.choices]
         return self
 
@@ -85,6 +89,7 @@ class GenerationRun:
         )
         try:
             async for out in stream:
+                self._count(out)
                 if not self._put(choice.index, out) or out.finished:
                     break
         except asyncio.CancelledError:
@@ -93,6 +98,11 @@ class GenerationRun:
             self._put(choice.index, exc)
         finally:
             await stream.aclose()
+
+    def _count(self, out: RequestOutput) -> None:
+        # Counted as the engine delivers them, so aborted and timed-out requests count too.
+        self.record.tokens += len(out.token_ids)
+        self.call.state.metrics.generation_tokens.inc(len(out.token_ids))
 
     def _put(self, index: int, item: RequestOutput | BaseException) -> bool:
         try:
@@ -119,7 +129,6 @@ class GenerationRun:
             self._observe_latency(index, out)
             self.results[index].add(out)
             yield index, out
-        self.call.state.metrics.observe_usage(self.usage().as_dict())
 
     def usage(self) -> Usage:
         """Prompts counted once, completions summed over the choices."""

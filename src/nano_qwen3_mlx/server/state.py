@@ -24,6 +24,7 @@ class AsyncLLMLike(Protocol):
     model_name: str
     max_model_len: int
     num_parameters: dict[str, int]  # {"total": ..., "active": ...}
+    sampling_defaults: dict[str, Any]
     is_ready: bool
     error: BaseException | None
 

@@ -117,6 +117,7 @@ async def stream_run(request: web.Request, run: GenerationRun,
         await sse.done(formatter.sse_done)
     except ClientGone:
         log.info("client went away; request aborted")
+        run.record.client_gone = True
         if not sse.started:
             raise  # answered 499 by the error middleware
         return sse.response

@@ -1,0 +1,88 @@
+"""The KV pool grows on demand up to its hard cap, preempts (never fails) at the cap, and
+shrinks back to its start size when idle, giving the memory back."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import pytest
+
+from nano_qwen3_mlx import LLM, SamplingParams
+from nano_qwen3_mlx.engine.kv_pool import KVPoolPolicy
+
+# The tiny checkpoint: 2 layers x (K + V) x 2 kv heads x 32 dims x 4 bytes, 16-token blocks.
+BLOCK_BYTES = 2 * 2 * 2 * 32 * 4 * 16
+CAP_BLOCKS = 8
+
+
+def test_policy_doubles_up_to_the_cap_and_shrinks_only_when_idle():
+    policy = KVPoolPolicy(initial_blocks=8, cap_blocks=24, shrink_idle_s=5)
+    assert policy.growth(8, 1) == 8  # doubling: few copies of the pool
+    assert policy.growth(8, 30) == 16  # never past the cap
+    assert policy.growth(24, 1) == 0  # at the cap: the scheduler preempts
+    assert not policy.should_shrink(24, busy=True, now=0)
+    assert not policy.should_shrink(24, busy=False, now=1)  # idle from now on
+    assert not policy.should_shrink(24, busy=False, now=5.9)
+    assert policy.should_shrink(24, busy=False, now=6.1)
+    assert not policy.should_shrink(8, busy=False, now=100)  # already at its start size
+    assert not KVPoolPolicy(16, 16).grows
+
+
+def _drive(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[list, int]:
+    """Run all prompts by stepping the engine; check the cap after every step."""
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    texts, reasons, most = {i: [] for i in ids}, {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts[out.request_id] += out.token_ids
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        most = max(most, engine.cache.num_blocks)
+        assert engine.cache.num_blocks <= engine.pool.cap_blocks
+        assert engine.cache.nbytes <= engine.kv_cap_bytes
+        assert engine.block_manager.num_blocks == engine.cache.num_blocks
+    assert set(reasons.values()) == {"length"}, reasons
+    return [texts[i] for i in ids], most
+
+
+def test_pool_grows_to_the_cap_preempts_and_shrinks_back(tiny_qwen3_dir):
+    cap_gb = (CAP_BLOCKS + 1) * BLOCK_BYTES / 1e9
+    # 4 x (20 prompt + 20 new) tokens = 12 blocks at once: more than the cap.
+    prompts = [[1000 + 37 * i + j for j in range(20)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, max_num_seqs=4) as fixed:
+        expected, _ = _drive(fixed, prompts, params)
+    with LLM(str(tiny_qwen3_dir), kv_cache_gb=cap_gb, max_num_seqs=4, max_num_batched_tokens=16,
+             kv_shrink_idle_s=0.2) as llm:
+        engine = llm.engine
+        start = engine.cache.num_blocks
+        assert engine.pool.cap_blocks == CAP_BLOCKS and start < CAP_BLOCKS
+        mx.clear_cache()
+        baseline = mx.get_active_memory()
+        for _ in range(2):  # a long-running engine: load, idle, load again
+            got, most = _drive(llm, prompts, params)
+            assert got == expected  # growing kept every block's contents
+            assert most == CAP_BLOCKS
+            assert engine.scheduler.num_preemptions > 0
+            assert not engine.shrink_if_idle()  # idle, but not for long enough yet
+            time.sleep(0.3)
+            assert engine.shrink_if_idle()
+            assert engine.cache.num_blocks == engine.block_manager.num_blocks == start
+            assert engine.block_manager.num_free_blocks == start
+            mx.clear_cache()
+            assert mx.get_active_memory() <= baseline + BLOCK_BYTES
+
+
+def test_a_fixed_pool_never_grows(tiny_qwen3_dir):
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=6, max_num_seqs=3) as llm:
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        _drive(llm, [[1000 + j + 50 * i for j in range(20)] for i in range(3)], params)
+        assert llm.engine.cache.num_blocks == 6
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_max_memory_gb_too_small_for_the_weights_is_a_clear_error(tiny_qwen3_dir):
+    with pytest.raises(ValueError, match="max-memory-gb .* no room for the KV cache"):
+        LLM(str(tiny_qwen3_dir), max_memory_gb=0.001)
