@@ -121,9 +121,27 @@ class AsyncLLM:
                 builder.add(out)
         return builder.result()
 
-    async def _outputs(self, prompt, params, priority, request_id) -> AsyncIterator[RequestOutput]:
+    async def embed(self, prompt: Prompt, *, priority: int = 0,
+                    request_id: str | None = None) -> dict[str, Any]:
+        """Embed one prompt through the batching engine (prefill only, no token sampled).
+
+        Returns ``{"embedding": [...], "prompt_tokens": n}``: the last prompt token's
+        final-norm hidden state, L2-normalised (Qwen3-Embedding's last-token pooling).
+        """
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        outputs = self._outputs(prompt, params, priority, request_id, pooling=True)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                if out.finished:
+                    if out.embedding is None:
+                        raise RuntimeError(out.error or f"embedding ended: {out.finish_reason}")
+                    return {"embedding": out.embedding, "prompt_tokens": out.num_prompt_tokens}
+        raise RuntimeError("the embedding request ended without an output")
+
+    async def _outputs(self, prompt, params, priority, request_id,
+                       pooling: bool = False) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request; leaving early aborts it."""
-        request_id, out_queue = self._submit(prompt, params, priority, request_id)
+        request_id, out_queue = self._submit(prompt, params, priority, request_id, pooling)
         finished = False
         try:
             while not finished:
@@ -195,14 +213,15 @@ class AsyncLLM:
         if len(self._queues) >= self.config.max_queue_size:
             raise QueueFullError(f"request queue is full ({self.config.max_queue_size} requests)")
 
-    def _submit(self, prompt, params, priority, request_id) -> tuple[str, asyncio.Queue]:
+    def _submit(self, prompt, params, priority, request_id,
+                pooling: bool = False) -> tuple[str, asyncio.Queue]:
         self._check_capacity()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         out_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = out_queue
-        self._inbox.put(("add", request_id, prompt, params, priority))
+        self._inbox.put(("add", request_id, prompt, params, priority, pooling))
         return request_id, out_queue
 
     def _deliver(self, items: list[tuple[str, Any]]) -> None:
@@ -269,9 +288,9 @@ class AsyncLLM:
     def _handle(self, command: tuple) -> list[tuple[str, Any]]:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt, params, priority = command
+            _, request_id, prompt, params, priority, pooling = command
             try:
-                self.engine.add_request(prompt, params, request_id, priority)
+                self.engine.add_request(prompt, params, request_id, priority, pooling)
             except ValueError as exc:
                 return [(request_id, exc)]
         elif kind == "abort":

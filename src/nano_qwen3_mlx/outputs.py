@@ -54,6 +54,7 @@ def chunk_dict(out: RequestOutput) -> dict[str, Any]:
         "usage": out.usage,
         "prompt_tokens": out.num_prompt_tokens,
         "error": out.error,
+        "stop_reason": out.stop_reason,
     }
 
 

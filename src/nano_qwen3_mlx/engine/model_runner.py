@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +20,8 @@ class StepOutput:
 
     seqs: list[Sequence]  # the rows that sampled, in row order
     sampled: SamplerOutput
+    pooled_seqs: list[Sequence] = field(default_factory=list)  # pooling rows, in row order
+    pooled: mx.array | None = None  # (len(pooled_seqs), hidden) L2-normalised, float32
 
 
 class ModelRunner:
@@ -33,16 +35,27 @@ class ModelRunner:
         input_ids = self._input_ids(batch, prev)
         ctx = self._attention_context(batch)
         hidden = self.model.hidden_states(input_ids, ctx)  # (B, L, hidden)
-        rows = [i for i, s in enumerate(batch.samples) if s]
-        if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
-            mx.async_eval(hidden)
-            return StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
+        ends = [i for i, s in enumerate(batch.samples) if s]
+        rows = [i for i in ends if not batch.seqs[i].pooling]
+        pool_rows = [i for i in ends if batch.seqs[i].pooling]
+        out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
+        if pool_rows:
+            out.pooled_seqs = [batch.seqs[i] for i in pool_rows]
+            out.pooled = _l2_normalise(self._last_rows(hidden, batch, pool_rows))
+        if rows:
+            out.seqs = [batch.seqs[i] for i in rows]
+            logits = self.model.compute_logits(self._last_rows(hidden, batch, rows))
+            out.sampled = self.sampler(logits, out.seqs)
+        # Only mid-prompt chunks: nothing to sample, the pass just fills the cache.
+        lazy = (out.sampled.arrays() if rows else []) + ([out.pooled] if pool_rows else [])
+        mx.async_eval(*(lazy or [hidden]))
+        return out
+
+    @staticmethod
+    def _last_rows(hidden: mx.array, batch: ScheduledBatch, rows: list[int]) -> mx.array:
+        """The hidden state of each row's last scheduled token: (len(rows), hidden)."""
         cols = [batch.num_new_tokens[i] - 1 for i in rows]
-        last = hidden[mx.array(rows), mx.array(cols)]  # (B_sample, hidden)
-        seqs = [batch.seqs[i] for i in rows]
-        sampled = self.sampler(self.model.compute_logits(last), seqs)
-        mx.async_eval(*sampled.arrays())
-        return StepOutput(seqs, sampled)
+        return hidden[mx.array(rows), mx.array(cols)]
 
     def _input_ids(self, batch: ScheduledBatch, prev: StepOutput | None) -> mx.array:
         """(B, L) token ids; a token still being sampled comes lazily from ``prev``."""
@@ -87,3 +100,9 @@ class ModelRunner:
             return None
         visible = np.arange(num_keys)[None, None, :] <= positions[:, :, None]  # (B, L, S)
         return mx.array(visible[:, None])
+
+
+def _l2_normalise(rows: mx.array) -> mx.array:
+    """Unit-length float32 rows (last-token pooling, as Qwen3-Embedding does)."""
+    rows = rows.astype(mx.float32)
+    return rows / mx.maximum(mx.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)

@@ -17,6 +17,8 @@ class OutputState:
     stop_matcher: Any
     pieces: list[str] = field(default_factory=list)
     matched: bool = False
+    # vLLM's stop_reason: the stop string matched, or the stop token id (None for EOS/length).
+    stop_reason: str | int | None = None
 
 
 class OutputProcessor:
@@ -40,9 +42,10 @@ class OutputProcessor:
         is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
         if is_eos or token in params.stop_token_ids:
             reason = "stop"  # the stop token itself is not part of the text
+            state.stop_reason = None if is_eos else token
         else:
             text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
-            state.matched = matched is not None
+            state.matched, state.stop_reason = matched is not None, matched
             reason = "stop" if state.matched else None
         if reason is None and (seq.reached_max_tokens or seq.num_tokens >= max_model_len):
             reason = "length"

@@ -44,6 +44,9 @@ class Sequence:
     last_token_time: float | None = None
     rng_key: Any = None  # mx.array key when params.seed is set
     state: Any = None  # the engine's per-request output state (detokenizer, stop matcher)
+    # Prefill only: the last prompt token's final-norm hidden state is returned (an embedding)
+    # instead of a sampled token, and the sequence ends after its prompt.
+    pooling: bool = False
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
