@@ -44,8 +44,10 @@ class APIError(Exception):
         """The JSON body of this error."""
         return error_body(self.status, self.message, param=self.param, code=self.code)
 
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+    def response(self, anthropic: bool = False) -> web.Response:
+        """The HTTP response; ``anthropic`` picks Anthropic's error shape (``/v1/messages``)."""
+        body = anthropic_error_body(self.status, self.message) if anthropic else self.body()
+        return web.json_response(body, status=self.status, headers=self.headers)
 
 
 def error_body(
@@ -74,3 +76,27 @@ def from_value_error(exc: ValueError) -> APIError:
     message = str(exc)
     name = message.split(" ", 1)[0] if message else None
     return bad_request(message, param=name if name and name.isidentifier() else None)
+
+
+# HTTP status -> Anthropic error type (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    """Anthropic error JSON: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Routes that answer errors in Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")

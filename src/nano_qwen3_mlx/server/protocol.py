@@ -238,6 +238,7 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "nano-qwen3-mlx"
     max_model_len: int | None = None
+    capabilities: list[str] = Field(default_factory=list)
 
 
 class ModelList(_Response):

@@ -6,20 +6,29 @@ from aiohttp import web
 
 from .chat import chat_completions
 from .completions import completions
+from .embeddings import embeddings
 from .errors import APIError
+from .messages import count_tokens, messages
 from .metrics import CONTENT_TYPE
 from .openapi import build_openapi
+from .responses import responses
 from .state import STATE_KEY, ServerState
 
 routes = web.RouteTableDef()
 routes.post("/v1/chat/completions")(chat_completions)
 routes.post("/v1/completions")(completions)
+routes.post("/v1/messages")(messages)
+routes.post("/v1/messages/count_tokens")(count_tokens)
+routes.post("/v1/responses")(responses)
+routes.post("/v1/embeddings")(embeddings)
 
 
 def _model_card(state: ServerState) -> dict:
     engine = state.ready_engine()
     return {"id": state.model_name, "object": "model", "created": state.created,
-            "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len}
+            "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len,
+            # Every served checkpoint also embeds (last-token pooling of the same body).
+            "capabilities": ["chat", "completions", "messages", "responses", "embeddings"]}
 
 
 @routes.get("/v1/models")

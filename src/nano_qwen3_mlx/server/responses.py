@@ -1,0 +1,259 @@
+"""``POST /v1/responses`` (OpenAI Responses API), stateless.
+
+Output items, in order: a ``reasoning`` item (Qwen3 thinking, as ``reasoning_text``), a
+``message`` with one ``output_text`` part, then one ``function_call`` item per tool call.
+Streams send the typed events (``response.created``, ``response.in_progress``,
+``response.output_item.added``, ``response.content_part.added``,
+``response.reasoning_text.delta``/``response.output_text.delta``, their ``.done``,
+``response.function_call_arguments.delta``/``.done``, ``response.output_item.done``, then
+``response.completed`` or ``response.incomplete``), each with a ``sequence_number``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from ..sampling_params import SamplingParams
+from .errors import APIError, from_value_error
+from .event_stream import NamedEvent, TurnResult, collect_turn, stream_events
+from .params import parse_body, resolve_max_tokens
+from .responses_protocol import (
+    ResponsesRequest,
+    chat_messages,
+    chat_tools,
+    check_supported,
+    thinking_enabled,
+)
+from .state import STATE_KEY
+from .turns import Finish, TurnParser, TurnPrompt, finish_of, render_turn, run_turn, turn_prompt
+
+
+def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
+    thinking = thinking_enabled(req)
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    ids = render_turn(tokenizer, chat_messages(req), chat_tools(req), **kwargs)
+    return turn_prompt(tokenizer, ids)
+
+
+def sampling_params(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
+    given = {k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None}
+    try:
+        return SamplingParams(**given, max_tokens=max_tokens)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """One model response for ``input``; streaming or not."""
+    state = request.app[STATE_KEY]
+    req = await parse_body(request, ResponsesRequest)
+    check_supported(req)
+    engine = state.ready_engine()
+    model = state.check_model(req.model)
+    prompt = render(engine.tokenizer, req)
+    max_tokens = resolve_max_tokens(req.max_output_tokens, len(prompt.token_ids),
+                                    engine.max_model_len)
+    rid = f"resp_{uuid.uuid4().hex}"
+    events = run_turn(request, prompt, sampling_params(req, max_tokens), rid,
+                      priority=req.priority, timeout=req.timeout or state.config.request_timeout)
+    use_tools = chat_tools(req) is not None
+    head = response_head(rid, model, req)
+    if req.stream:
+        formatter = ResponseStream(head, prompt, use_tools, observe=state.metrics.observe_usage)
+        return await stream_events(request, events, formatter)
+    result = await collect_turn(events, TurnParser(prompt, use_tools))
+    state.metrics.observe_usage(_usage_counts(result.finish))
+    items = output_items(result, lambda kind: _item_id(kind))
+    return web.json_response(completed(head, items, result.finish))
+
+
+def response_head(rid: str, model: str, req: ResponsesRequest) -> dict[str, Any]:
+    """The request-echo fields of the response object."""
+    fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and \
+        req.text.format else {"type": "text"}
+    return {
+        "id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+        "model": model, "output": [], "error": None, "incomplete_details": None,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+        "temperature": req.temperature, "top_p": req.top_p,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "tool_choice": _dump(req.tool_choice) or "auto",
+        "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+        "text": {"format": fmt}, "reasoning": _dump(req.reasoning),
+        "previous_response_id": None, "store": False, "truncation": "disabled",
+        "metadata": req.metadata or {}, "user": req.user, "usage": None,
+    }
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else value
+
+
+def _item_id(kind: str) -> str:
+    prefix = {"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind]
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _usage_counts(finish: Finish) -> dict[str, int]:
+    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens}
+
+
+def usage(finish: Finish) -> dict[str, Any]:
+    return {"input_tokens": finish.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": finish.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
+            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+
+
+def completed(head: dict[str, Any], items: list[dict[str, Any]], finish: Finish) -> dict:
+    """The final response object: ``incomplete`` when max_output_tokens cut it off."""
+    cut = finish.finish_reason == "length"
+    status = "incomplete" if cut else "completed"
+    return {**head, "status": status, "output": items, "usage": usage(finish),
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None}
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if text or status == "completed" else []
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content,
+            "status": status}
+
+
+def message_item(item_id: str, text: str | None, status: str = "completed") -> dict[str, Any]:
+    content = [] if text is None else [_text_part(text)]
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": content}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def call_item(item_id: str, call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    args = call["function"]["arguments"] if status == "completed" else ""
+    return {"id": item_id, "type": "function_call", "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": args, "status": status}
+
+
+def output_items(result: TurnResult, new_id_of: Any) -> list[dict[str, Any]]:
+    items = []
+    if result.saw_reasoning:
+        items.append(reasoning_item(new_id_of("reasoning"), result.reasoning))
+    if result.text or not result.tool_calls:
+        items.append(message_item(new_id_of("message"), result.text))
+    items += [call_item(new_id_of("function_call"), call) for call in result.tool_calls]
+    return items
+
+
+class ResponseStream:
+    """Engine chunks -> Responses stream events (pure; see :mod:`.event_stream`)."""
+
+    def __init__(self, head: dict[str, Any], prompt: TurnPrompt, use_tools: bool,
+                 observe: Any = None, new_id_of: Any = _item_id) -> None:
+        self.head, self.observe, self.new_id_of = head, observe, new_id_of
+        self.parser = TurnParser(prompt, use_tools)
+        self.seq = 0
+        self.items: list[dict[str, Any]] = []
+        self.open_kind: str | None = None
+        self.open_text: list[str] = []
+
+    def _event(self, kind: str, **payload: Any) -> NamedEvent:
+        self.seq += 1
+        return kind, {"type": kind, "sequence_number": self.seq - 1, **payload}
+
+    def start(self) -> list[NamedEvent]:
+        return [self._event("response.created", response=self.head),
+                self._event("response.in_progress", response=self.head)]
+
+    def keepalive(self) -> list[NamedEvent]:
+        return []
+
+    def error(self, err: APIError) -> list[NamedEvent]:
+        return [self._event("error", code=err.code or str(err.status), message=err.message,
+                            param=err.param)]
+
+    def chunk(self, chunk: dict[str, Any]) -> list[NamedEvent]:
+        out = [e for kind, text in self.parser.feed(chunk) for e in self._piece(kind, text)]
+        if chunk.get("finished"):
+            out += self._end(chunk)
+        return out
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}
+
+    def _piece(self, kind: str, text: str) -> list[NamedEvent]:
+        out = [] if self.open_kind == kind else self._close() + self._open(kind)
+        self.open_text.append(text)
+        name = "response.reasoning_text.delta" if kind == "reasoning" else \
+            "response.output_text.delta"
+        extra = {} if kind == "reasoning" else {"logprobs": []}
+        return out + [self._event(name, **self._where(), content_index=0, delta=text, **extra)]
+
+    def _open(self, kind: str) -> list[NamedEvent]:
+        self.open_kind, self.open_text = kind, []
+        if kind == "reasoning":
+            item = reasoning_item(self.new_id_of("reasoning"), "", "in_progress")
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = message_item(self.new_id_of("message"), None, "in_progress")
+            part = _text_part("")
+        self.items.append(item)
+        return [self._event("response.output_item.added", output_index=len(self.items) - 1,
+                            item=item),
+                self._event("response.content_part.added", **self._where(), content_index=0,
+                            part=part)]
+
+    def _close(self) -> list[NamedEvent]:
+        if self.open_kind is None:
+            return []
+        kind, text = self.open_kind, "".join(self.open_text)
+        self.open_kind = None
+        index = len(self.items) - 1
+        if kind == "reasoning":
+            done = self._event("response.reasoning_text.done", **self._where(), content_index=0,
+                               text=text)
+            part = {"type": "reasoning_text", "text": text}
+            self.items[index] = reasoning_item(self.items[index]["id"], text)
+        else:
+            done = self._event("response.output_text.done", **self._where(), content_index=0,
+                               text=text, logprobs=[])
+            part = _text_part(text)
+            self.items[index] = message_item(self.items[index]["id"], text)
+        return [done,
+                self._event("response.content_part.done", **self._where(), content_index=0,
+                            part=part),
+                self._event("response.output_item.done", output_index=index,
+                            item=self.items[index])]
+
+    def _end(self, last: dict[str, Any]) -> list[NamedEvent]:
+        pieces, calls = self.parser.finish()
+        out = [e for kind, text in pieces for e in self._piece(kind, text)]
+        if not calls and not any(item["type"] == "message" for item in self.items):
+            out += self._close() + self._open("text")  # the answer is one (maybe empty) message
+        out += self._close()
+        for call in calls:
+            out += self._call_events(call)
+        finish = finish_of(last, self.parser)
+        if self.observe is not None:
+            self.observe(_usage_counts(finish))
+        final = completed(self.head, self.items, finish)
+        name = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return out + [self._event(name, response=final)]
+
+    def _call_events(self, call: dict[str, Any]) -> list[NamedEvent]:
+        item = call_item(self.new_id_of("function_call"), call, "in_progress")
+        self.items.append(item)
+        index, args = len(self.items) - 1, call["function"]["arguments"]
+        self.items[index] = call_item(item["id"], call)
+        return [
+            self._event("response.output_item.added", output_index=index, item=item),
+            self._event("response.function_call_arguments.delta", **self._where(), delta=args),
+            self._event("response.function_call_arguments.done", **self._where(), arguments=args,
+                        name=call["function"]["name"]),
+            self._event("response.output_item.done", output_index=index, item=self.items[index]),
+        ]
