@@ -7,13 +7,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from nano_qwen3_mlx.errors import QueueFullError
+from nano_qwen3_mlx.outputs import RequestOutput
 from nano_qwen3_mlx.sampling_params import SamplingParams
 
 Reply = Callable[[Any, SamplingParams], "str | BaseException"]
-
-
-class QueueFullError(RuntimeError):
-    """Same name as AsyncLLM's, which the server also matches by name."""
 
 
 class FakeEngine:
@@ -52,8 +50,8 @@ class FakeEngine:
                 "kv_cache": {"num_blocks": 64, "num_used_blocks": len(self.active),
                              "num_free_blocks": 64 - len(self.active)}}
 
-    async def generate_stream(self, prompt: Any, params: SamplingParams, *, priority: int = 0,
-                              request_id: str | None = None):
+    async def generate_outputs(self, prompt: Any, params: SamplingParams, *, priority: int = 0,
+                               request_id: str | None = None):
         if len(self.active) >= self.max_queue_size:
             raise QueueFullError("queue full")
         request_id = request_id or uuid.uuid4().hex
@@ -66,7 +64,7 @@ class FakeEngine:
         finished = False
         try:
             async for chunk in self._chunks(request_id, prompt, params, reply):
-                finished = chunk["finished"]
+                finished = chunk.finished
                 yield chunk
         finally:
             self.active.discard(request_id)
@@ -98,16 +96,11 @@ class FakeEngine:
                 return
 
     def _chunk(self, request_id: str, piece: str, token_id: int, reason: str | None,
-               num_prompt: int, num_done: int, params: SamplingParams) -> dict[str, Any]:
+               num_prompt: int, num_done: int, params: SamplingParams) -> RequestOutput:
         logprobs = None
         if params.logprobs is not None:
             top = [{"token_id": token_id, "token": piece, "logprob": -0.25}] * params.logprobs
             logprobs = [{"token_id": token_id, "token": piece, "logprob": -0.25,
                          "top_logprobs": top}]
-        return {
-            "request_id": request_id, "text": piece, "token_ids": [token_id],
-            "finished": reason is not None, "finish_reason": reason, "logprobs": logprobs,
-            "usage": {"prompt_tokens": num_prompt, "completion_tokens": num_done,
-                      "total_tokens": num_prompt + num_done},
-            "prompt_tokens": num_prompt, "error": None,
-        }
+        return RequestOutput(request_id, piece, [token_id], reason is not None, reason,
+                             num_prompt, num_done, logprobs)

@@ -12,8 +12,12 @@ def __getattr__(name: str):
         from .llm import LLM
 
         return LLM
-    if name in ("AsyncLLM", "QueueFullError"):
-        from . import async_llm
+    if name == "AsyncLLM":
+        from .async_llm import AsyncLLM
 
-        return getattr(async_llm, name)
+        return AsyncLLM
+    if name == "QueueFullError":
+        from .errors import QueueFullError
+
+        return QueueFullError
     raise AttributeError(name)

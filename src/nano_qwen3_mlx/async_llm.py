@@ -17,20 +17,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .config import EngineConfig
-from .engine.llm_engine import LLMEngine, RequestOutput
-from .outputs import ResultBuilder, add_reasoning, chunk_dict
+from .engine.llm_engine import LLMEngine
+from .errors import EngineDeadError, InvalidRequestError, QueueFullError
+from .outputs import GenerationResult, RequestOutput, add_reasoning
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 Prompt = str | list[int]
 
 
-class QueueFullError(RuntimeError):
-    """The engine already holds ``max_queue_size`` requests; retry later."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped; no request can be served."""
+__all__ = ["AsyncLLM", "EngineDeadError", "QueueFullError"]
 
 
 class AsyncLLM:
@@ -104,22 +100,24 @@ class AsyncLLM:
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
         priority: int = 0, request_id: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Yield chunks as tokens arrive. Leaving early (break, cancel) aborts the request."""
-        outputs = self._outputs(prompt, sampling_params, priority, request_id)
+        """Yield chunk dicts as tokens arrive. Leaving early (break, cancel) aborts the request."""
+        outputs = self.generate_outputs(prompt, sampling_params, priority=priority,
+                                        request_id=request_id)
         async with contextlib.aclosing(outputs):
             async for out in outputs:
-                yield chunk_dict(out)
+                yield out.as_chunk()
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
                        priority: int = 0, request_id: str | None = None) -> dict[str, Any]:
         """Generate to the end; returns the result dict (``generated_text``, ``usage``, ...)."""
-        builder: ResultBuilder | None = None
-        outputs = self._outputs(prompt, sampling_params, priority, request_id)
+        result: GenerationResult | None = None
+        outputs = self.generate_outputs(prompt, sampling_params, priority=priority,
+                                        request_id=request_id)
         async with contextlib.aclosing(outputs):
             async for out in outputs:
-                builder = builder or ResultBuilder(out.request_id)
-                builder.add(out)
-        return builder.result()
+                result = result or GenerationResult(out.request_id)
+                result.add(out)
+        return result.as_dict()
 
     async def embed(self, prompt: Prompt, *, priority: int = 0,
                     request_id: str | None = None) -> dict[str, Any]:
@@ -129,7 +127,8 @@ class AsyncLLM:
         final-norm hidden state, L2-normalised (Qwen3-Embedding's last-token pooling).
         """
         params = SamplingParams(temperature=0.0, max_tokens=1)
-        outputs = self._outputs(prompt, params, priority, request_id, pooling=True)
+        outputs = self.generate_outputs(prompt, params, priority=priority,
+                                        request_id=request_id, pooling=True)
         async with contextlib.aclosing(outputs):
             async for out in outputs:
                 if out.finished:
@@ -138,10 +137,17 @@ class AsyncLLM:
                     return {"embedding": out.embedding, "prompt_tokens": out.num_prompt_tokens}
         raise RuntimeError("the embedding request ended without an output")
 
-    async def _outputs(self, prompt, params, priority, request_id,
-                       pooling: bool = False) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one request; leaving early aborts it."""
-        request_id, out_queue = self._submit(prompt, params, priority, request_id, pooling)
+    async def generate_outputs(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+        priority: int = 0, request_id: str | None = None, pooling: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """The typed stream: one ``RequestOutput`` per step until it finishes.
+
+        Leaving early (break, cancel, ``aclose()``) aborts the request and frees its blocks.
+        ``pooling=True`` makes it an embedding request (``LLMEngine.add_request``).
+        """
+        request_id, out_queue = self._submit(prompt, sampling_params, priority, request_id,
+                                             pooling)
         finished = False
         try:
             while not finished:
@@ -218,7 +224,8 @@ class AsyncLLM:
         self._check_capacity()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use",
+                                      field="request_id")
         out_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = out_queue
         self._inbox.put(("add", request_id, prompt, params, priority, pooling))

@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
-from .outputs import ResultBuilder, add_reasoning, chunk_dict
+from .outputs import GenerationResult, add_reasoning
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -32,7 +32,7 @@ class LLM:
                  sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
         """Generate for one or many prompts (strings or token-id lists), batched together."""
         prompts = _as_prompt_list(prompts)
-        builders: list[ResultBuilder] = []
+        builders: list[GenerationResult] = []
         try:
             for prompt in prompts:
                 builders.append(self._add(prompt, sampling_params))
@@ -46,7 +46,7 @@ class LLM:
             for out in self.engine.step():
                 if out.request_id in by_id:
                     by_id[out.request_id].add(out)
-        return [b.result() for b in builders]
+        return [b.as_dict() for b in builders]
 
     def generate_single(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> dict[str, Any]:
         return self.generate([prompt], sampling_params)[0]
@@ -60,7 +60,7 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id == builder.request_id:
                         builder.add(out)
-                        yield chunk_dict(out)
+                        yield out.as_chunk()
         finally:
             if not builder.finished:  # the caller stopped iterating: free the blocks
                 self.engine.abort_request(builder.request_id)
@@ -72,10 +72,6 @@ class LLM:
         prompt = self._render(messages, chat_template_kwargs)
         result = self.generate([prompt], sampling_params)[0]
         return add_reasoning(result, self.tokenizer, prompt)
-
-    def chat_stream(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
-                    **chat_template_kwargs: Any) -> Iterator[dict[str, Any]]:
-        yield from self.generate_stream(self._render(messages, chat_template_kwargs), sampling_params)
 
     def embed(self, prompts: Prompt | list[Prompt]) -> list[list[float]]:
         """L2-normalised last-token embeddings, batched (strings or token-id lists)."""
@@ -114,9 +110,8 @@ class LLM:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _add(self, prompt: Prompt, params: SamplingParams | None) -> ResultBuilder:
-        request_id = self.engine.add_request(prompt, params)
-        return ResultBuilder(request_id)
+    def _add(self, prompt: Prompt, params: SamplingParams | None) -> GenerationResult:
+        return GenerationResult(self.engine.add_request(prompt, params))
 
     def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)

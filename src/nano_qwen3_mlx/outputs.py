@@ -1,61 +1,108 @@
-"""Shaping engine outputs into the result and chunk dicts of the public API."""
+"""What generation hands back: ``RequestOutput`` per step, ``GenerationResult`` per request.
+
+Both are typed; the Python API's documented dicts (stream chunks, result dicts with
+``generated_text``) are views of them (``as_chunk()``, ``as_dict()``). This module imports
+nothing heavy, so the server can use the types without loading MLX.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from .engine.llm_engine import RequestOutput
+# One generated token's log-probability: {"token_id", "token", "logprob", "top_logprobs"}.
+TokenLogprob = dict[str, Any]
 
 
-class ResultBuilder:
-    """Accumulates one request's ``RequestOutput``s into the final result dict."""
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI-style usage."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.pieces: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict[str, Any]] | None = None
-        self.last: RequestOutput | None = None
+
+@dataclass(slots=True)
+class RequestOutput:
+    """The news about one request after a step: the new text/tokens, and whether it ended."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+    prompt_token_ids: list[int] | None = None  # on the final output only
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    embedding: list[float] | None = None  # pooling requests: the L2-normalised vector
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return usage_dict(self.num_prompt_tokens, self.num_completion_tokens)
+
+    def as_chunk(self) -> dict[str, Any]:
+        """The stream chunk dict of the Python API."""
+        return {
+            "request_id": self.request_id,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finished": self.finished,
+            "finish_reason": self.finish_reason,
+            "logprobs": self.logprobs,
+            "usage": self.usage,
+            "prompt_tokens": self.num_prompt_tokens,
+            "error": self.error,
+            "stop_reason": self.stop_reason,
+        }
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """One request from start to end: every ``RequestOutput`` of it, added in order."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    last: RequestOutput | None = None
+    _pieces: list[str] = field(default_factory=list)
 
     def add(self, out: RequestOutput) -> None:
-        self.pieces.append(out.text)
+        self._pieces.append(out.text)
         self.token_ids.extend(out.token_ids)
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + out.logprobs
         self.last = out
 
     @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    @property
     def finished(self) -> bool:
         return self.last is not None and self.last.finished
 
-    def result(self) -> dict[str, Any]:
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self.last is None else self.last.finish_reason
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return 0 if self.last is None else self.last.num_completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result dict of the Python API (``generated_text``, ``usage``, ...)."""
         out = self.last
         return {
             "request_id": self.request_id,
-            "generated_text": "".join(self.pieces),
+            "generated_text": self.text,
             "token_ids": list(self.token_ids),
-            "finish_reason": out.finish_reason if out else None,
+            "finish_reason": self.finish_reason,
             "usage": out.usage if out else {},
             "logprobs": self.logprobs,
             "prompt_token_ids": out.prompt_token_ids if out else None,
             "error": out.error if out else None,
         }
-
-
-def chunk_dict(out: RequestOutput) -> dict[str, Any]:
-    """A stream chunk: the new piece of text and ids, plus whether the request ended."""
-    return {
-        "request_id": out.request_id,
-        "text": out.text,
-        "token_ids": list(out.token_ids),
-        "finished": out.finished,
-        "finish_reason": out.finish_reason,
-        "logprobs": out.logprobs,
-        "usage": out.usage,
-        "prompt_tokens": out.num_prompt_tokens,
-        "error": out.error,
-        "stop_reason": out.stop_reason,
-    }
 
 
 def add_reasoning(result: dict[str, Any], tokenizer: Any, prompt_ids: list[int]) -> dict[str, Any]:

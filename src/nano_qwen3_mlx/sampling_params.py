@@ -6,13 +6,15 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .errors import InvalidRequestError
+
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to sample one request. ``temperature=0`` means greedy.
 
     ``stop`` is accepted as an alias of ``stop_sequences``. Invalid values raise
-    ``ValueError`` naming the field.
+    ``InvalidRequestError`` (a ``ValueError``) whose ``field`` names the field.
     """
 
     temperature: float = 1.0
@@ -113,4 +115,5 @@ def _int(value: Any) -> bool:
 
 def _check(params: SamplingParams, name: str, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {getattr(params, name)!r}")
+        message = f"{name} must be {expected}, got {getattr(params, name)!r}"
+        raise InvalidRequestError(message, field=name)

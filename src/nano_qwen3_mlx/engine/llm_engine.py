@@ -6,14 +6,15 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..config import EngineConfig
+from ..errors import InvalidRequestError
 from ..models.loader import LoadedModel, load
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .kv_cache import PagedKVCache
@@ -25,32 +26,6 @@ from .sequence import Sequence
 from .stats import EngineStats, memory_stats, percentiles, total_memory_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """The news about one request after a step: the new text/tokens, and whether it ended."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_completion_tokens: int
-    logprobs: list[dict[str, Any]] | None = None
-    error: str | None = None
-    prompt_token_ids: list[int] | None = None  # on the final output only
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    embedding: list[float] | None = None  # pooling requests: the L2-normalised vector
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": self.num_completion_tokens,
-            "total_tokens": self.num_prompt_tokens + self.num_completion_tokens,
-        }
 
 
 class LLMEngine:
@@ -133,7 +108,8 @@ class LLMEngine:
         token_ids = self._prompt_ids(prompt)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use",
+                                      field="request_id")
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority,
                        pooling=pooling)
         seq.state = self.output_processor.new_state(params)
@@ -149,13 +125,14 @@ class LLMEngine:
             token_ids = [int(t) for t in prompt]
             vocab = self.model.args.vocab_size
             if any(t < 0 or t >= vocab for t in token_ids):
-                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})",
+                                          field="prompt")
         if not token_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidRequestError("prompt is empty", field="prompt")
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens; the context length is {self.max_model_len} "
-                "(prompt plus at least one new token must fit)"
+                "(prompt plus at least one new token must fit)", field="prompt",
             )
         return token_ids
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from ..config import EngineConfig, ServerConfig
 from .middlewares import build_middlewares, response_headers
 from .routes import routes
-from .state import STATE_KEY, Engine, ServerState
+from .state import STATE_KEY, AsyncLLMLike, ServerState
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -22,7 +22,7 @@ ReadyCallback = Callable[[ServerState], Any]
 def create_app(
     engine_config: EngineConfig | None = None,
     server_config: ServerConfig | None = None,
-    engine: Engine | None = None,
+    engine: AsyncLLMLike | None = None,
     *,
     keepalive_s: float = 10.0,
     max_buffered_chunks: int = 4096,
@@ -91,7 +91,7 @@ async def _start(state: ServerState, config: EngineConfig | None,
         on_ready(state)
 
 
-async def _close(engine: Engine) -> None:
+async def _close(engine: AsyncLLMLike) -> None:
     try:
         await engine.close()
     except Exception:

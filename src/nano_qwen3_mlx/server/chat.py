@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..outputs import GenerationResult, RequestOutput
 from ..parsers import (
     ReasoningStreamParser,
     ToolCallStreamParser,
@@ -16,13 +17,14 @@ from ..parsers import (
     prompt_thinking,
     split_reasoning,
 )
+from .call import open_call
 from .errors import bad_request
-from .generation import GenerationRun, collect, merge_usage
+from .formatter import Formatter, Payload
 from .logprobs import chat_logprobs
-from .params import generations, new_id, parse_body
+from .params import new_id, openai_request
 from .protocol import ChatCompletionRequest, ChatMessage
-from .state import STATE_KEY
-from .streaming import stream_run
+from .request import GenerationRequest
+from .runner import RunResult, serve
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -89,24 +91,17 @@ def _short(exc: Exception) -> str:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions, streaming or not, ``n`` independent choices."""
-    state = request.app[STATE_KEY]
-    req = await parse_body(request, ChatCompletionRequest)
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
+    call = await open_call(request, ChatCompletionRequest)
+    req, tokenizer = call.body, call.engine.tokenizer
     use_tools = bool(req.tools) and req.tool_choice != "none"
-    prompt = render_prompt(engine.tokenizer, req, use_tools)
-    if state.config.log_prompts:
-        log.info("chat prompt: %r", engine.tokenizer.decode(prompt.token_ids))
+    prompt = render_prompt(tokenizer, req, use_tools)
+    if call.state.config.log_prompts:
+        log.info("chat prompt: %r", tokenizer.decode(prompt.token_ids))
     requested = req.max_completion_tokens or req.max_tokens
     top = (req.top_logprobs or 0) if req.logprobs else None
-    rid = new_id("chatcmpl")
-    gens = generations(req, engine, [prompt.token_ids], requested, top, rid)
-    run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
-    head = {"id": rid, "created": int(time.time()), "model": model}
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream(request, run, head, prompt, use_tools, include_usage)
-    return await _complete(run, head, prompt, use_tools)
+    gen = openai_request(req, call.engine, [prompt.token_ids], requested, top, new_id("chatcmpl"))
+    head = {"id": gen.response_id, "created": int(time.time()), "model": call.model}
+    return await serve(call, gen, ChatFormatter(head, gen, prompt, use_tools))
 
 
 def _split(text: str, prompt: ChatPrompt, use_tools: bool) -> tuple[str | None, str, list]:
@@ -119,12 +114,26 @@ def _split(text: str, prompt: ChatPrompt, use_tools: bool) -> tuple[str | None, 
     return reasoning, content, calls
 
 
-async def _complete(run: GenerationRun, head: dict[str, Any], prompt: ChatPrompt,
-                    use_tools: bool) -> web.Response:
-    out = await collect(run)
-    choices = []
-    for index in sorted(out.finals):
-        reasoning, content, calls = _split(out.texts[index], prompt, use_tools)
+class ChatFormatter(Formatter):
+    """``chat.completion`` bodies and ``chat.completion.chunk`` events."""
+
+    def __init__(self, head: dict[str, Any], gen: GenerationRequest, prompt: ChatPrompt,
+                 use_tools: bool) -> None:
+        self.head = head
+        self.prompt = prompt
+        self.use_tools = use_tools
+        self.wants_logprobs = gen.params.logprobs is not None
+        self.include_usage = gen.include_usage
+        self.choices = [_ChoiceStream(i, prompt, use_tools, self.wants_logprobs)
+                        for i in range(gen.n)]
+
+    def response(self, result: RunResult) -> dict[str, Any]:
+        choices = [self._choice(index, r) for index, r in sorted(result.results.items())]
+        return {**self.head, "object": "chat.completion", "choices": choices,
+                "usage": result.usage.as_dict(), "system_fingerprint": None}
+
+    def _choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        reasoning, content, calls = _split(result.text, self.prompt, self.use_tools)
         message: dict[str, Any] = {
             "role": "assistant",
             "content": None if calls and not content else content,
@@ -132,19 +141,32 @@ async def _complete(run: GenerationRun, head: dict[str, Any], prompt: ChatPrompt
         }
         if calls:
             message["tool_calls"] = calls
-        wants_lp = run.gens[index].params.logprobs is not None
-        lp = chat_logprobs(out.logprobs[index]) if wants_lp else None
-        finish = "tool_calls" if calls else out.finals[index].get("finish_reason")
-        choices.append({"index": index, "message": message, "logprobs": lp,
-                        "finish_reason": finish})
-    usage = merge_usage(len(prompt.token_ids), out.finals)
-    run.state.metrics.observe_usage(usage)
-    return web.json_response({**head, "object": "chat.completion", "choices": choices,
-                              "usage": usage, "system_fingerprint": None})
+        lp = chat_logprobs(result.logprobs or []) if self.wants_logprobs else None
+        finish = "tool_calls" if calls else result.finish_reason
+        return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        extra = {"usage": None} if self.include_usage else {}
+        return {**self.head, "object": "chat.completion.chunk", "choices": choices, **extra}
+
+    def stream_start(self) -> list[Payload]:
+        role = {"role": "assistant", "content": ""}
+        return [self._chunk([{"index": c.index, "delta": role, "logprobs": None,
+                              "finish_reason": None}]) for c in self.choices]
+
+    def stream_output(self, index: int, out: RequestOutput) -> list[Payload]:
+        choice = self.choices[index].on_output(out)
+        return [] if choice is None else [self._chunk([choice])]
+
+    def stream_end(self, result: RunResult) -> list[Payload]:
+        if not self.include_usage:
+            return []
+        return [{**self.head, "object": "chat.completion.chunk", "choices": [],
+                 "usage": result.usage.as_dict()}]
 
 
 class _ChoiceStream:
-    """Turns one choice's engine chunks into chat deltas."""
+    """Turns one choice's engine outputs into chat deltas."""
 
     def __init__(self, index: int, prompt: ChatPrompt, use_tools: bool, logprobs: bool) -> None:
         self.index = index
@@ -152,19 +174,19 @@ class _ChoiceStream:
         self.tools = ToolCallStreamParser() if use_tools else None
         self.logprobs = logprobs
 
-    def on_chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
-        reasoning, content = self.reasoning.feed(chunk.get("text", ""))
+    def on_output(self, out: RequestOutput) -> dict[str, Any] | None:
+        reasoning, content = self.reasoning.feed(out.text)
         if self.tools is not None:
             content = self.tools.feed(content)
         calls: list[dict[str, Any]] = []
         finish = None
-        if chunk.get("finished"):
+        if out.finished:
             more_reasoning, more = self.reasoning.flush()
             reasoning += more_reasoning
             content, calls = self._flush_tools(content + more)
-            finish = "tool_calls" if calls else chunk.get("finish_reason")
+            finish = "tool_calls" if calls else out.finish_reason
         delta = _delta(content, reasoning, calls)
-        lp = chat_logprobs(chunk.get("logprobs") or []) if self.logprobs else None
+        lp = chat_logprobs(out.logprobs or []) if self.logprobs else None
         if not delta and lp is None and finish is None:
             return None
         return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
@@ -186,32 +208,3 @@ def _delta(content: str, reasoning: str, calls: list[dict[str, Any]]) -> dict[st
     if calls:
         delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
     return delta
-
-
-async def _stream(request: web.Request, run: GenerationRun, head: dict[str, Any],
-                  prompt: ChatPrompt, use_tools: bool, include_usage: bool) -> web.StreamResponse:
-    head = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
-    choices = {
-        g.index: _ChoiceStream(g.index, prompt, use_tools, g.params.logprobs is not None)
-        for g in run.gens
-    }
-    finals: dict[int, dict[str, Any]] = {}
-
-    def on_start() -> list[dict[str, Any]]:
-        role = {"role": "assistant", "content": ""}
-        return [{**head, "choices": [{"index": i, "delta": role, "logprobs": None,
-                                      "finish_reason": None}], **extra} for i in choices]
-
-    def on_chunk(index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        if chunk.get("finished"):
-            finals[index] = chunk
-        choice = choices[index].on_chunk(chunk)
-        return [] if choice is None else [{**head, "choices": [choice], **extra}]
-
-    def on_end() -> list[dict[str, Any]]:
-        usage = merge_usage(len(prompt.token_ids), finals)
-        run.state.metrics.observe_usage(usage)
-        return [{**head, "choices": [], "usage": usage}] if include_usage else []
-
-    return await stream_run(request, run, on_start, on_chunk, on_end)

@@ -8,18 +8,21 @@ from typing import Any
 
 from aiohttp import web
 
+from ..outputs import GenerationResult, RequestOutput
+from .call import open_call
 from .errors import bad_request
-from .generation import GenerationRun, collect, merge_usage
+from .formatter import Formatter, Payload
 from .logprobs import completion_logprobs
-from .params import generations, new_id, parse_body, vocab_size
+from .params import new_id, openai_request, vocab_size
 from .protocol import CompletionRequest
-from .state import STATE_KEY, Engine
-from .streaming import stream_run
+from .request import GenerationRequest
+from .runner import RunResult, serve
+from .state import AsyncLLMLike
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
 
-def _prompts(req: CompletionRequest, engine: Engine) -> list[tuple[str, list[int]]]:
+def _prompts(req: CompletionRequest, engine: AsyncLLMLike) -> list[tuple[str, list[int]]]:
     """``(text, token_ids)`` per prompt; 400 for empty prompts or unknown token ids."""
     raw = req.prompt
     items: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
@@ -40,79 +43,62 @@ def _prompts(req: CompletionRequest, engine: Engine) -> list[tuple[str, list[int
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI text completions, streaming or not."""
-    state = request.app[STATE_KEY]
-    req = await parse_body(request, CompletionRequest)
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
-    prompts = _prompts(req, engine)
-    if state.config.log_prompts:
+    call = await open_call(request, CompletionRequest)
+    req = call.body
+    prompts = _prompts(req, call.engine)
+    if call.state.config.log_prompts:
         log.info("completion prompts: %r", [text for text, _ in prompts])
-    rid = new_id("cmpl")
-    gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens or 16,
-                       req.logprobs, rid)
-    run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
-    echoes = {g.index: prompts[g.index // req.n][0] if req.echo else "" for g in gens}
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream(request, run, head, echoes, prompt_tokens, include_usage)
-    return await _complete(run, head, echoes, prompt_tokens)
+    gen = openai_request(req, call.engine, [ids for _, ids in prompts], req.max_tokens or 16,
+                         req.logprobs, new_id("cmpl"))
+    head = {"id": gen.response_id, "object": "text_completion", "created": int(time.time()),
+            "model": call.model}
+    echoes = [text if req.echo else "" for text, _ in prompts]
+    return await serve(call, gen, CompletionFormatter(head, gen, echoes))
 
 
-async def _complete(run: GenerationRun, head: dict[str, Any], echoes: dict[int, str],
-                    prompt_tokens: int) -> web.Response:
-    out = await collect(run)
-    wants_lp = {g.index: g.params.logprobs is not None for g in run.gens}
-    choices = [
-        {
-            "index": index,
-            "text": echoes[index] + out.texts[index],
-            "logprobs": completion_logprobs(out.logprobs[index], len(echoes[index]))
-            if wants_lp[index] else None,
-            "finish_reason": out.finals[index].get("finish_reason"),
-        }
-        for index in sorted(out.finals)
-    ]
-    usage = merge_usage(prompt_tokens, out.finals)
-    run.state.metrics.observe_usage(usage)
-    return web.json_response({**head, "choices": choices, "usage": usage,
-                              "system_fingerprint": None})
+class CompletionFormatter(Formatter):
+    """``text_completion`` bodies and events; ``echo`` puts the prompt text first."""
 
+    def __init__(self, head: dict[str, Any], gen: GenerationRequest, echoes: list[str]) -> None:
+        self.head = head
+        self.wants_logprobs = gen.params.logprobs is not None
+        self.include_usage = gen.include_usage
+        # Choice index -> its prompt's echo (choice p * n + i belongs to prompt p).
+        self.echoes = {p * gen.n + i: text for p, text in enumerate(echoes) for i in range(gen.n)}
+        self.offsets = {index: len(text) for index, text in self.echoes.items()}
 
-async def _stream(request: web.Request, run: GenerationRun, head: dict[str, Any],
-                  echoes: dict[int, str], prompt_tokens: int,
-                  include_usage: bool) -> web.StreamResponse:
-    extra = {"usage": None} if include_usage else {}
-    wants_lp = {g.index: g.params.logprobs is not None for g in run.gens}
-    offsets = {index: len(text) for index, text in echoes.items()}
-    finals: dict[int, dict[str, Any]] = {}
+    def response(self, result: RunResult) -> dict[str, Any]:
+        choices = [self._choice(index, r) for index, r in sorted(result.results.items())]
+        return {**self.head, "choices": choices, "usage": result.usage.as_dict(),
+                "system_fingerprint": None}
 
-    def on_start() -> list[dict[str, Any]]:
-        return [_chunk(head, i, text, None, None, extra) for i, text in echoes.items() if text]
-
-    def on_chunk(index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-        text = chunk.get("text", "")
+    def _choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        echo = self.echoes[index]
         lp = None
-        if wants_lp[index]:
-            lp = completion_logprobs(chunk.get("logprobs") or [], offsets[index])
-        offsets[index] += len(text)
-        finish = chunk.get("finish_reason") if chunk.get("finished") else None
-        if chunk.get("finished"):
-            finals[index] = chunk
-        if not text and finish is None and lp is None:
+        if self.wants_logprobs:
+            lp = completion_logprobs(result.logprobs or [], len(echo))
+        return {"index": index, "text": echo + result.text, "logprobs": lp,
+                "finish_reason": result.finish_reason}
+
+    def _chunk(self, index: int, text: str, logprobs: Any, finish: str | None) -> Payload:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        extra = {"usage": None} if self.include_usage else {}
+        return {**self.head, "choices": [choice], **extra}
+
+    def stream_start(self) -> list[Payload]:
+        return [self._chunk(i, text, None, None) for i, text in self.echoes.items() if text]
+
+    def stream_output(self, index: int, out: RequestOutput) -> list[Payload]:
+        lp = None
+        if self.wants_logprobs:
+            lp = completion_logprobs(out.logprobs or [], self.offsets[index])
+        self.offsets[index] += len(out.text)
+        finish = out.finish_reason if out.finished else None
+        if not out.text and finish is None and lp is None:
             return []
-        return [_chunk(head, index, text, lp, finish, extra)]
+        return [self._chunk(index, out.text, lp, finish)]
 
-    def on_end() -> list[dict[str, Any]]:
-        usage = merge_usage(prompt_tokens, finals)
-        run.state.metrics.observe_usage(usage)
-        return [{**head, "choices": [], "usage": usage}] if include_usage else []
-
-    return await stream_run(request, run, on_start, on_chunk, on_end)
-
-
-def _chunk(head: dict[str, Any], index: int, text: str, logprobs: Any, finish: str | None,
-           extra: dict[str, Any]) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return {**head, "choices": [choice], **extra}
+    def stream_end(self, result: RunResult) -> list[Payload]:
+        if not self.include_usage:
+            return []
+        return [{**self.head, "choices": [], "usage": result.usage.as_dict()}]

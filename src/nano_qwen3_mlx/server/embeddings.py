@@ -15,11 +15,12 @@ from aiohttp import web
 from pydantic import Field, ValidationError, field_validator
 
 from ..embeddings import embedding_ids, to_base64, truncate
-from .errors import APIError, bad_request
-from .generation import _api_error
-from .params import new_id, parse_body, vocab_size
+from ..errors import RequestTimeoutError
+from .call import open_call
+from .errors import bad_request, to_api_error
+from .params import new_id, vocab_size
 from .protocol import _Request, _Response
-from .state import STATE_KEY, Engine
+from .state import AsyncLLMLike
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 
@@ -71,7 +72,7 @@ class EmbeddingResponse(_Response):
     usage: EmbeddingUsage
 
 
-def prompts(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
+def prompts(req: EmbeddingRequest, engine: AsyncLLMLike) -> list[list[int]]:
     """Each input as token ids (400 for ids outside the vocabulary or over the context)."""
     raw = req.input
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
@@ -91,27 +92,25 @@ def prompts(req: EmbeddingRequest, engine: Engine) -> list[list[int]]:
 
 async def embeddings(request: web.Request) -> web.Response:
     """Embed each input; all of them run in the engine's batches together."""
-    state = request.app[STATE_KEY]
-    req = await parse_body(request, EmbeddingRequest)
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
+    call = await open_call(request, EmbeddingRequest)
+    req, engine, state = call.body, call.engine, call.state
     ids = prompts(req, engine)
     timeout = min((t for t in (req.timeout, state.config.request_timeout) if t), default=None)
     rid = new_id("embd")
     try:
         results = await asyncio.wait_for(_embed_all(engine, ids, rid, req.priority), timeout)
     except asyncio.TimeoutError:
-        raise APIError(408, f"the request timed out after {timeout:g} s", code="timeout") from None
+        raise RequestTimeoutError(f"the request timed out after {timeout:g} s") from None
     data = [{"object": "embedding", "index": i,
              "embedding": _encode(truncate(r["embedding"], req.dimensions), req.encoding_format)}
             for i, r in enumerate(results)]
     tokens = sum(r["prompt_tokens"] for r in results)
     state.metrics.observe_usage({"prompt_tokens": tokens, "completion_tokens": 0})
-    return web.json_response({"object": "list", "data": data, "model": model,
+    return web.json_response({"object": "list", "data": data, "model": call.model,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-async def _embed_all(engine: Engine, ids: list[list[int]], rid: str,
+async def _embed_all(engine: AsyncLLMLike, ids: list[list[int]], rid: str,
                      priority: int) -> list[dict[str, Any]]:
     """All inputs at once; one failure (or the client leaving) cancels and aborts the rest."""
     tasks = [asyncio.ensure_future(engine.embed(p, priority=priority, request_id=f"{rid}-{i}"))
@@ -119,7 +118,7 @@ async def _embed_all(engine: Engine, ids: list[list[int]], rid: str,
     try:
         return list(await asyncio.gather(*tasks))
     except (ValueError, RuntimeError) as exc:
-        raise _api_error(exc, engine) from None
+        raise to_api_error(exc, engine_dead=engine.error is not None) from None
     finally:  # a failure or a cancellation (client gone, timeout): abort the others
         for task in tasks:
             task.cancel()

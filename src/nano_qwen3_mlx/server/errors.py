@@ -1,11 +1,31 @@
-"""OpenAI-style API errors: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI error JSON (``{"error": {"message", "type", "param", "code"}}``) for the typed errors.
+
+The errors themselves live in :mod:`nano_qwen3_mlx.errors`; this module only renders them and
+turns what is not one of them (pydantic validation, an unexpected engine failure) into one.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+
+from ..errors import (
+    APIError,
+    EngineDeadError,
+    InvalidRequestError,
+    NanoQwen3Error,
+    QueueFullError,
+    client_message,
+)
+
+__all__ = ["APIError", "anthropic_error_body", "anthropic_error_json", "bad_request",
+           "error_body", "error_response", "from_validation_error", "is_anthropic_path",
+           "to_api_error"]
+
+log = logging.getLogger("nano_qwen3_mlx.server")
 
 # HTTP status -> OpenAI error type (the client maps statuses to exception classes itself).
 _TYPES = {
@@ -21,35 +41,6 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
-    """An error the API reports to the client as OpenAI error JSON."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body of this error."""
-        return error_body(self.status, self.message, param=self.param, code=self.code)
-
-    def response(self, anthropic: bool = False) -> web.Response:
-        """The HTTP response; ``anthropic`` picks Anthropic's error shape (``/v1/messages``)."""
-        body = anthropic_error_body(self.status, self.message) if anthropic else self.body()
-        return web.json_response(body, status=self.status, headers=self.headers)
-
-
 def error_body(
     status: int, message: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -58,24 +49,45 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
+def error_json(err: NanoQwen3Error) -> dict[str, Any]:
+    """The OpenAI error JSON of a typed error."""
+    return error_body(err.status, client_message(err), param=err.field, code=err.code)
 
 
-def from_validation_error(exc: ValidationError) -> APIError:
+def error_response(err: NanoQwen3Error, anthropic: bool = False) -> web.Response:
+    """A typed error as an HTTP response, with its headers (``Retry-After``, ...);
+    ``anthropic`` picks Anthropic's error shape (the ``/v1/messages`` routes)."""
+    body = anthropic_error_json(err) if anthropic else error_json(err)
+    return web.json_response(body, status=err.status, headers=err.headers)
+
+
+def bad_request(message: str, field: str | None = None) -> InvalidRequestError:
+    """A 400 naming the request field at fault."""
+    return InvalidRequestError(message, field=field)
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequestError:
     """400 naming the first offending field (pydantic messages carry no paths or code)."""
     first = exc.errors(include_url=False, include_context=False)[0]
     loc = ".".join(str(part) for part in first["loc"])
     extra = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
     message = f"{loc}: {first['msg']}{extra}" if loc else f"{first['msg']}{extra}"
-    return bad_request(message, param=loc or None)
+    return bad_request(message, loc or None)
 
 
-def from_value_error(exc: ValueError) -> APIError:
-    """400 for ``SamplingParams`` errors, whose messages start with the field name."""
-    message = str(exc)
-    name = message.split(" ", 1)[0] if message else None
-    return bad_request(message, param=name if name and name.isidentifier() else None)
+def to_api_error(exc: BaseException, engine_dead: bool = False) -> NanoQwen3Error:
+    """What the client sees for an exception from the engine (never a traceback or a path).
+
+    ``engine_dead``: the engine has stopped, so any failure is reported as such.
+    """
+    if engine_dead and not isinstance(exc, QueueFullError):
+        return EngineDeadError(str(exc))
+    if isinstance(exc, NanoQwen3Error):
+        return exc
+    if isinstance(exc, ValueError):  # a ValueError of the engine's input checks
+        return InvalidRequestError(str(exc))
+    log.error("engine request failed", exc_info=exc)
+    return APIError(500, "internal error while generating", code="engine_error")
 
 
 # HTTP status -> Anthropic error type (https://docs.anthropic.com/en/api/errors).
@@ -95,6 +107,11 @@ def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     """Anthropic error JSON: ``{"type": "error", "error": {"type", "message"}}``."""
     kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_error_json(err: NanoQwen3Error) -> dict[str, Any]:
+    """The Anthropic error JSON of a typed error."""
+    return anthropic_error_body(err.status, client_message(err))
 
 
 def is_anthropic_path(path: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import NanoQwen3Error
 from ..sampling_params import SamplingParams
 from .anthropic_protocol import (
     CountTokensRequest,
@@ -22,11 +23,22 @@ from .anthropic_protocol import (
     chat_tools,
     tool_use_block,
 )
-from .errors import APIError, anthropic_error_body, bad_request, from_value_error
-from .event_stream import NamedEvent, TurnResult, collect_turn, stream_events
-from .params import parse_body, resolve_max_tokens
-from .state import STATE_KEY
-from .turns import Finish, TurnParser, TurnPrompt, finish_of, render_turn, run_turn, turn_prompt
+from .call import open_call
+from .errors import anthropic_error_json, bad_request
+from .formatter import Payload, SSEEvent
+from .request import GenerationRequest
+from .runner import RunResult
+from .turns import (
+    Finish,
+    TurnFormatter,
+    TurnPrompt,
+    TurnResult,
+    TurnRun,
+    finish_of,
+    render_turn,
+    serve_turn,
+    turn_prompt,
+)
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -57,13 +69,10 @@ def _check_forcing(req: CountTokensRequest) -> None:
                           "tool_choice")
 
 
-def sampling_params(req: MessagesRequest, max_tokens: int) -> SamplingParams:
+def sampling_params(req: MessagesRequest) -> SamplingParams:
     given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(req, k)) is not None}
-    try:
-        return SamplingParams(**given, max_tokens=max_tokens,
-                              stop_sequences=list(req.stop_sequences or []))
-    except ValueError as exc:
-        raise from_value_error(exc) from None
+    return SamplingParams(**given, max_tokens=req.max_tokens,
+                          stop_sequences=list(req.stop_sequences or []))
 
 
 def thinking_budget(req: MessagesRequest) -> int | None:
@@ -81,36 +90,26 @@ def thinking_budget(req: MessagesRequest) -> int | None:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     """Anthropic Messages: one assistant turn, streaming or not."""
-    state = request.app[STATE_KEY]
-    req = await parse_body(request, MessagesRequest)
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
+    call = await open_call(request, MessagesRequest)
+    req = call.body
     _check_forcing(req)
     budget = thinking_budget(req)
-    prompt = render(engine.tokenizer, req)
-    max_tokens = resolve_max_tokens(req.max_tokens, len(prompt.token_ids), engine.max_model_len)
-    params = sampling_params(req, max_tokens)
+    prompt = render(call.engine.tokenizer, req)
     rid = f"msg_{uuid.uuid4().hex}"
-    events = run_turn(request, prompt, params, rid, priority=req.priority,
-                      timeout=req.timeout or state.config.request_timeout, think_budget=budget)
-    use_tools = chat_tools(req) is not None
+    gen = GenerationRequest(rid, [prompt.token_ids], sampling_params(req), stream=req.stream,
+                            priority=req.priority, timeout=req.timeout)
+    run = TurnRun(call, gen, prompt, budget)
     single = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)
-    if req.stream:
-        formatter = MessageStream(rid, model, prompt, use_tools, single,
-                                  observe=state.metrics.observe_usage)
-        return await stream_events(request, events, formatter)
-    result = await collect_turn(events, TurnParser(prompt, use_tools))
-    state.metrics.observe_usage(_usage_dict(result.finish))
-    return web.json_response(message_json(rid, model, result, single))
+    formatter = MessageFormatter(rid, call.model, prompt, chat_tools(req) is not None,
+                                 run.outputs, single)
+    return await serve_turn(call, run, formatter)
 
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's token count as ``/v1/messages`` would render it."""
-    state = request.app[STATE_KEY]
-    req = await parse_body(request, CountTokensRequest)
-    engine = state.ready_engine()
-    state.check_model(req.model)
-    return web.json_response({"input_tokens": len(render(engine.tokenizer, req).token_ids)})
+    call = await open_call(request, CountTokensRequest)
+    return web.json_response({"input_tokens": len(render(call.engine.tokenizer,
+                                                         call.body).token_ids)})
 
 
 # ---------------------------------------------------------------- formatting
@@ -159,48 +158,36 @@ def _usage(finish: Finish) -> dict[str, int]:
     return {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens}
 
 
-def _usage_dict(finish: Finish) -> dict[str, int]:
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens}
-
-
-class MessageStream:
-    """Engine chunks -> Anthropic stream events (pure; see :mod:`.event_stream`)."""
+class MessageFormatter(TurnFormatter):
+    """A turn as Anthropic's message JSON or stream events."""
 
     def __init__(self, rid: str, model: str, prompt: TurnPrompt, use_tools: bool,
-                 single_tool: bool = False, observe: Any = None) -> None:
+                 outputs: list, single_tool: bool = False) -> None:
+        super().__init__(prompt, use_tools, outputs)
         self.rid, self.model, self.single = rid, model, single_tool
-        self.parser = TurnParser(prompt, use_tools)
         self.num_prompt_tokens = len(prompt.token_ids)
         self.index = -1
         self.open_kind: str | None = None  # "reasoning" or "text" while a block is open
-        self.observe = observe
-        self.finish: Finish | None = None
 
-    def start(self) -> list[NamedEvent]:
+    def response(self, result: RunResult) -> dict[str, Any]:
+        return message_json(self.rid, self.model, self.collect(result), self.single)
+
+    def stream_start(self) -> list[Payload]:
         message = {"id": self.rid, "type": "message", "role": "assistant", "model": self.model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.num_prompt_tokens, "output_tokens": 0}}
         return [_event("message_start", message=message), _event("ping")]
 
-    def keepalive(self) -> list[NamedEvent]:
-        return [_event("ping")]
+    def stream_error(self, err: NanoQwen3Error) -> list[Payload]:
+        return [SSEEvent(anthropic_error_json(err), "error")]
 
-    def chunk(self, chunk: dict[str, Any]) -> list[NamedEvent]:
-        out = [e for kind, text in self.parser.feed(chunk) for e in self._piece(kind, text)]
-        if chunk.get("finished"):
-            out += self._end(chunk)
-        return out
-
-    def error(self, err: APIError) -> list[NamedEvent]:
-        return [("error", anthropic_error_body(err.status, err.message))]
-
-    def _piece(self, kind: str, text: str) -> list[NamedEvent]:
+    def piece(self, kind: str, text: str) -> list[Payload]:
         out = [] if self.open_kind == kind else self._close() + self._open(kind)
         delta = ({"type": "thinking_delta", "thinking": text} if kind == "reasoning"
                  else {"type": "text_delta", "text": text})
         return out + [_event("content_block_delta", index=self.index, delta=delta)]
 
-    def _open(self, kind: str, block: dict[str, Any] | None = None) -> list[NamedEvent]:
+    def _open(self, kind: str, block: dict[str, Any] | None = None) -> list[Payload]:
         self.index += 1
         self.open_kind = kind
         if block is None:
@@ -208,35 +195,31 @@ class MessageStream:
                      else {"type": "text", "text": ""})
         return [_event("content_block_start", index=self.index, content_block=block)]
 
-    def _close(self) -> list[NamedEvent]:
+    def _close(self) -> list[Payload]:
         if self.open_kind is None:
             return []
         self.open_kind = None
         return [_event("content_block_stop", index=self.index)]
 
-    def _end(self, last: dict[str, Any]) -> list[NamedEvent]:
-        pieces, calls = self.parser.finish()
-        out = [e for kind, text in pieces for e in self._piece(kind, text)]
+    def stream_end(self, result: RunResult) -> list[Payload]:
+        out, calls = self.finish_pieces()
         tools, leftover = _tool_blocks(calls, self.single)
         if leftover:
-            out += self._piece("text", leftover)
+            out += self.piece("text", leftover)
         if self.index < 0 and not tools:
             out += self._open("text")  # an empty reply is still one (empty) text block
         for block in tools:
             out += self._close() + self._open("tool_use", {**block, "input": {}})
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
             out.append(_event("content_block_delta", index=self.index, delta=delta))
-        self.finish = finish_of(last, self.parser)
-        if self.observe is not None:
-            self.observe(_usage_dict(self.finish))
-        reason, sequence = stop_reason(self.finish, bool(tools))
-        usage = {"output_tokens": self.finish.completion_tokens}
+        finish = finish_of(result, self.parser)
+        reason, sequence = stop_reason(finish, bool(tools))
         return out + self._close() + [
             _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                   usage=usage),
+                   usage={"output_tokens": finish.completion_tokens}),
             _event("message_stop"),
         ]
 
 
-def _event(kind: str, **payload: Any) -> NamedEvent:
-    return kind, {"type": kind, **payload}
+def _event(kind: str, **payload: Any) -> SSEEvent:
+    return SSEEvent({"type": kind, **payload}, kind)

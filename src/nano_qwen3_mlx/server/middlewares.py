@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..config import ServerConfig
-from .errors import APIError, anthropic_error_body, error_body, is_anthropic_path
-from .generation import ClientGone
+from ..errors import AuthenticationError, NanoQwen3Error
+from .call import ClientGone
+from .errors import anthropic_error_body, error_body, error_response, is_anthropic_path
 from .state import STATE_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,8 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every error leaves as OpenAI error JSON, with no traceback or path in it."""
     try:
         return await handler(request)
-    except APIError as err:
-        return err.response(anthropic=is_anthropic_path(request.path))
+    except NanoQwen3Error as err:
+        return error_response(err, anthropic=is_anthropic_path(request.path))
     except ClientGone:
         return web.Response(status=CLIENT_CLOSED)
     except web.HTTPException as exc:
@@ -98,8 +99,7 @@ def auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method != "OPTIONS" and request.path not in _OPEN_PATHS:
             if not _has_key(request, expected):
-                raise APIError(401, "missing or invalid API key", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
+                raise AuthenticationError("missing or invalid API key")
         return await handler(request)
 
     return middleware

@@ -1,4 +1,4 @@
-"""From request JSON to engine work: body parsing, ``max_tokens`` and ``SamplingParams``."""
+"""From request JSON to engine work: body parsing and ``SamplingParams``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from ..sampling_params import SamplingParams
-from .errors import bad_request, from_validation_error, from_value_error
-from .generation import Generation
+from .errors import bad_request, from_validation_error
 from .protocol import SamplingFields
-from .state import Engine
+from .request import GenerationRequest
+from .state import AsyncLLMLike
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -57,41 +57,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def vocab_size(engine: Engine) -> int | None:
+def vocab_size(engine: AsyncLLMLike) -> int | None:
     """The tokenizer's vocabulary size (added tokens included), None when it does not say."""
     return getattr(engine.tokenizer, "vocab_size", None)
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
-    """``max_tokens`` for a prompt, or a 400 naming the lengths when it cannot fit."""
-    room = max_model_len - prompt_len
-    if room <= 0 or (requested is not None and requested > room):
-        asked = prompt_len + (requested or 0)
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {asked} tokens ({prompt_len} in the prompt, {requested or 0} for the "
-            "completion). Please reduce the length of the prompt or of max_tokens.",
-            param="max_tokens" if room > 0 else "messages",
-        )
-    return requested if requested is not None else room
-
-
-def generations(req: SamplingFields, engine: Engine, prompts: list[list[int]],
-                requested: int | None, logprobs: int | None, rid: str) -> list[Generation]:
-    """``req.n`` choices per prompt; choice ``p * n + i`` runs as request ``{rid}-{index}``."""
-    vocab = vocab_size(engine)
-    gens: list[Generation] = []
-    for p, ids in enumerate(prompts):
-        max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len)
-        for i, params in enumerate(sampling_params(req, max_tokens, logprobs, vocab)):
-            index = p * req.n + i
-            gens.append(Generation(index, ids, params, f"{rid}-{index}"))
-    return gens
-
-
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    vocab: int | None = None) -> list[SamplingParams]:
-    """One ``SamplingParams`` per choice (seed + i, so the n samples differ but repeat)."""
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    vocab: int | None = None) -> SamplingParams:
+    """The request's ``SamplingParams`` (``GenerationRequest.choices`` gives each its seed)."""
     given = {
         name: getattr(req, name)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -105,17 +78,10 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         given["stop_token_ids"] = _token_ids(req.stop_token_ids, vocab)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias = _logit_bias(req.logit_bias, vocab)
-    try:
-        return [
-            SamplingParams(
-                **given, max_tokens=max_tokens, stop_sequences=stop, logprobs=logprobs,
-                logit_bias=bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                seed=None if req.seed is None else req.seed + i,
-            )
-            for i in range(req.n)
-        ]
-    except ValueError as exc:
-        raise from_value_error(exc) from None
+    return SamplingParams(
+        **given, max_tokens=max_tokens, stop_sequences=stop, logprobs=logprobs,
+        logit_bias=bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, seed=req.seed,
+    )
 
 
 def _in_vocab(token_id: int, vocab: int | None) -> bool:
@@ -138,3 +104,15 @@ def _logit_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, f
                               "biases in [-100, 100]", "logit_bias")
         out[int(key)] = value
     return out
+
+
+def openai_request(req: SamplingFields, engine: AsyncLLMLike, prompts: list[list[int]],
+                   max_tokens: int | None, logprobs: int | None,
+                   response_id: str) -> GenerationRequest:
+    """The ``GenerationRequest`` of an OpenAI chat or text completion body."""
+    params = sampling_params(req, max_tokens, logprobs, vocab_size(engine))
+    return GenerationRequest(
+        response_id, prompts, params, n=req.n, stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        priority=req.priority, timeout=req.timeout,
+    )

@@ -17,10 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import NanoQwen3Error, client_message
 from ..sampling_params import SamplingParams
-from .errors import APIError, from_value_error
-from .event_stream import NamedEvent, TurnResult, collect_turn, stream_events
-from .params import parse_body, resolve_max_tokens
+from .call import open_call
+from .formatter import Payload, SSEEvent
+from .request import GenerationRequest
 from .responses_protocol import (
     ResponsesRequest,
     chat_messages,
@@ -28,8 +29,18 @@ from .responses_protocol import (
     check_supported,
     thinking_enabled,
 )
-from .state import STATE_KEY
-from .turns import Finish, TurnParser, TurnPrompt, finish_of, render_turn, run_turn, turn_prompt
+from .runner import RunResult
+from .turns import (
+    Finish,
+    TurnFormatter,
+    TurnPrompt,
+    TurnResult,
+    TurnRun,
+    finish_of,
+    render_turn,
+    serve_turn,
+    turn_prompt,
+)
 
 
 def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
@@ -39,36 +50,24 @@ def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
     return turn_prompt(tokenizer, ids)
 
 
-def sampling_params(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
+def sampling_params(req: ResponsesRequest) -> SamplingParams:
     given = {k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None}
-    try:
-        return SamplingParams(**given, max_tokens=max_tokens)
-    except ValueError as exc:
-        raise from_value_error(exc) from None
+    return SamplingParams(**given, max_tokens=req.max_output_tokens)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """One model response for ``input``; streaming or not."""
-    state = request.app[STATE_KEY]
-    req = await parse_body(request, ResponsesRequest)
+    call = await open_call(request, ResponsesRequest)
+    req = call.body
     check_supported(req)
-    engine = state.ready_engine()
-    model = state.check_model(req.model)
-    prompt = render(engine.tokenizer, req)
-    max_tokens = resolve_max_tokens(req.max_output_tokens, len(prompt.token_ids),
-                                    engine.max_model_len)
+    prompt = render(call.engine.tokenizer, req)
     rid = f"resp_{uuid.uuid4().hex}"
-    events = run_turn(request, prompt, sampling_params(req, max_tokens), rid,
-                      priority=req.priority, timeout=req.timeout or state.config.request_timeout)
-    use_tools = chat_tools(req) is not None
-    head = response_head(rid, model, req)
-    if req.stream:
-        formatter = ResponseStream(head, prompt, use_tools, observe=state.metrics.observe_usage)
-        return await stream_events(request, events, formatter)
-    result = await collect_turn(events, TurnParser(prompt, use_tools))
-    state.metrics.observe_usage(_usage_counts(result.finish))
-    items = output_items(result, lambda kind: _item_id(kind))
-    return web.json_response(completed(head, items, result.finish))
+    gen = GenerationRequest(rid, [prompt.token_ids], sampling_params(req), stream=req.stream,
+                            priority=req.priority, timeout=req.timeout)
+    run = TurnRun(call, gen, prompt)
+    formatter = ResponseFormatter(response_head(rid, call.model, req), prompt,
+                                  chat_tools(req) is not None, run.outputs)
+    return await serve_turn(call, run, formatter)
 
 
 def response_head(rid: str, model: str, req: ResponsesRequest) -> dict[str, Any]:
@@ -96,10 +95,6 @@ def _dump(value: Any) -> Any:
 def _item_id(kind: str) -> str:
     prefix = {"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind]
     return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def _usage_counts(finish: Finish) -> dict[str, int]:
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens}
 
 
 def usage(finish: Finish) -> dict[str, Any]:
@@ -150,43 +145,38 @@ def output_items(result: TurnResult, new_id_of: Any) -> list[dict[str, Any]]:
     return items
 
 
-class ResponseStream:
-    """Engine chunks -> Responses stream events (pure; see :mod:`.event_stream`)."""
+class ResponseFormatter(TurnFormatter):
+    """A turn as a Responses object or its typed stream events."""
 
     def __init__(self, head: dict[str, Any], prompt: TurnPrompt, use_tools: bool,
-                 observe: Any = None, new_id_of: Any = _item_id) -> None:
-        self.head, self.observe, self.new_id_of = head, observe, new_id_of
-        self.parser = TurnParser(prompt, use_tools)
+                 outputs: list, new_id_of: Any = _item_id) -> None:
+        super().__init__(prompt, use_tools, outputs)
+        self.head, self.new_id_of = head, new_id_of
         self.seq = 0
         self.items: list[dict[str, Any]] = []
         self.open_kind: str | None = None
         self.open_text: list[str] = []
 
-    def _event(self, kind: str, **payload: Any) -> NamedEvent:
-        self.seq += 1
-        return kind, {"type": kind, "sequence_number": self.seq - 1, **payload}
+    def response(self, result: RunResult) -> dict[str, Any]:
+        turn = self.collect(result)
+        return completed(self.head, output_items(turn, self.new_id_of), turn.finish)
 
-    def start(self) -> list[NamedEvent]:
+    def _event(self, kind: str, **payload: Any) -> SSEEvent:
+        self.seq += 1
+        return SSEEvent({"type": kind, "sequence_number": self.seq - 1, **payload}, kind)
+
+    def stream_start(self) -> list[Payload]:
         return [self._event("response.created", response=self.head),
                 self._event("response.in_progress", response=self.head)]
 
-    def keepalive(self) -> list[NamedEvent]:
-        return []
-
-    def error(self, err: APIError) -> list[NamedEvent]:
-        return [self._event("error", code=err.code or str(err.status), message=err.message,
-                            param=err.param)]
-
-    def chunk(self, chunk: dict[str, Any]) -> list[NamedEvent]:
-        out = [e for kind, text in self.parser.feed(chunk) for e in self._piece(kind, text)]
-        if chunk.get("finished"):
-            out += self._end(chunk)
-        return out
+    def stream_error(self, err: NanoQwen3Error) -> list[Payload]:
+        return [self._event("error", code=err.code or str(err.status), message=client_message(err),
+                            param=err.field)]
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}
 
-    def _piece(self, kind: str, text: str) -> list[NamedEvent]:
+    def piece(self, kind: str, text: str) -> list[Payload]:
         out = [] if self.open_kind == kind else self._close() + self._open(kind)
         self.open_text.append(text)
         name = "response.reasoning_text.delta" if kind == "reasoning" else \
@@ -194,7 +184,7 @@ class ResponseStream:
         extra = {} if kind == "reasoning" else {"logprobs": []}
         return out + [self._event(name, **self._where(), content_index=0, delta=text, **extra)]
 
-    def _open(self, kind: str) -> list[NamedEvent]:
+    def _open(self, kind: str) -> list[Payload]:
         self.open_kind, self.open_text = kind, []
         if kind == "reasoning":
             item = reasoning_item(self.new_id_of("reasoning"), "", "in_progress")
@@ -208,7 +198,7 @@ class ResponseStream:
                 self._event("response.content_part.added", **self._where(), content_index=0,
                             part=part)]
 
-    def _close(self) -> list[NamedEvent]:
+    def _close(self) -> list[Payload]:
         if self.open_kind is None:
             return []
         kind, text = self.open_kind, "".join(self.open_text)
@@ -230,22 +220,19 @@ class ResponseStream:
                 self._event("response.output_item.done", output_index=index,
                             item=self.items[index])]
 
-    def _end(self, last: dict[str, Any]) -> list[NamedEvent]:
-        pieces, calls = self.parser.finish()
-        out = [e for kind, text in pieces for e in self._piece(kind, text)]
+    def stream_end(self, result: RunResult) -> list[Payload]:
+        out, calls = self.finish_pieces()
         if not calls and not any(item["type"] == "message" for item in self.items):
             out += self._close() + self._open("text")  # the answer is one (maybe empty) message
         out += self._close()
         for call in calls:
             out += self._call_events(call)
-        finish = finish_of(last, self.parser)
-        if self.observe is not None:
-            self.observe(_usage_counts(finish))
+        finish = finish_of(result, self.parser)
         final = completed(self.head, self.items, finish)
         name = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return out + [self._event(name, response=final)]
 
-    def _call_events(self, call: dict[str, Any]) -> list[NamedEvent]:
+    def _call_events(self, call: dict[str, Any]) -> list[Payload]:
         item = call_item(self.new_id_of("function_call"), call, "in_progress")
         self.items.append(item)
         index, args = len(self.items) - 1, call["function"]["arguments"]

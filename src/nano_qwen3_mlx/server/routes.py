@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..errors import EngineDeadError, ModelLoadingError
 from .chat import chat_completions
 from .completions import completions
 from .embeddings import embeddings
-from .errors import APIError
 from .messages import count_tokens, messages
 from .metrics import CONTENT_TYPE
 from .openapi import build_openapi
@@ -52,14 +52,15 @@ async def health(request: web.Request) -> web.Response:
     """200 when ready; 503 while loading or after the engine died."""
     state = request.app[STATE_KEY]
     body = {"status": "ok", "model": state.model_name, "uptime_s": round(state.uptime_s, 3)}
-    if state.failure is not None:
-        # The exception class only: messages may carry file paths.
-        body.update(status="error", error=type(state.failure).__name__)
-        return web.json_response(body, status=503)
-    if state.engine is None or not state.engine.is_ready:
+    error = state.not_ready()
+    if isinstance(error, EngineDeadError):
+        # The exception class only (the message of a dead engine): messages may carry paths.
+        body.update(status="error", error=error.message)
+    elif error is not None:
         body["status"] = "loading"
-        return web.json_response(body, status=503, headers={"Retry-After": "5"})
-    return web.json_response(body)
+    if error is None:
+        return web.json_response(body)
+    return web.json_response(body, status=error.status, headers=error.headers)
 
 
 @routes.get("/stats")
@@ -68,7 +69,7 @@ async def stats(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     engine = state.engine
     if engine is None:
-        raise APIError(503, "the model is still loading", code="model_loading")
+        raise ModelLoadingError()
     body = {"model": state.model_name, "uptime_s": round(state.uptime_s, 3),
             "is_ready": engine.is_ready, **engine.get_stats()}
     return web.json_response(body)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from ..config import ServerConfig
+from ..errors import EngineDeadError, ModelLoadingError, ModelNotFoundError
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .errors import APIError
 from .metrics import ServerMetrics
 
 
-class Engine(Protocol):
-    """The part of ``AsyncLLM`` the server uses."""
+class AsyncLLMLike(Protocol):
+    """The part of the ``AsyncLLM`` façade the server uses (tests pass a scripted double)."""
 
     tokenizer: Any
     model_name: str
@@ -29,14 +30,14 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate_stream(
+    def generate_outputs(
         self,
         prompt: str | list[int],
         sampling_params: SamplingParams,
         *,
         priority: int = 0,
         request_id: str | None = None,
-    ) -> AsyncIterator[dict[str, Any]]: ...
+    ) -> AsyncGenerator[RequestOutput, None]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -51,7 +52,7 @@ class ServerState:
     """Per-app state, stored under :data:`STATE_KEY`."""
 
     config: ServerConfig
-    engine: Engine | None = None
+    engine: AsyncLLMLike | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     # Keep-alive comment interval while a stream waits for tokens.
     keepalive_s: float = 10.0
@@ -82,13 +83,19 @@ class ServerState:
             return self.config.served_model_name
         return None if self.engine is None else self.engine.model_name
 
-    def ready_engine(self) -> Engine:
-        """The engine, or a 503 while it loads or after it died."""
+    def not_ready(self) -> EngineDeadError | ModelLoadingError | None:
+        """The readiness rule (``/health`` and every handler): why no request can run, or None."""
         if self.failure is not None:
-            raise APIError(503, "the engine is not running; see the server log", code="engine_dead")
+            return EngineDeadError(f"{type(self.failure).__name__}")
         if self.engine is None or not self.engine.is_ready:
-            raise APIError(503, "the model is still loading", code="model_loading",
-                           headers={"Retry-After": "5"})
+            return ModelLoadingError()
+        return None
+
+    def ready_engine(self) -> AsyncLLMLike:
+        """The engine, or a 503 while it loads or after it died."""
+        error = self.not_ready()
+        if error is not None:
+            raise error
         return self.engine
 
     def check_model(self, name: str | None) -> str:
@@ -96,8 +103,7 @@ class ServerState:
         served = self.model_name or ""
         if name is None or name == served or name in self.model_aliases:
             return served
-        raise APIError(404, f"The model `{name}` does not exist.", param="model",
-                       code="model_not_found")
+        raise ModelNotFoundError(name)
 
 
 STATE_KEY = web.AppKey("nano_qwen3_state", ServerState)

@@ -6,22 +6,22 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .errors import APIError
-from .generation import ClientGone, GenerationRun
+from ..errors import NanoQwen3Error
+from .call import ClientGone
+from .formatter import Formatter, Payload, SSEEvent
 from .state import STATE_KEY
+
+if TYPE_CHECKING:
+    from .runner import GenerationRun
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
 # Past the request's deadline a write still gets this long, so the 408 event can go out.
 DEADLINE_GRACE_S = 1.0
-
-ChunkFn = Callable[[int, dict[str, Any]], list[dict[str, Any]]]
-PayloadsFn = Callable[[], list[dict[str, Any]]]
 
 
 class SSEWriter:
@@ -49,14 +49,25 @@ class SSEWriter:
         self.started = True
         await self._guard(self.response.prepare(self.request))
 
-    async def send(self, payload: dict[str, Any]) -> None:
-        await self._write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n")
+    async def send(self, payload: Payload) -> None:
+        """One event: ``data: <json>``, preceded by ``event: <name>`` for an ``SSEEvent``."""
+        if isinstance(payload, SSEEvent):
+            name, payload = f"event: {payload.event}\n" if payload.event else "", payload.data
+        else:
+            name = ""
+        await self._write(f"{name}data: {json.dumps(payload, ensure_ascii=False)}\n\n")
+
+    async def send_all(self, payloads: list[Payload]) -> None:
+        for payload in payloads:
+            await self.send(payload)
 
     async def keepalive(self) -> None:
         await self._write(": keep-alive\n\n")
 
-    async def done(self) -> None:
-        await self._write("data: [DONE]\n\n")
+    async def done(self, marker: bool = True) -> None:
+        """End the stream, with OpenAI's ``data: [DONE]`` when ``marker``."""
+        if marker:
+            await self._write("data: [DONE]\n\n")
         await self._guard(self.response.write_eof())
 
     async def _write(self, text: str) -> None:
@@ -85,55 +96,47 @@ class SSEWriter:
             transport.abort()
 
 
-async def stream_run(
-    request: web.Request,
-    run: GenerationRun,
-    on_start: PayloadsFn,
-    on_chunk: ChunkFn,
-    on_end: PayloadsFn,
-) -> web.StreamResponse:
+async def stream_run(request: web.Request, run: GenerationRun,
+                     formatter: Formatter) -> web.StreamResponse:
     """Stream ``run`` as SSE; errors before the first byte are still plain HTTP errors.
 
-    The response starts at the first chunk or the first keep-alive tick, so a full queue
+    The response starts at the first output or the first keep-alive tick, so a full queue
     (raised at once) is a real 429 rather than an error event inside a 200 stream.
     """
     sse = SSEWriter(request, run.deadline)
     try:
         async with run:
             async for event in run.events():
-                await _begin(sse, on_start)
+                await _begin(sse, formatter)
                 if event is None:
                     await sse.keepalive()
                     continue
-                for payload in on_chunk(*event):
-                    await sse.send(payload)
-        await _begin(sse, on_start)
-        for payload in on_end():
-            await sse.send(payload)
-        await sse.done()
+                await sse.send_all(formatter.stream_output(*event))
+        await _begin(sse, formatter)
+        await sse.send_all(formatter.stream_end(run.result()))
+        await sse.done(formatter.sse_done)
     except ClientGone:
         log.info("client went away; request aborted")
         if not sse.started:
             raise  # answered 499 by the error middleware
         return sse.response
-    except APIError as err:
+    except NanoQwen3Error as err:
         if not sse.started:
             raise
-        await _send_error(sse, err)
+        await _send_error(sse, formatter, err)
     return sse.response
 
 
-async def _begin(sse: SSEWriter, on_start: PayloadsFn) -> None:
+async def _begin(sse: SSEWriter, formatter: Formatter) -> None:
     if not sse.started:
         await sse.start()
-        for payload in on_start():
-            await sse.send(payload)
+        await sse.send_all(formatter.stream_start())
 
 
-async def _send_error(sse: SSEWriter, err: APIError) -> None:
-    """An error after the stream began: an error event, then the end of the stream."""
+async def _send_error(sse: SSEWriter, formatter: Formatter, err: NanoQwen3Error) -> None:
+    """An error after the stream began: the formatter's error events, then the end."""
     try:
-        await sse.send(err.body())
-        await sse.done()
+        await sse.send_all(formatter.stream_error(err))
+        await sse.done(formatter.sse_done)
     except ClientGone:
         pass

@@ -1,27 +1,27 @@
 """One assistant turn for the agent APIs (Anthropic Messages, OpenAI Responses).
 
 Both APIs describe a turn the same way: optional reasoning, then text, then tool calls, and
-why it stopped. :func:`run_turn` drives the engine (with a cap on reasoning tokens) and
-:class:`TurnParser` splits the engine's text into those parts, incrementally, so each
-endpoint only formats them.
+why it stopped. :class:`TurnRun` drives the engine through the server's runner (with a cap
+on reasoning tokens) and :class:`TurnParser` splits the engine's text into those parts,
+incrementally, so each endpoint's formatter only formats them.
 
 The reasoning cap (Anthropic ``thinking.budget_tokens``) is budget forcing: the turn first
 runs with at most ``budget`` tokens and ``</think>`` as a stop string; if the model is still
 thinking then, ``\\n</think>\\n\\n`` is appended and a second engine request continues from
 prompt + reasoning (the prefix cache makes its prefill nearly free). Both requests go
-through the same scheduler, KV pool, priority, deadline and abort-on-disconnect.
+through the same runner: scheduler, KV pool, priority, deadline, abort on disconnect.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
+from ..outputs import GenerationResult, RequestOutput
 from ..parsers import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -29,10 +29,12 @@ from ..parsers import (
     ToolCallStreamParser,
     prompt_thinking,
 )
-from ..sampling_params import SamplingParams
+from .call import ApiCall
 from .errors import bad_request
-from .generation import Event, Generation, GenerationRun
-from .state import STATE_KEY
+from .formatter import Formatter, Payload
+from .request import Choice, GenerationRequest
+from .runner import Event, GenerationRun, RunResult, Usage
+from .streaming import stream_run
 
 # Text appended when the reasoning budget runs out while the model is still thinking.
 FORCED_CLOSE = f"\n{THINK_CLOSE}\n\n"
@@ -47,6 +49,116 @@ class TurnPrompt:
     starts_in_reasoning: bool
 
 
+class TurnRun:
+    """A :class:`~.runner.GenerationRun` look-alike for one turn (``stream_run`` and
+    ``collect`` drive it): one engine request, or two when a reasoning budget binds.
+
+    Its events and result present the turn as one choice (index 0) whatever the phases.
+    """
+
+    def __init__(self, call: ApiCall, request: GenerationRequest, prompt: TurnPrompt,
+                 think_budget: int | None = None) -> None:
+        self.call, self.request, self.prompt = call, request, prompt
+        max_tokens = request.choices(call.engine.max_model_len)[0].params.max_tokens
+        self.params = request.params.clone(max_tokens=max_tokens)
+        self.budget = think_budget if prompt.thinking and think_budget is not None \
+            and think_budget < max_tokens else None
+        limits = [t for t in (request.timeout, call.state.config.request_timeout) if t]
+        self.timeout = min(limits) if limits else None
+        self.deadline = time.monotonic() + self.timeout if self.timeout else None
+        self.merged = GenerationResult(f"{request.response_id}-0")
+        self.outputs: list[RequestOutput] = []  # every output of the turn, in order
+        self._run: GenerationRun | None = None
+
+    async def __aenter__(self) -> TurnRun:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._run is not None:  # aborts the phase in flight, if any
+            await self._run.__aexit__(*exc_info)
+
+    def _phase(self, suffix: str, ids: list[int], params: Any) -> GenerationRun:
+        left = None if self.deadline is None else max(self.deadline - time.monotonic(), 1e-3)
+        request = replace(self.request, response_id=f"{self.request.response_id}-{suffix}",
+                          prompts=[ids], params=params, n=1, timeout=left)
+        self._run = GenerationRun(self.call, request)
+        return self._run
+
+    async def _events(self, run: GenerationRun) -> AsyncIterator[Event]:
+        await run.__aenter__()
+        async for event in run.events():
+            yield event
+        await run.__aexit__(None, None, None)
+        self._run = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """``(0, output)`` per engine output of the turn; None on idle ticks."""
+        if self.budget is None:
+            run = self._phase("0", self.prompt.token_ids, self.params)
+            async for event in self._events(run):
+                yield self._add(event)
+            return
+        first = self.params.clone(max_tokens=self.budget,
+                                  stop_sequences=[*self.params.stop_sequences, THINK_CLOSE])
+        last = None
+        async for event in self._events(self._phase("think", self.prompt.token_ids, first)):
+            if event is not None and event[1].finished:
+                last = event[1]
+                if _continues(last):
+                    event = 0, replace(last, finished=False, finish_reason=None)
+            yield self._add(event)
+        if last is not None and _continues(last):
+            async for event in self._answer(last):
+                yield self._add(event)
+
+    async def _answer(self, thought: RequestOutput) -> AsyncIterator[Event]:
+        """The second phase: close the thinking (unless the model did) and answer."""
+        closed = thought.stop_reason == THINK_CLOSE
+        tokenizer = self.call.engine.tokenizer
+        forced = [] if closed else tokenizer.encode(FORCED_CLOSE, add_special_tokens=False)
+        reasoning_ids = list(self.merged.token_ids)  # a natural close left </think> in them
+        spent = len(reasoning_ids) + len(forced)
+        close = RequestOutput(self.merged.request_id, THINK_CLOSE if closed else FORCED_CLOSE,
+                              forced, False, None, len(self.prompt.token_ids), spent)
+        yield 0, close
+        room = self.params.max_tokens - spent
+        if room < 1:
+            yield 0, replace(close, text="", token_ids=[], finished=True, finish_reason="length")
+            return
+        ids = self.prompt.token_ids + reasoning_ids + forced
+        run = self._phase("answer", ids, self.params.clone(max_tokens=room))
+        async for event in self._events(run):
+            if event is not None:  # one turn: the original prompt, every token generated
+                event = 0, replace(event[1], num_prompt_tokens=len(self.prompt.token_ids),
+                                   num_completion_tokens=spent + event[1].num_completion_tokens)
+            yield event
+
+    def _add(self, event: Event) -> Event:
+        if event is None:
+            return None
+        out = replace(event[1], request_id=self.merged.request_id)
+        self.merged.add(out)
+        self.outputs.append(out)
+        return 0, out
+
+    def result(self) -> RunResult:
+        choice = Choice(0, 0, self.prompt.token_ids, self.params, self.merged.request_id)
+        usage = Usage(len(self.prompt.token_ids), self.merged.num_completion_tokens)
+        return RunResult([choice], {0: self.merged}, usage)
+
+    async def collect(self) -> RunResult:
+        """Run to the end (non-streaming responses)."""
+        async with self:
+            async for _ in self.events():
+                pass
+        return self.result()
+
+
+def _continues(thought: RequestOutput) -> bool:
+    """An answer phase follows: the model closed its thinking, or the budget ran out."""
+    return thought.stop_reason == THINK_CLOSE or thought.finish_reason == "length"
+
+
 @dataclass(slots=True)
 class Finish:
     """How a turn ended, in engine terms (each API maps it to its own stop reason)."""
@@ -58,98 +170,12 @@ class Finish:
     reasoning_tokens: int = 0
 
 
-async def run_turn(request: web.Request, prompt: TurnPrompt, params: SamplingParams, rid: str,
-                   *, priority: int = 0, timeout: float | None = None,
-                   think_budget: int | None = None) -> AsyncIterator[Event]:
-    """Engine chunks of one turn (``(0, chunk)``, or None on idle ticks); the last chunk is
-    ``finished`` and its ``usage`` covers the whole turn. Leaving early aborts the request."""
-    capped = think_budget is not None and prompt.thinking and think_budget < params.max_tokens
-    deadline = time.monotonic() + timeout if timeout else None
-    if not capped:
-        events = _one_run(request, prompt.token_ids, params, rid, priority, deadline)
-        async with contextlib.aclosing(events):
-            async for event in events:
-                yield event
-        return
-    first = params.clone(max_tokens=think_budget,
-                        stop_sequences=[*params.stop_sequences, THINK_CLOSE])
-    phase = _Phase()
-    events = _one_run(request, prompt.token_ids, first, f"{rid}-think", priority, deadline)
-    async with contextlib.aclosing(events):
-        async for event in events:
-            phase.see(event)
-            if event is not None and event[1].get("finished"):
-                if not phase.continues(event[1]):
-                    yield event  # ended while thinking (EOS, a user stop string, an abort)
-                    return
-                event = 0, {**event[1], "finished": False, "finish_reason": None}
-            yield event
-    events = _second_phase(request, prompt, params, rid, priority, deadline, phase)
-    async with contextlib.aclosing(events):
-        async for event in events:
-            yield event
-
-
-@dataclass(slots=True)
-class _Phase:
-    """What the reasoning phase produced: its token ids and how it ended."""
-
-    token_ids: list[int] = field(default_factory=list)
-    closed: bool = False  # the model wrote </think> itself
-
-    def see(self, event: Event) -> None:
-        if event is not None:
-            self.token_ids += event[1].get("token_ids") or []
-
-    def continues(self, last: dict[str, Any]) -> bool:
-        """Whether an answer phase follows (the model stopped thinking, or ran out of budget)."""
-        self.closed = last.get("stop_reason") == THINK_CLOSE
-        return self.closed or last.get("finish_reason") == "length"
-
-
-async def _second_phase(request: web.Request, prompt: TurnPrompt, params: SamplingParams,
-                        rid: str, priority: int, deadline: float | None,
-                        phase: _Phase) -> AsyncIterator[Event]:
-    tokenizer = request.app[STATE_KEY].ready_engine().tokenizer
-    forced_text = THINK_CLOSE if phase.closed else FORCED_CLOSE
-    forced = [] if phase.closed else tokenizer.encode(FORCED_CLOSE, add_special_tokens=False)
-    # A natural close left </think> in the ids already (the stop string only hides the text).
-    spent = len(phase.token_ids) + len(forced)
-    yield 0, {"text": forced_text, "token_ids": forced, "finished": False}
-    room = params.max_tokens - spent
-    usage = {"prompt_tokens": len(prompt.token_ids)}
-    if room < 1:
-        yield 0, _final("length", None, usage, spent)
-        return
-    ids = prompt.token_ids + phase.token_ids + forced
-    events = _one_run(request, ids, params.clone(max_tokens=room), f"{rid}-answer", priority,
-                      deadline)
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if event is not None and event[1].get("finished"):
-                last = event[1]
-                done = last.get("usage", {}).get("completion_tokens", 0)
-                event = 0, {**last, **_final(last.get("finish_reason"), last.get("stop_reason"),
-                                             usage, spent + done), "text": last.get("text", "")}
-            yield event
-
-
-def _final(finish: str | None, stop: Any, usage: dict[str, int], completion: int) -> dict:
-    prompt_tokens = usage["prompt_tokens"]
-    return {"text": "", "token_ids": [], "finished": True, "finish_reason": finish,
-            "stop_reason": stop,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion}}
-
-
-async def _one_run(request: web.Request, ids: list[int], params: SamplingParams, rid: str,
-                   priority: int, deadline: float | None) -> AsyncIterator[Event]:
-    left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-    run = GenerationRun(request, [Generation(0, ids, params, rid)], priority=priority,
-                        timeout=left)
-    async with run:
-        async for event in run.events():
-            yield event
+def finish_of(result: RunResult, parser: TurnParser) -> Finish:
+    """The :class:`Finish` of a finished turn."""
+    last = result.results[0].last
+    return Finish(last.finish_reason if last else None, last.stop_reason if last else None,
+                  result.usage.prompt_tokens, result.usage.completion_tokens,
+                  parser.reasoning_tokens)
 
 
 class TurnParser:
@@ -164,11 +190,12 @@ class TurnParser:
         self.tools = ToolCallStreamParser() if use_tools else None
         self.reasoning_tokens = 0
 
-    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, str]]:
-        """The reasoning/text pieces a chunk adds (empty pieces dropped)."""
-        reasoning, content = self.reasoning.feed(chunk.get("text", ""))
-        if reasoning and not content:
-            self.reasoning_tokens += len(chunk.get("token_ids") or [])
+    def feed(self, out: RequestOutput | str) -> list[tuple[str, str]]:
+        """The reasoning/text pieces an engine output (or a whole text) adds."""
+        text = out if isinstance(out, str) else out.text
+        reasoning, content = self.reasoning.feed(text)
+        if reasoning and not content and not isinstance(out, str):
+            self.reasoning_tokens += len(out.token_ids)
         if self.tools is not None:
             content = self.tools.feed(content)
         return _pieces(reasoning, content)
@@ -186,14 +213,6 @@ class TurnParser:
 
 def _pieces(reasoning: str, content: str) -> list[tuple[str, str]]:
     return [(kind, text) for kind, text in (("reasoning", reasoning), ("text", content)) if text]
-
-
-def finish_of(last: dict[str, Any], parser: TurnParser) -> Finish:
-    """The :class:`Finish` of a turn from its last engine chunk."""
-    usage = last.get("usage") or {}
-    return Finish(last.get("finish_reason"), last.get("stop_reason"),
-                  usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                  parser.reasoning_tokens)
 
 
 def render_turn(tokenizer: Any, messages: list[dict[str, Any]],
@@ -215,3 +234,55 @@ def turn_prompt(tokenizer: Any, ids: list[int], *, open_thinking: bool = False) 
         ids = ids + tokenizer.encode(f"{THINK_OPEN}\n", add_special_tokens=False)
         return TurnPrompt(ids, True, True)
     return TurnPrompt(ids, *prompt_thinking(tokenizer, ids))
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """A whole turn: reasoning, text, tool calls (OpenAI shape) and how it ended."""
+
+    reasoning: str
+    text: str
+    tool_calls: list[dict[str, Any]]
+    finish: Finish
+    saw_reasoning: bool
+
+
+class TurnFormatter(Formatter):
+    """Base of the agent-API formatters: the turn is parsed as it streams (``stream_output``
+    -> :meth:`piece`), or at once from the run's outputs for a JSON response."""
+
+    sse_done = False  # Anthropic and Responses streams end without ``data: [DONE]``
+
+    def __init__(self, prompt: TurnPrompt, use_tools: bool, outputs: list[RequestOutput]):
+        self.parser = TurnParser(prompt, use_tools)
+        self.outputs = outputs
+
+    def piece(self, kind: str, text: str) -> list[Payload]:
+        """Events for a reasoning or text delta."""
+        raise NotImplementedError
+
+    def stream_output(self, index: int, out: RequestOutput) -> list[Payload]:
+        return [e for kind, text in self.parser.feed(out) for e in self.piece(kind, text)]
+
+    def finish_pieces(self) -> tuple[list[Payload], list[dict[str, Any]]]:
+        """At the end of a stream: the events of the held-back text, and the tool calls."""
+        pieces, calls = self.parser.finish()
+        return [e for kind, text in pieces for e in self.piece(kind, text)], calls
+
+    def collect(self, result: RunResult) -> TurnResult:
+        parts: dict[str, list[str]] = {"reasoning": [], "text": []}
+        for out in self.outputs:
+            for kind, text in self.parser.feed(out):
+                parts[kind].append(text)
+        pieces, calls = self.parser.finish()
+        for kind, text in pieces:
+            parts[kind].append(text)
+        return TurnResult("".join(parts["reasoning"]), "".join(parts["text"]), calls,
+                          finish_of(result, self.parser), self.parser.reasoning.saw_reasoning)
+
+
+async def serve_turn(call: ApiCall, run: TurnRun, formatter: Formatter) -> web.StreamResponse:
+    """The runner's ``serve`` for a :class:`TurnRun`: SSE events or one JSON body."""
+    if run.request.stream:
+        return await stream_run(call.http, run, formatter)  # type: ignore[arg-type]
+    return web.json_response(formatter.response(await run.collect()))
