@@ -127,6 +127,12 @@ class MessageResponse(_Response):
     usage: AnthropicUsage
 
 
+class AnthropicStreamEvent(_Response):
+    """One ``/v1/messages`` stream event (``message_start``, ``content_block_delta``, ...)."""
+
+    type: str
+
+
 class CountTokensResponse(_Response):
     input_tokens: int
 

@@ -134,6 +134,13 @@ class ResponseObject(_Response):
     usage: ResponsesUsage | None = None
 
 
+class ResponsesStreamEvent(_Response):
+    """One ``/v1/responses`` stream event (``response.output_text.delta``, ...)."""
+
+    type: str
+    sequence_number: int
+
+
 # ---------------------------------------------------------------- conversion
 
 
