@@ -277,7 +277,9 @@ class TurnFormatter(Formatter):
         pieces, calls = self.parser.finish()
         for kind, text in pieces:
             parts[kind].append(text)
-        return TurnResult("".join(parts["reasoning"]), "".join(parts["text"]), calls,
+        text = "".join(parts["text"])
+        # As parse_tool_calls does for a whole text: the content around calls is stripped.
+        return TurnResult("".join(parts["reasoning"]), text.strip() if calls else text, calls,
                           finish_of(result, self.parser), self.parser.reasoning.saw_reasoning)
 
 
