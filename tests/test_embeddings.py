@@ -94,3 +94,19 @@ def test_truncate_and_base64():
     assert truncate([3.0, 4.0, 1.0], 2) == pytest.approx([0.6, 0.8])
     decoded = np.frombuffer(__import__("base64").b64decode(to_base64(vector)), dtype="<f4")
     assert decoded.tolist() == pytest.approx(vector)
+
+
+def test_headless_embedding_checkpoint_loads(tiny_qwen3_dir, tmp_path, llm):
+    """Qwen3-Embedding ships the body alone (keys without ``model.``, tied embeddings)."""
+    import shutil
+
+    weights = mx.load(str(tiny_qwen3_dir / "model.safetensors"))
+    headless = {k.removeprefix("model."): v for k, v in weights.items() if k != "lm_head.weight"}
+    for f in tiny_qwen3_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), headless)
+    config = json.loads((tiny_qwen3_dir / "config.json").read_text())
+    config.update(tie_word_embeddings=True, architectures=["Qwen3Model"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with LLM(config=EngineConfig(model=str(tmp_path), num_kv_blocks=16, max_model_len=64)) as emb:
+        assert cosine(emb.embed(TEXTS[1])[0], llm.embed(TEXTS[1])[0]) >= 0.9999
