@@ -49,7 +49,8 @@ def _bound_work(body) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             body[key] = cap
     if "input" in body:  # /v1/responses (or /v1/embeddings, which ignores the field)
-        body.setdefault("max_output_tokens", 4)
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = 4
     elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = 4  # unset means "up to the context length"
 
