@@ -19,6 +19,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from .engine.stats import StreamTimer
+
 # Random-weight checkpoints with real shapes: speed does not depend on the weights' values.
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
@@ -91,12 +93,10 @@ def bench_ours(path: Path, prompts: list[list[int]], gen_len: int, batch_sizes: 
 
 def time_stream(llm, prompt, params) -> tuple[float, float]:
     """(TTFT seconds, decode tok/s) of one streamed ``LLM`` request."""
-    start, first, n = time.perf_counter(), None, 0
+    timer = StreamTimer()
     for chunk in llm.generate_stream(prompt, params):
-        first = first or time.perf_counter()
-        n += len(chunk["token_ids"])
-    end = time.perf_counter()
-    return first - start, (n - 1) / (end - first)
+        timer.tick(len(chunk["token_ids"]))
+    return timer.ttft_s, timer.decode_tok_s
 
 
 def _ours_batch(llm, prompts, params) -> tuple[float, float]:
@@ -126,12 +126,10 @@ def bench_mlx_lm(path: Path, prompts: list[list[int]], gen_len: int, batch_sizes
     for _ in stream_generate(model, tokenizer, prompts[0], max_tokens=4):
         pass  # warm-up
     mx.reset_peak_memory()
-    start, first, n = time.perf_counter(), None, 0
+    timer = StreamTimer()
     for _ in stream_generate(model, tokenizer, prompts[0], max_tokens=gen_len):
-        first = first or time.perf_counter()
-        n += 1
-    end = time.perf_counter()
-    res.single_ttft_s, res.single_decode_tok_s = first - start, (n - 1) / (end - first)
+        timer.tick()
+    res.single_ttft_s, res.single_decode_tok_s = timer.ttft_s, timer.decode_tok_s
     for b in batch_sizes:
         res.batch_tok_s[b], res.batch_ttft_s[b] = _mlx_lm_batch(BatchGenerator, model, prompts[:b], gen_len)
     res.peak_memory_gb = mx.get_peak_memory() / 1e9

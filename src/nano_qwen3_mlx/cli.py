@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Annotated, Any
 
 import typer
+
+from .errors import exit_with_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MLX-native Qwen3 inference: CLI, Python API and OpenAI-compatible server.")
@@ -15,10 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="alias, local dir, .gguf or HF repo id (default: MODEL_NAME env, then configs/default.toml)")]
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr and a non-zero exit; never a traceback."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+fail = exit_with_error  # one line on stderr and a non-zero exit; never a traceback
 
 
 def _engine_config(model: str | None, config_file: str | None = None, **flags: Any):
@@ -31,6 +29,7 @@ def _engine_config(model: str | None, config_file: str | None = None, **flags: A
 
 
 def _load_llm(config):
+    from .errors import first_line
     from .llm import LLM
     from .models.loader import ModelLoadError
 
@@ -39,7 +38,7 @@ def _load_llm(config):
     except ModelLoadError as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
-        fail(f"cannot load model {config.model}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        fail(f"cannot load model {config.model}: {first_line(exc)}")
 
 
 @app.command()
@@ -78,10 +77,11 @@ def generate(
 
 
 def _run_generation(llm, prompt, params, stream: bool) -> None:
-    start, first, num_tokens, reason, pieces = time.perf_counter(), None, 0, None, []
+    from .engine.stats import StreamTimer
+
+    timer, reason, pieces = StreamTimer(), None, []
     for chunk in llm.generate_stream(prompt, params):
-        first = first or time.perf_counter()
-        num_tokens += len(chunk["token_ids"])
+        timer.tick(len(chunk["token_ids"]))
         reason = chunk["finish_reason"] or reason
         if stream:
             sys.stdout.write(chunk["text"])
@@ -90,11 +90,8 @@ def _run_generation(llm, prompt, params, stream: bool) -> None:
     if not stream:
         sys.stdout.write("".join(pieces))
     sys.stdout.write("\n")
-    end = time.perf_counter()
-    decode_s = max(end - (first or end), 1e-9)
-    rate = (num_tokens - 1) / decode_s if num_tokens > 1 else 0.0
-    typer.echo(f"[{num_tokens} tokens, finish={reason}, ttft={(first or end) - start:.2f}s, "
-               f"{rate:.1f} tok/s]", err=True)
+    typer.echo(f"[{timer.num_tokens} tokens, finish={reason}, ttft={timer.ttft_s:.2f}s, "
+               f"{timer.decode_tok_s:.1f} tok/s]", err=True)
 
 
 @app.command()

@@ -79,7 +79,6 @@ class EngineConfig(_Settings):
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
     max_queue_size: int = Field(1024, ge=1)
-    seed: int = 0
 
     @field_validator("device", mode="before")
     @classmethod

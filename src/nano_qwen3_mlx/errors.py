@@ -9,7 +9,8 @@ nothing heavy: the server uses it before (and without) loading MLX.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import sys
+from typing import ClassVar, NoReturn
 
 
 class NanoQwen3Error(Exception):
@@ -116,3 +117,17 @@ class APIError(NanoQwen3Error):
 def client_message(exc: NanoQwen3Error) -> str:
     """The message a client sees: the class's fixed text where the message may leak internals."""
     return getattr(exc, "client_message", None) or exc.message
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none): what a
+    one-line error for a user quotes of an error from a library."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def exit_with_error(message: str, code: int = 2) -> NoReturn:
+    """The command line's way out: ``error: <message>`` on stderr and a non-zero exit, never a
+    traceback (typer/click pass the ``SystemExit`` through)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

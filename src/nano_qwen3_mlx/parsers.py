@@ -12,6 +12,8 @@ import re
 import uuid
 from typing import Any
 
+from .tokenizer import partial_suffix_len
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 TOOL_OPEN = "<tool_call>"
@@ -128,7 +130,7 @@ class ReasoningStreamParser:
             self._buf = ""
             return False
         # Hold back a possible partial "</think>" and trailing newlines (dropped before the tag).
-        keep = len(self._buf) - _partial_suffix(self._buf, THINK_CLOSE)
+        keep = len(self._buf) - partial_suffix_len(self._buf, [THINK_CLOSE])
         emit = self._buf[:keep].rstrip("\n")
         reasoning.append(emit)
         self._buf = self._buf[len(emit):]
@@ -142,14 +144,6 @@ class ReasoningStreamParser:
             self._lead = False
         content.append(self._buf)
         self._buf = ""
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 def new_tool_call_id() -> str:
@@ -218,7 +212,7 @@ class ToolCallStreamParser:
             self._in_tools = True
             self._buf = opened + tail
             return head
-        keep = len(self._buf) - _partial_suffix(self._buf, TOOL_OPEN)
+        keep = len(self._buf) - partial_suffix_len(self._buf, [TOOL_OPEN])
         out, self._buf = self._buf[:keep], self._buf[keep:]
         return out
 

@@ -13,6 +13,8 @@ import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import first_line
+
 # transformers' fallback template for models that ship none (ChatML).
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -124,7 +126,7 @@ class IncrementalDetokenizer:
 
     Only the tokens since the last emitted piece are decoded, together with the tokens of that piece
     as context, so each step costs O(window), not O(sequence). Text is held back while it ends in
-    U+FFFD: the next token may complete the multi-byte character. `text` is all text emitted.
+    U+FFFD: the next token may complete the multi-byte character.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
@@ -133,7 +135,6 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []  # only the window: tokens from the prefix offset on
         self._read = 0  # window index where not-yet-emitted tokens start
         self._prefix_len = 0  # len(decode(self._ids[:self._read]))
-        self.text = ""
 
     def add(self, token_ids: int | Sequence[int]) -> str:
         """Append token(s); return the newly completed text (may be '')."""
@@ -155,7 +156,6 @@ class IncrementalDetokenizer:
         del self._ids[: self._read]
         self._read = len(self._ids)
         self._prefix_len = len(self._decode(self._ids))
-        self.text += piece
         return piece
 
     def _decode(self, ids: list[int]) -> str:
@@ -183,7 +183,7 @@ class StopMatcher:
         if hit is not None:
             self.matched, self._held = hit[1], ""
             return buf[: hit[0]], self.matched
-        keep = self._partial_suffix_len(buf)
+        keep = partial_suffix_len(buf, self.stop_sequences)
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], None
 
@@ -201,15 +201,18 @@ class StopMatcher:
                 best = key if best is None or key < best else best
         return None if best is None else (best[0] + best[1], best[2])
 
-    def _partial_suffix_len(self, buf: str) -> int:
-        """Length of the longest tail of `buf` that could still grow into a stop string."""
-        longest = 0
-        for stop in self.stop_sequences:
-            for k in range(min(len(stop) - 1, len(buf)), longest, -1):
-                if buf.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
+
+
+def partial_suffix_len(text: str, tags: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of one of ``tags``:
+    what a stream must hold back because the next piece may complete a tag."""
+    longest = 0
+    for tag in tags:
+        for k in range(min(len(tag) - 1, len(text)), longest, -1):
+            if text.endswith(tag[:k]):
+                longest = k
+                break
+    return longest
 
 
 def _compile_template(source: str) -> jinja2.Template:
@@ -273,7 +276,7 @@ def _load_backend(path: Path) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad input
-        raise ValueError(f"cannot load tokenizer file {path}: {_first_line(e)}") from e
+        raise ValueError(f"cannot load tokenizer file {path}: {first_line(e)}") from e
 
 
 def _read_json(path: Path) -> dict | None:
@@ -283,7 +286,7 @@ def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {_first_line(e)}") from e
+        raise ValueError(f"cannot read {path}: {first_line(e)}") from e
     if not isinstance(data, dict):
         raise ValueError(f"cannot read {path}: expected a JSON object")
     return data
@@ -315,8 +318,3 @@ def _token_content(token: Any) -> str | None:
 def _unique(items: Sequence[Any], drop: Any = "") -> list:
     """Items in first-seen order, without duplicates or `drop`."""
     return [x for x in dict.fromkeys(items) if x != drop]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
+from ..models.contract import CausalLM, uniform_kv
 from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -35,10 +36,9 @@ class LLMEngine:
         self.config = config
         if config.device == "cpu":
             mx.set_default_device(mx.cpu)
-        t0 = time.monotonic()
         self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
-        self.load_time_s = time.monotonic() - t0
-        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.model: CausalLM = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
         self.cache = self._make_cache()
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
@@ -50,14 +50,14 @@ class LLMEngine:
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
         self._early_outputs: list[RequestOutput] = []
-        self._prev: StepOutput | None = None
+        # The step queued on the device whose sampled tokens are not read yet (pipelining).
+        self._in_flight: StepOutput | None = None
         self._seq_ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------
     @property
     def model_max_len(self) -> int:
-        args = self.model.args
-        return self.config.max_model_len or args.max_position_embeddings
+        return self.config.max_model_len or self.model.max_position_embeddings
 
     @property
     def max_model_len(self) -> int:
@@ -66,13 +66,13 @@ class LLMEngine:
         return min(self.model_max_len, pool_tokens)
 
     def _make_cache(self) -> PagedKVCache:
-        args, cfg = self.model.args, self.config
-        dtype = self.model.model.norm.weight.dtype
-        probe = PagedKVCache(args.num_hidden_layers, 0, cfg.block_size, args.num_key_value_heads,
-                             args.head_dim, dtype)
+        cfg, model = self.config, self.model
+        kv, num_layers = uniform_kv(model), len(model.kv_layers)
+        probe = PagedKVCache(num_layers, 0, cfg.block_size, kv.num_kv_heads, kv.head_dim,
+                             model.dtype)
         num_blocks = self._num_kv_blocks(probe.bytes_per_token * cfg.block_size)
-        cache = PagedKVCache(args.num_hidden_layers, num_blocks, cfg.block_size,
-                             args.num_key_value_heads, args.head_dim, dtype)
+        cache = PagedKVCache(num_layers, num_blocks, cfg.block_size, kv.num_kv_heads,
+                             kv.head_dim, model.dtype)
         log.info("KV cache: %d blocks x %d tokens, %.1f MB (%d bytes/token)", num_blocks,
                  cfg.block_size, cache.nbytes / 1e6, cache.bytes_per_token)
         return cache
@@ -112,7 +112,7 @@ class LLMEngine:
                                       field="request_id")
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority,
                        pooling=pooling)
-        seq.state = self.output_processor.new_state(params)
+        seq.output_state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         self.stats.num_prompt_tokens += len(token_ids)
@@ -123,7 +123,7 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = [int(t) for t in prompt]
-            vocab = self.model.args.vocab_size
+            vocab = self.model.vocab_size
             if any(t < 0 or t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})",
                                           field="prompt")
@@ -152,18 +152,12 @@ class LLMEngine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with ``finish_reason='error'`` (used after a step raised)."""
-        self._prev = None
-        outputs = []
-        for seq in list(self._seqs.values()):
-            if not seq.is_finished:
-                self._finish(seq, "error")
-                outputs.append(self._output(seq, "", [], None, error=error))
+        outputs = self._fail(list(self._seqs.values()), error)
         self._seqs.clear()
-        self.block_manager.reset_prefix_cache()
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._prev is not None or bool(self._early_outputs)
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None or bool(self._early_outputs)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -186,22 +180,26 @@ class LLMEngine:
     def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
         outputs = []
         if batch and self._needs_sync(batch):
-            outputs += self._postprocess(self._prev)
-            self._prev, batch = None, batch.without_finished()
+            outputs += self._postprocess(self._in_flight)
+            self._in_flight, batch = None, batch.without_finished()
         if batch and batch.is_prefill:
             self.stats.num_computed_prompt_tokens += batch.num_tokens
-        out = self.runner.run(batch, self._prev) if batch else None
-        outputs += self._postprocess(self._prev)
+        out = self.runner.run(batch, self._in_flight) if batch else None
+        outputs += self._postprocess(self._in_flight)
         if out is not None:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
-        self._prev = out
+        self._in_flight = out
         return outputs
 
     def _fail_step(self, batch: ScheduledBatch | None, error: str) -> list[RequestOutput]:
-        prev = [*self._prev.seqs, *self._prev.pooled_seqs] if self._prev else []
-        seqs = (batch.seqs if batch else []) + prev
-        self._prev, outputs = None, []
+        in_flight = [*self._in_flight.seqs, *self._in_flight.pooled_seqs] if self._in_flight \
+            else []
+        return self._fail((batch.seqs if batch else []) + in_flight, error)
+
+    def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
+        """End ``seqs`` with ``finish_reason='error'``; the step in flight is dropped."""
+        self._in_flight, outputs = None, []
         for seq in self._seqs.values():
             seq.pending_row = None  # the step that would have produced it is gone
         for seq in dict.fromkeys(seqs):
@@ -274,7 +272,7 @@ class LLMEngine:
         return RequestOutput(
             seq.request_id, text, token_ids, seq.is_finished, seq.finish_reason,
             seq.num_prompt_tokens, len(seq.token_ids) - seq.num_prompt_tokens, logprobs, error,
-            prompt_ids, getattr(seq.state, "stop_reason", None) if seq.is_finished else None,
+            prompt_ids, getattr(seq.output_state, "stop_reason", None) if seq.is_finished else None,
             embedding,
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..sampling_params import SamplingParams
@@ -11,11 +11,10 @@ from .sequence import Sequence
 
 @dataclass(slots=True)
 class OutputState:
-    """Per-request text state kept on ``Sequence.state``."""
+    """Per-request text state kept on ``Sequence.output_state``."""
 
     detokenizer: Any
     stop_matcher: Any
-    pieces: list[str] = field(default_factory=list)
     matched: bool = False
     # vLLM's stop_reason: the stop string matched, or the stop token id (None for EOS/length).
     stop_reason: str | int | None = None
@@ -37,7 +36,7 @@ class OutputProcessor:
     def append(self, seq: Sequence, token: int, max_model_len: int) -> tuple[str, str | None]:
         """Add ``token`` to ``seq``; return (new text, finish reason or None)."""
         seq.token_ids.append(token)
-        params, state = seq.params, seq.state
+        params, state = seq.params, seq.output_state
         text, reason = "", None
         is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
         if is_eos or token in params.stop_token_ids:
@@ -52,7 +51,6 @@ class OutputProcessor:
         if reason and not state.matched:  # flush what the detokenizer/matcher held back
             tail, _ = state.stop_matcher.feed(state.detokenizer.finalize())
             text += tail + state.stop_matcher.flush()
-        state.pieces.append(text)
         return text, reason
 
     def logprobs(self, seq: Sequence, row: int, token: int, lp, top_ids, top_lp) -> list | None:

@@ -115,10 +115,8 @@ class Scheduler:
         return batch
 
     def _admit(self, seq: Sequence) -> bool:
-        cached = self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
-        if seq.num_preemptions == 0:
-            seq.num_cached_tokens = cached
-        if self._fits(seq) <= 0:
+        self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
+        if self._room_for(seq) <= 0:
             self.block_manager.free(seq)
             return False
         self.waiting.pop(0)
@@ -126,7 +124,7 @@ class Scheduler:
         self.running.append(seq)
         return True
 
-    def _fits(self, seq: Sequence) -> int:
+    def _room_for(self, seq: Sequence) -> int:
         """How many more tokens of ``seq`` the free blocks can hold now."""
         bm = self.block_manager
         capacity = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size
@@ -134,7 +132,7 @@ class Scheduler:
 
     def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
         # A chunk shrinks to what fits, so a long prompt still progresses in a small pool.
-        chunk = min(seq.num_uncomputed_tokens, budget, self._fits(seq), self._padded_room(batch))
+        chunk = min(seq.num_uncomputed_tokens, budget, self._room_for(seq), self._padded_room(batch))
         if chunk <= 0:
             return 0
         self.block_manager.append_slots(seq, chunk)

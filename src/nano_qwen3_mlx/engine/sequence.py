@@ -35,7 +35,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     num_hashed_blocks: int = 0
     pending_row: int | None = None
     finish_reason: str | None = None
@@ -43,7 +42,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     rng_key: Any = None  # mx.array key when params.seed is set
-    state: Any = None  # the engine's per-request output state (detokenizer, stop matcher)
+    output_state: Any = None  # output_processor.OutputState: detokenizer, stop matcher
     # Prefill only: the last prompt token's final-norm hidden state is returned (an embedding)
     # instead of a sampled token, and the sequence ends after its prompt.
     pooling: bool = False

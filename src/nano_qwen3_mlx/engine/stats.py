@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -56,6 +57,34 @@ class EngineStats:
             return 0.0
         span = time.monotonic() - self._token_times[0][0]
         return sum(n for _, n in self._token_times) / max(span, 1e-6)
+
+
+@dataclass(slots=True)
+class StreamTimer:
+    """Time to first token and decode rate of one streamed request, as its client sees them
+    (the CLI's summary line, the benchmarks). Call ``tick(n)`` as each chunk arrives."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+    num_tokens: int = 0
+
+    def tick(self, num_tokens: int = 1) -> None:
+        now = time.perf_counter()
+        self.first = now if self.first is None else self.first
+        self.last = now
+        self.num_tokens += num_tokens
+
+    @property
+    def ttft_s(self) -> float:
+        return (time.perf_counter() if self.first is None else self.first) - self.start
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first, per second after the first."""
+        if self.num_tokens < 2 or self.first is None or self.last is None:
+            return 0.0
+        return (self.num_tokens - 1) / max(self.last - self.first, 1e-9)
 
 
 def total_memory_bytes() -> int:

@@ -1,8 +1,8 @@
-"""The Llama family (Llama 2/3, SmolLM, ...) as a configuration of the Qwen3 layers.
+"""The Llama family (Llama 2/3, SmolLM, ...): the shared dense decoder without q/k norm.
 
-Qwen3 is Llama plus per-head RMSNorm on queries and keys, so every layer is shared with
-``models/qwen3.py``; only the defaults of ``config.json`` differ (no q/k norm, untied
-embeddings unless the config says so). ``rope_scaling`` of type ``llama3`` and ``linear``
+Every layer lives in ``models/decoder.py`` (Qwen3 is the same decoder plus per-head RMSNorm
+on queries and keys); only the defaults of ``config.json`` differ (untied embeddings unless
+the config says so). ``rope_scaling`` of type ``llama3`` and ``linear``
 is handled by the shared ``RoPE``.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import qwen3
+from .decoder import DecoderArgs, DecoderLM
 
 
 @dataclass
-class ModelArgs(qwen3.ModelArgs):
+class ModelArgs(DecoderArgs):
     """Llama ``config.json``; ``head_dim`` defaults to ``hidden_size // num_attention_heads``."""
 
     model_type: str = "llama"
@@ -36,8 +36,8 @@ class ModelArgs(qwen3.ModelArgs):
         super().__post_init__()
 
 
-class Model(qwen3.Model):
-    """Llama causal LM: the Qwen3 model built from Llama ``ModelArgs``."""
+class Model(DecoderLM):
+    """Llama causal LM."""
 
 
 __all__ = ["Model", "ModelArgs"]

@@ -16,7 +16,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import PROJECT_ROOT
+from ..errors import first_line
 from . import MODEL_TYPES
+from .contract import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: CausalLM  # an nn.Module; outside models/ only its CausalLM side is used
     tokenizer: Any  # tokenizer.Tokenizer
     config: dict[str, Any]
     path: Path
@@ -124,7 +126,7 @@ def _load_gguf(path: Path, name: str, dtype: str) -> LoadedModel:
     except ModelLoadError:
         raise
     except ValueError as exc:
-        raise ModelLoadError(str(exc).splitlines()[0]) from None
+        raise ModelLoadError(first_line(exc)) from None
     return LoadedModel(model, tokenizer, config, path, name)
 
 
@@ -168,7 +170,7 @@ def _read_safetensors(path: Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(file))
         except Exception as exc:
-            raise ModelLoadError(f"cannot read {file}: {str(exc).splitlines()[0]}") from None
+            raise ModelLoadError(f"cannot read {file}: {first_line(exc)}") from None
     return weights
 
 

@@ -22,8 +22,8 @@ from ..errors import (
 )
 
 __all__ = ["APIError", "anthropic_error_body", "anthropic_error_json", "bad_request",
-           "error_body", "error_response", "from_validation_error", "is_anthropic_path",
-           "to_api_error"]
+           "error_body", "error_json", "error_response", "from_validation_error",
+           "is_anthropic_path", "to_api_error"]
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 

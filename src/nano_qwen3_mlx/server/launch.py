@@ -13,6 +13,7 @@ import typer
 from aiohttp import web
 
 from ..config import EngineConfig, ServerConfig
+from ..errors import exit_with_error, first_line
 from .app import create_app
 from .state import STATE_KEY, ServerState
 
@@ -50,8 +51,7 @@ def serve(
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, health, stats, metrics)."""
     if workers is not None and workers > 1:
-        typer.echo(f"error: {WORKERS_REFUSED}", err=True)
-        raise typer.Exit(2)
+        exit_with_error(WORKERS_REFUSED)
     engine_config = _load(EngineConfig, config, model=model, max_num_seqs=max_num_seqs,
                           kv_cache_gb=kv_cache_gb, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, device=device, dtype=dtype,
@@ -61,8 +61,7 @@ def serve(
                           log_prompts=log_prompts, cors_origins=cors_origin or None,
                           request_timeout=request_timeout, workers=workers)
     if server_config.workers > 1:
-        typer.echo(f"error: {WORKERS_REFUSED}", err=True)
-        raise typer.Exit(2)
+        exit_with_error(WORKERS_REFUSED)
     _setup_logging(server_config.log_level)
     if not _is_loopback(server_config.host) and not server_config.api_key:
         typer.echo(f"warning: binding {server_config.host} without --api-key: anyone who can "
@@ -76,12 +75,7 @@ def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
     try:
         return cls.load(config_file, **flags)
     except ValueError as exc:
-        _fail(str(exc))
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+        exit_with_error(str(exc))
 
 
 def _setup_logging(level: str) -> None:
@@ -165,6 +159,5 @@ async def _wait(app: web.Application, stop: asyncio.Event) -> int:
     if state.start_error is None:
         return 0
     err = state.start_error
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    typer.echo(f"error: the model failed to load: {reason}", err=True)
+    typer.echo(f"error: the model failed to load: {first_line(err)}", err=True)
     return 1

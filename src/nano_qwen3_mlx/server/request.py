@@ -7,7 +7,6 @@ An endpoint's protocol module turns the body into a :class:`GenerationRequest`; 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
@@ -31,15 +30,14 @@ class GenerationRequest:
     response_id: str  # e.g. "chatcmpl-<hex>"; choice i runs as engine request "<id>-<i>"
     prompts: list[list[int]]  # token ids, one list per prompt (chat: always one)
     # max_tokens as the client asked (None: up to the context); per-choice seeds are seed + i.
+    # Structured output (response_format, guided_*, forced tool calls) travels here too, as
+    # SamplingParams fields, so the engine sees it per choice.
     params: SamplingParams
     n: int = 1  # choices per prompt
     stream: bool = False
     include_usage: bool = False  # streams: end with a usage event
     priority: int = 0  # lower runs first
     timeout: float | None = None  # seconds; the server's request_timeout caps it
-    # Structured-output constraint (JSON schema / regex / grammar from response_format or
-    # guided_* fields). None: unconstrained. Filled by the structured-output work (issue 10).
-    constraint: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:
