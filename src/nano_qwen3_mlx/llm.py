@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
+from .errors import InvalidRequestError
 from .outputs import GenerationResult, add_reasoning
 from .sampling_params import SamplingParams
 
@@ -29,13 +30,18 @@ class LLM:
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt],
-                 sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
-        """Generate for one or many prompts (strings or token-id lists), batched together."""
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[dict[str, Any]]:
+        """Generate for one or many prompts (strings or token-id lists), batched together.
+
+        ``sampling_params`` is one for all prompts, or a list with one per prompt.
+        """
         prompts = _as_prompt_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts))
         builders: list[GenerationResult] = []
         try:
-            for prompt in prompts:
-                builders.append(self._add(prompt, sampling_params))
+            for prompt, p in zip(prompts, params):
+                builders.append(self._add(prompt, p))
         except ValueError:  # one bad prompt: run none of them
             for builder in builders:
                 self.engine.abort_request(builder.request_id)
@@ -119,6 +125,16 @@ class LLM:
     def _drain(self) -> None:
         while self.engine.has_unfinished_requests():
             self.engine.step()
+
+
+def _per_prompt(params: SamplingParams | list[SamplingParams] | None,
+                n: int) -> list[SamplingParams | None]:
+    if not isinstance(params, list):
+        return [params] * n
+    if len(params) != n:
+        raise InvalidRequestError(f"got {len(params)} sampling_params for {n} prompts",
+                                  field="sampling_params")
+    return params
 
 
 def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -15,6 +16,13 @@ class SamplingParams:
 
     ``stop`` is accepted as an alias of ``stop_sequences``. Invalid values raise
     ``InvalidRequestError`` (a ``ValueError``) whose ``field`` names the field.
+
+    Structured output (at most one of them): ``json_schema`` (a JSON Schema, dict or JSON
+    text), ``regex``, ``choice`` (one of these strings) or ``grammar`` (Lark, llguidance's
+    dialect). The output then matches it; the request stops when the grammar is complete.
+    ``strict=False`` ignores schema keywords the grammar engine does not implement (instead
+    of rejecting the schema). ``grammar_after`` is a token (e.g. ``"</think>"``) before which
+    output is free: Qwen3's reasoning stays unconstrained, its answer follows the grammar.
     """
 
     temperature: float = 1.0
@@ -33,6 +41,12 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     stop: list[str] | str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    strict: bool = True
+    grammar_after: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):
@@ -41,7 +55,10 @@ class SamplingParams:
             extra = [self.stop] if isinstance(self.stop, str) else list(self.stop)
             self.stop_sequences = list(self.stop_sequences) + extra
             self.stop = None
+        if isinstance(self.json_schema, str):
+            self.json_schema = _parse_schema(self.json_schema)
         self._validate()
+        self._validate_constraint()
 
     def _validate(self) -> None:
         _check(self, "temperature", _finite(self.temperature) and self.temperature >= 0, ">= 0")
@@ -62,6 +79,27 @@ class SamplingParams:
         _check(self, "stop_sequences", ok_stop, "a list of non-empty strings")
         ok_seed = self.seed is None or (_int(self.seed) and -(2**63) <= self.seed < 2**64)
         _check(self, "seed", ok_seed, "an int in [-2**63, 2**64)")
+
+    def _validate_constraint(self) -> None:
+        given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(
+                f"give at most one of json_schema, regex, choice, grammar (got {given})", field=given[1])
+        _check(self, "json_schema", self.json_schema is None or isinstance(self.json_schema, dict),
+               "a JSON Schema object")
+        for name in ("regex", "grammar", "grammar_after"):
+            value = getattr(self, name)
+            _check(self, name, value is None or (isinstance(value, str) and value != ""),
+                   "a non-empty string")
+        ok_choice = self.choice is None or (
+            isinstance(self.choice, list) and self.choice
+            and all(isinstance(c, str) and c for c in self.choice))
+        _check(self, "choice", ok_choice, "a non-empty list of non-empty strings")
+
+    @property
+    def is_constrained(self) -> bool:
+        """Whether a grammar constrains the output."""
+        return any(getattr(self, n) is not None for n in ("json_schema", "regex", "choice", "grammar"))
 
     @property
     def is_greedy(self) -> bool:
@@ -103,6 +141,13 @@ class SamplingParams:
     @classmethod
     def deterministic(cls, **overrides: Any) -> SamplingParams:
         return cls(**{"temperature": 0.0, **overrides})
+
+
+def _parse_schema(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"json_schema is not valid JSON: {exc}", field="json_schema") from None
 
 
 def _finite(value: Any) -> bool:

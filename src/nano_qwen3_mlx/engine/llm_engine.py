@@ -18,6 +18,7 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
+from .grammar import GrammarCompiler
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
@@ -44,7 +45,8 @@ class LLMEngine:
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.args.vocab_size)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
@@ -52,6 +54,7 @@ class LLMEngine:
         self._early_outputs: list[RequestOutput] = []
         # The step queued on the device whose sampled tokens are not read yet (pipelining).
         self._in_flight: StepOutput | None = None
+        self._caught_up: list[RequestOutput | None] | None = None  # _in_flight, read early
         self._seq_ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -99,7 +102,8 @@ class LLMEngine:
         self, prompt: str | list[int], params: SamplingParams | None = None,
         request_id: str | None = None, priority: int = 0, pooling: bool = False,
     ) -> str:
-        """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run.
+        """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run
+        or a grammar (``json_schema``, ``regex``, ...) that is invalid or unsupported.
 
         ``pooling=True`` makes it an embedding request: prefill only, and its one output
         carries the last prompt token's final-norm hidden state, L2-normalised.
@@ -110,8 +114,10 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use",
                                       field="request_id")
+        grammar = self.grammars.new_state(params)
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority,
                        pooling=pooling)
+        seq.grammar = grammar
         seq.output_state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -185,12 +191,21 @@ class LLMEngine:
         if batch and batch.is_prefill:
             self.stats.num_computed_prompt_tokens += batch.num_tokens
         out = self.runner.run(batch, self._in_flight) if batch else None
-        outputs += self._postprocess(self._in_flight)
+        outputs += self._take_in_flight_outputs()
         if out is not None:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
         self._in_flight = out
         return outputs
+
+    def _catch_up(self) -> None:
+        """Read the step in flight now (the sampler needs its tokens for grammar masks)."""
+        if self._in_flight is not None and self._caught_up is None:
+            self._caught_up = self._postprocess(self._in_flight)
+
+    def _take_in_flight_outputs(self) -> list[RequestOutput | None]:
+        caught, self._caught_up = self._caught_up, None
+        return caught if caught is not None else self._postprocess(self._in_flight)
 
     def _fail_step(self, batch: ScheduledBatch | None, error: str) -> list[RequestOutput]:
         in_flight = [*self._in_flight.seqs, *self._in_flight.pooled_seqs] if self._in_flight \
@@ -198,8 +213,9 @@ class LLMEngine:
         return self._fail((batch.seqs if batch else []) + in_flight, error)
 
     def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
-        """End ``seqs`` with ``finish_reason='error'``; the step in flight is dropped."""
-        self._in_flight, outputs = None, []
+        """End ``seqs`` with ``finish_reason='error'``; the step in flight is dropped.
+        Outputs read before the failure (requests that finished then) still go out."""
+        self._in_flight, outputs, self._caught_up = None, self._caught_up or [], None
         for seq in self._seqs.values():
             seq.pending_row = None  # the step that would have produced it is gone
         for seq in dict.fromkeys(seqs):

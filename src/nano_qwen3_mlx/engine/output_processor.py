@@ -43,9 +43,10 @@ class OutputProcessor:
             reason = "stop"  # the stop token itself is not part of the text
             state.stop_reason = None if is_eos else token
         else:
+            complete = seq.grammar is not None and seq.grammar.advance(token)
             text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
             state.matched, state.stop_reason = matched is not None, matched
-            reason = "stop" if state.matched else None
+            reason = "stop" if state.matched or complete else None
         if reason is None and (seq.reached_max_tokens or seq.num_tokens >= max_model_len):
             reason = "length"
         if reason and not state.matched:  # flush what the detokenizer/matcher held back
@@ -62,5 +63,6 @@ class OutputProcessor:
         tops = [] if not n or top_ids is None else [
             {"token_id": t, "token": to_str(t), "logprob": v}
             for t, v in zip(top_ids[row][:n], top_lp[row][:n])
+            if v != float("-inf")  # tokens a grammar forbids are no alternatives
         ]
         return [{"token_id": token, "token": to_str(token), "logprob": lp[row], "top_logprobs": tops}]

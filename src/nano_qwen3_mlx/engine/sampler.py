@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from .grammar import allowed_tokens
 from .sequence import Sequence
 
 
@@ -22,16 +24,27 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Turns last-position logits ``(B, V)`` into next tokens for the sequences of a batch."""
+    """Turns last-position logits ``(B, V)`` into next tokens for the sequences of a batch.
 
-    def __init__(self, eos_token_ids: list[int]) -> None:
+    Rows whose sequence has a grammar (``seq.grammar``) sample from the tokens it allows;
+    the other rows are untouched. A grammar's mask needs the token of the step still in
+    flight: ``catch_up`` (set by the engine) reads those tokens and advances the grammars.
+    The sampler calls it only after starting this step's logits on the device, so the
+    device computes while the grammars do.
+    """
+
+    def __init__(self, eos_token_ids: list[int],
+                 catch_up: Callable[[], None] | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
+        self.catch_up = catch_up
 
     def __call__(self, logits: mx.array, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.astype(mx.float32)
+        self._catch_up_grammars(logits, seqs)
         logits = self._apply_biases(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
         logits = self._block_eos(logits, seqs)
+        logits = self._apply_grammars(logits, seqs)
         out = SamplerOutput(self._choose(logits, seqs))
         if any(s.params.logprobs is not None for s in seqs):
             self._add_logprobs(out, logits, seqs)
@@ -71,12 +84,30 @@ class Sampler:
         return logits
 
     def _block_eos(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
-        rows = [i for i, s in enumerate(seqs) if s.num_completion_tokens < s.params.min_tokens]
+        # A complete grammar may need EOS now: it wins over min_tokens.
+        rows = [i for i, s in enumerate(seqs) if s.num_completion_tokens < s.params.min_tokens
+                and not (s.grammar is not None and s.grammar.accepting)]
         if not rows or not self.eos_token_ids:
             return logits
         r = mx.array([i for i in rows for _ in self.eos_token_ids])
         c = mx.array([e for _ in rows for e in self.eos_token_ids])
         logits[r, c] = -mx.inf
+        return logits
+
+    def _catch_up_grammars(self, logits: mx.array, seqs: list[Sequence]) -> None:
+        behind = any(s.grammar is not None and s.pending_row is not None for s in seqs)
+        if behind and self.catch_up is not None:
+            mx.async_eval(logits)  # the forward pass runs while the grammars catch up
+            self.catch_up()
+
+    def _apply_grammars(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+        rows = [i for i, s in enumerate(seqs)
+                if s.grammar is not None and s.grammar.active and not s.is_finished]
+        if not rows:
+            return logits
+        allowed = allowed_tokens([seqs[i].grammar for i in rows], logits.shape[-1])
+        r = mx.array(rows)
+        logits[r] = mx.where(mx.array(allowed), logits[r], -mx.inf)
         return logits
 
     # ---- choosing -----------------------------------------------------------------------

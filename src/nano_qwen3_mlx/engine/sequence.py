@@ -46,6 +46,7 @@ class Sequence:
     # Prefill only: the last prompt token's final-norm hidden state is returned (an embedding)
     # instead of a sampled token, and the sequence ends after its prompt.
     pooling: bool = False
+    grammar: Any = None  # grammar.GrammarState when the output is constrained
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -18,6 +18,7 @@ from ..parsers import (
     split_reasoning,
 )
 from .call import open_call
+from .constraints import chat_constraint, tool_specs, with_tools_in_system
 from .errors import bad_request
 from .formatter import Formatter, Payload
 from .logprobs import chat_logprobs
@@ -39,6 +40,7 @@ class ChatPrompt:
     token_ids: list[int]
     thinking: bool  # False: the prompt closed an empty <think> block (thinking disabled)
     starts_in_reasoning: bool  # the prompt already opened <think>
+    single_tool_call: bool = False  # parallel_tool_calls=false: only the first call counts
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -58,15 +60,24 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest, use_tools: bool) -
     messages = [_message_dict(m) for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in _offered_tools(req)] if use_tools else None
     kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED}
+    ids = _render(tokenizer, messages, tools, kwargs)
+    if tools and ids == _render(tokenizer, messages, None, kwargs):
+        # The template has no tools section: describe them as Qwen3's template would.
+        ids = _render(tokenizer, with_tools_in_system(messages, tools), None, kwargs)
+    single = use_tools and req.parallel_tool_calls is False
+    return ChatPrompt(ids, *prompt_thinking(tokenizer, ids), single_tool_call=single)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+            kwargs: dict[str, Any]) -> list[int]:
     try:
-        ids = tokenizer.apply_chat_template(
+        return list(tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=True, **kwargs
-        )
+        ))
     except Exception as exc:
         log.info("chat template failed: %r", exc)
         raise bad_request(f"the chat template rejected the messages: {_short(exc)}",
                           "messages") from None
-    return ChatPrompt(list(ids), *prompt_thinking(tokenizer, ids))
 
 
 def _offered_tools(req: ChatCompletionRequest) -> list:
@@ -99,7 +110,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         log.info("chat prompt: %r", tokenizer.decode(prompt.token_ids))
     requested = req.max_completion_tokens or req.max_tokens
     top = (req.top_logprobs or 0) if req.logprobs else None
-    gen = openai_request(req, call.engine, [prompt.token_ids], requested, top, new_id("chatcmpl"))
+    tools = tool_specs(_offered_tools(req)) if use_tools else []
+    constraint = chat_constraint(tokenizer, req, tools, prompt.thinking)
+    gen = openai_request(req, call.engine, [prompt.token_ids], requested, top, new_id("chatcmpl"),
+                         constraint)
     head = {"id": gen.response_id, "created": int(time.time()), "model": call.model}
     return await serve(call, gen, ChatFormatter(head, gen, prompt, use_tools))
 
@@ -111,7 +125,7 @@ def _split(text: str, prompt: ChatPrompt, use_tools: bool) -> tuple[str | None, 
     calls: list[dict[str, Any]] = []
     if use_tools:
         content, calls = parse_tool_calls(content)
-    return reasoning, content, calls
+    return reasoning, content, calls[:1] if prompt.single_tool_call else calls
 
 
 class ChatFormatter(Formatter):
@@ -173,6 +187,7 @@ class _ChoiceStream:
         self.reasoning = ReasoningStreamParser(prompt.starts_in_reasoning, enabled=prompt.thinking)
         self.tools = ToolCallStreamParser() if use_tools else None
         self.logprobs = logprobs
+        self.single_tool_call = prompt.single_tool_call
 
     def on_output(self, out: RequestOutput) -> dict[str, Any] | None:
         reasoning, content = self.reasoning.feed(out.text)
@@ -196,7 +211,7 @@ class _ChoiceStream:
             return content, []
         content = self.tools.feed(content)
         rest, calls = self.tools.flush()
-        return content + rest, calls
+        return content + rest, calls[:1] if self.single_tool_call else calls
 
 
 def _delta(content: str, reasoning: str, calls: list[dict[str, Any]]) -> dict[str, Any]:

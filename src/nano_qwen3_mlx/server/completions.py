@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..outputs import GenerationResult, RequestOutput
 from .call import open_call
+from .constraints import check, request_constraint
 from .errors import bad_request
 from .formatter import Formatter, Payload
 from .logprobs import completion_logprobs
@@ -48,8 +49,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = _prompts(req, call.engine)
     if call.state.config.log_prompts:
         log.info("completion prompts: %r", [text for text, _ in prompts])
+    constraint, field = request_constraint(req)
+    check(constraint, field)
     gen = openai_request(req, call.engine, [ids for _, ids in prompts], req.max_tokens or 16,
-                         req.logprobs, new_id("cmpl"))
+                         req.logprobs, new_id("cmpl"), constraint)
     head = {"id": gen.response_id, "object": "text_completion", "created": int(time.time()),
             "model": call.model}
     echoes = [text if req.echo else "" for text, _ in prompts]

@@ -63,8 +63,10 @@ def vocab_size(engine: AsyncLLMLike) -> int | None:
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    vocab: int | None = None) -> SamplingParams:
-    """The request's ``SamplingParams`` (``GenerationRequest.choices`` gives each its seed)."""
+                    vocab: int | None = None,
+                    constraint: dict[str, Any] | None = None) -> SamplingParams:
+    """The request's ``SamplingParams`` (``GenerationRequest.choices`` gives each its seed);
+    ``constraint``: structured-output fields (server/constraints.py)."""
     given = {
         name: getattr(req, name)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -76,6 +78,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         given["top_k"] = max(req.top_k, 0)
     if req.stop_token_ids is not None:
         given["stop_token_ids"] = _token_ids(req.stop_token_ids, vocab)
+    given.update(constraint or {})
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias = _logit_bias(req.logit_bias, vocab)
     return SamplingParams(
@@ -107,10 +110,10 @@ def _logit_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, f
 
 
 def openai_request(req: SamplingFields, engine: AsyncLLMLike, prompts: list[list[int]],
-                   max_tokens: int | None, logprobs: int | None,
-                   response_id: str) -> GenerationRequest:
+                   max_tokens: int | None, logprobs: int | None, response_id: str,
+                   constraint: dict[str, Any] | None = None) -> GenerationRequest:
     """The ``GenerationRequest`` of an OpenAI chat or text completion body."""
-    params = sampling_params(req, max_tokens, logprobs, vocab_size(engine))
+    params = sampling_params(req, max_tokens, logprobs, vocab_size(engine), constraint)
     return GenerationRequest(
         response_id, prompts, params, n=req.n, stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),

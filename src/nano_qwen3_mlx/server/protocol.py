@@ -56,6 +56,7 @@ class FunctionDefinition(_Request):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class Tool(_Request):
@@ -91,6 +92,12 @@ class SamplingFields(_Request):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     # Seconds before the server gives up on this request (also capped server-wide).
     timeout: float | None = Field(None, gt=0)
+    # Structured output (server/constraints.py): OpenAI's field, or one of vLLM's.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
