@@ -125,8 +125,34 @@ def test_tool_round_trip_renders_like_chat_tools(claude, oai):
     same = chat(oai, openai_history, tools=[tool])
     assert msg.usage.input_tokens == same.usage.prompt_tokens
     assert msg.content[0].text == (same.choices[0].message.content or "")
-    with pytest.raises(anthropic.BadRequestError, match="forced tool call"):
-        create(claude, tools=[WEATHER], tool_choice={"type": "any"})
+
+
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}
+
+
+def test_forced_tool_use_and_json_schema_output(claude, oai):
+    """Constrained decoding makes even the random model call the tool / answer the schema."""
+    tool = {**WEATHER, "input_schema": CITY}
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        msg = create(claude, max_tokens=40, tools=[tool],
+                     tool_choice={**choice, "disable_parallel_tool_use": True})
+        assert msg.stop_reason == "tool_use" and msg.content[-1].type == "tool_use"
+        assert msg.content[-1].input["city"] in ("Paris", "Rome")
+    thought = create(claude, max_tokens=60, tools=[tool], tool_choice={"type": "any"},
+                     thinking={"type": "enabled", "budget_tokens": 4})
+    assert [b.type for b in thought.content] == ["thinking", "tool_use"]
+    fn = {"type": "function", "name": "get_weather", "parameters": CITY}
+    resp = oai.responses.create(model="tiny", input="Weather?", tools=[fn], temperature=0,
+                                tool_choice="required", parallel_tool_calls=False,
+                                max_output_tokens=40, reasoning={"effort": "none"})
+    assert [item.type for item in resp.output] == ["function_call"]
+    assert json.loads(resp.output[0].arguments)["city"] in ("Paris", "Rome")
+    fmt = {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}
+    resp = oai.responses.create(model="tiny", input="A city?", text={"format": fmt},
+                                max_output_tokens=40, temperature=0,
+                                reasoning={"effort": "none"})
+    assert resp.status == "completed" and json.loads(resp.output_text)["city"] in ("Paris", "Rome")
 
 
 def test_thinking_block_capped_by_budget(claude, oai, tiny_qwen3_dir):

@@ -128,8 +128,8 @@ async def test_responses_reasoning_item(aiohttp_client, tokenizer):
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]},
      "image blocks are not supported"),
     ({"max_tokens": 5, "messages": USER, "model": "claude-x"}, "claude-x"),
-    ({"max_tokens": 5, "messages": USER, "tools": [WEATHER], "tool_choice": {"type": "any"}},
-     "forced tool call"),
+    ({"max_tokens": 5, "messages": USER, "tools": [WEATHER],
+      "tool_choice": {"type": "tool", "name": "nope"}}, "names no tool"),
     ({"messages": USER}, "max_tokens"),
 ])
 async def test_messages_errors_in_anthropic_shape(client, body, fragment):
@@ -143,8 +143,9 @@ async def test_messages_errors_in_anthropic_shape(client, body, fragment):
 
 @pytest.mark.parametrize("body, fragment", [
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {}}}},
-     "text.format"),
+    ({"input": "x", "tool_choice": "required"}, "requires `tools`"),
+    ({"input": "x", "tools": [FN], "tool_choice": "required",
+      "text": {"format": {"type": "json_object"}}}, "cannot be combined"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input_image"),
     ({"input": []}, "input"),

@@ -58,8 +58,15 @@ def chat_constraint(tokenizer: Any, req: ChatCompletionRequest, tools: list[Tool
             raise bad_request(f"{field} cannot be combined with a forced tool_choice", field)
         grammar = tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls is not False)
         fields, field = {"grammar": grammar}, "tools"
+    return gated(tokenizer, fields, field, thinking)
+
+
+def gated(tokenizer: Any, fields: dict[str, Any], field: str | None,
+          thinking: bool) -> dict[str, Any]:
+    """Constraint ``fields`` applied after Qwen3's ``</think>`` when the model thinks, checked
+    up front (400 naming ``field`` when they cannot compile)."""
     if fields and thinking and _has_token(tokenizer, THINK_CLOSE):
-        fields["grammar_after"] = THINK_CLOSE
+        fields = {**fields, "grammar_after": THINK_CLOSE}
     check(fields, field)
     return fields
 

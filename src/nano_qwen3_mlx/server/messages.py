@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ..errors import NanoQwen3Error
 from ..sampling_params import SamplingParams
+from ..structured import ToolSpec, tool_call_grammar
 from .anthropic_protocol import (
     CountTokensRequest,
     MessagesRequest,
@@ -24,6 +25,7 @@ from .anthropic_protocol import (
     tool_use_block,
 )
 from .call import open_call
+from .constraints import gated
 from .errors import anthropic_error_json, bad_request
 from .formatter import Payload, SSEEvent
 from .request import GenerationRequest
@@ -60,18 +62,21 @@ def render(tokenizer: Any, req: CountTokensRequest) -> TurnPrompt:
     return TurnPrompt(ids, False, False)
 
 
-def _check_forcing(req: CountTokensRequest) -> None:
+def constraint(tokenizer: Any, req: MessagesRequest, thinking: bool) -> dict[str, Any]:
+    """``tool_choice`` ``any`` / ``tool``: a grammar that forces a Qwen3 tool call (to any
+    offered tool, or the named one) whose input matches the tool's ``input_schema``."""
     choice = req.tool_choice
-    if choice is not None and choice.type in ("any", "tool") and req.tools:
-        # Forcing a call needs a grammar over the tool-call syntax (constrained decoding).
-        raise bad_request(f"tool_choice {choice.type!r} (a forced tool call) is not supported "
-                          "yet: use 'auto' and describe the tool to call in the prompt",
-                          "tool_choice")
+    if choice is None or choice.type not in ("any", "tool") or not req.tools:
+        return {}
+    specs = [ToolSpec(t["function"]["name"], t["function"]["parameters"])
+             for t in chat_tools(req) or []]
+    grammar = tool_call_grammar(tokenizer, specs, parallel=not choice.disable_parallel_tool_use)
+    return gated(tokenizer, {"grammar": grammar}, "tool_choice", thinking)
 
 
-def sampling_params(req: MessagesRequest) -> SamplingParams:
+def sampling_params(req: MessagesRequest, constrained: dict[str, Any]) -> SamplingParams:
     given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(req, k)) is not None}
-    return SamplingParams(**given, max_tokens=req.max_tokens,
+    return SamplingParams(**given, **constrained, max_tokens=req.max_tokens,
                           stop_sequences=list(req.stop_sequences or []))
 
 
@@ -92,11 +97,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
     """Anthropic Messages: one assistant turn, streaming or not."""
     call = await open_call(request, MessagesRequest)
     req = call.body
-    _check_forcing(req)
     budget = thinking_budget(req)
-    prompt = render(call.engine.tokenizer, req)
+    tokenizer = call.engine.tokenizer
+    prompt = render(tokenizer, req)
+    params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
     rid = f"msg_{uuid.uuid4().hex}"
-    gen = GenerationRequest(rid, [prompt.token_ids], sampling_params(req), stream=req.stream,
+    gen = GenerationRequest(rid, [prompt.token_ids], params, stream=req.stream,
                             priority=req.priority, timeout=req.timeout)
     run = TurnRun(call, gen, prompt, budget)
     single = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)

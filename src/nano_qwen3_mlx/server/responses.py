@@ -19,14 +19,20 @@ from aiohttp import web
 
 from ..errors import NanoQwen3Error, client_message
 from ..sampling_params import SamplingParams
+from ..structured import ToolSpec, response_format_fields, tool_call_grammar
 from .call import open_call
+from .constraints import gated
+from .errors import bad_request
 from .formatter import Payload, SSEEvent
 from .request import GenerationRequest
 from .responses_protocol import (
+    NamedFunction,
     ResponsesRequest,
     chat_messages,
     chat_tools,
     check_supported,
+    offered_tools,
+    response_format,
     thinking_enabled,
 )
 from .runner import RunResult
@@ -50,9 +56,23 @@ def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
     return turn_prompt(tokenizer, ids)
 
 
-def sampling_params(req: ResponsesRequest) -> SamplingParams:
+def constraint(tokenizer: Any, req: ResponsesRequest, thinking: bool) -> dict[str, Any]:
+    """A forced tool call (``tool_choice`` required / a named function) or ``text.format``
+    (json_schema / json_object) as a grammar, applied after ``</think>`` when thinking."""
+    if req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction):
+        specs = [ToolSpec(t.name, t.parameters, t.strict) for t in offered_tools(req)]
+        grammar = tool_call_grammar(tokenizer, specs, parallel=req.parallel_tool_calls is not False)
+        return gated(tokenizer, {"grammar": grammar}, "tool_choice", thinking)
+    try:
+        fields = response_format_fields(response_format(req))
+    except ValueError as exc:
+        raise bad_request(str(exc), "text.format") from None
+    return gated(tokenizer, fields, "text.format", thinking)
+
+
+def sampling_params(req: ResponsesRequest, constrained: dict[str, Any]) -> SamplingParams:
     given = {k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None}
-    return SamplingParams(**given, max_tokens=req.max_output_tokens)
+    return SamplingParams(**given, **constrained, max_tokens=req.max_output_tokens)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -60,9 +80,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
     call = await open_call(request, ResponsesRequest)
     req = call.body
     check_supported(req)
-    prompt = render(call.engine.tokenizer, req)
+    tokenizer = call.engine.tokenizer
+    prompt = render(tokenizer, req)
+    params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
     rid = f"resp_{uuid.uuid4().hex}"
-    gen = GenerationRequest(rid, [prompt.token_ids], sampling_params(req), stream=req.stream,
+    gen = GenerationRequest(rid, [prompt.token_ids], params, stream=req.stream,
                             priority=req.priority, timeout=req.timeout)
     run = TurnRun(call, gen, prompt)
     formatter = ResponseFormatter(response_head(rid, call.model, req), prompt,

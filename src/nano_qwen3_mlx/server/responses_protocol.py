@@ -152,13 +152,13 @@ def check_supported(req: ResponsesRequest) -> None:
                           "previous_response_id")
     if req.background:
         raise bad_request("background responses are not supported", "background")
+    forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction)
+    if forced and not req.tools:
+        raise bad_request("tool_choice requires `tools`", "tool_choice")
     fmt = req.text.format if req.text else None
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(f"text.format {fmt.type!r} needs constrained decoding, which this "
-                          "server does not have yet", "text.format")
-    if req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction):
-        raise bad_request("a forced tool call (tool_choice required or a named function) is "
-                          "not supported yet: use 'auto'", "tool_choice")
+    if forced and fmt is not None and fmt.type != "text":
+        raise bad_request("text.format cannot be combined with a forced tool_choice",
+                          "text.format")
 
 
 def _text(content: str | list[Any], where: str) -> str:
@@ -215,12 +215,36 @@ def _assistant(out: list[dict[str, Any]], reasoning: list[str], content: str = "
         last.pop("tool_calls")
 
 
-def chat_tools(req: ResponsesRequest) -> list[dict[str, Any]] | None:
+def offered_tools(req: ResponsesRequest) -> list[FunctionTool]:
+    """The tools the model may call: all, none, or only the one a named tool_choice picks."""
     if not req.tools or req.tool_choice == "none":
-        return None
+        return []
+    if not isinstance(req.tool_choice, NamedFunction):
+        return list(req.tools)
+    picked = [t for t in req.tools if t.name == req.tool_choice.name]
+    if not picked:
+        raise bad_request(f"tool_choice names no tool in `tools`: {req.tool_choice.name!r}",
+                          "tool_choice.name")
+    return picked
+
+
+def chat_tools(req: ResponsesRequest) -> list[dict[str, Any]] | None:
+    """The offered tools in the chat template's shape (None when none)."""
     return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                               "parameters": t.parameters or {}}}
-            for t in req.tools]
+            for t in offered_tools(req)] or None
+
+
+def response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+    """``text.format`` as the OpenAI chat ``response_format`` it means (None for text)."""
+    fmt = req.text.format if req.text else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    spec = {"name": fmt.name, "schema": fmt.json_schema or {},
+            "strict": True if fmt.strict is None else fmt.strict}
+    return {"type": "json_schema", "json_schema": spec}
 
 
 def thinking_enabled(req: ResponsesRequest) -> bool | None:

@@ -30,6 +30,7 @@ from ..parsers import (
     prompt_thinking,
 )
 from .call import ApiCall
+from .constraints import with_tools_in_system
 from .errors import bad_request
 from .formatter import Formatter, Payload
 from .request import Choice, GenerationRequest
@@ -126,7 +127,9 @@ class TurnRun:
             yield 0, replace(close, text="", token_ids=[], finished=True, finish_reason="length")
             return
         ids = self.prompt.token_ids + reasoning_ids + forced
-        run = self._phase("answer", ids, self.params.clone(max_tokens=room))
+        # The answer starts after </think>: a grammar waiting for it applies from the start.
+        gate = {"grammar_after": None} if getattr(self.params, "grammar_after", None) else {}
+        run = self._phase("answer", ids, self.params.clone(max_tokens=room, **gate))
         async for event in self._events(run):
             if event is not None:  # one turn: the original prompt, every token generated
                 event = 0, replace(event[1], num_prompt_tokens=len(self.prompt.token_ids),
@@ -217,7 +220,17 @@ def _pieces(reasoning: str, content: str) -> list[tuple[str, str]]:
 
 def render_turn(tokenizer: Any, messages: list[dict[str, Any]],
                 tools: list[dict[str, Any]] | None, **template_kwargs: Any) -> list[int]:
-    """Apply the chat template with a generation prompt (400 when it rejects the messages)."""
+    """Apply the chat template with a generation prompt (400 when it rejects the messages);
+    tools go into the system message, as Qwen3 writes them, when the template has no place
+    for them."""
+    ids = _render(tokenizer, messages, tools, template_kwargs)
+    if tools and ids == _render(tokenizer, messages, None, template_kwargs):
+        ids = _render(tokenizer, with_tools_in_system(messages, tools), None, template_kwargs)
+    return ids
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+            template_kwargs: dict[str, Any]) -> list[int]:
     try:
         ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                             tokenize=True, **template_kwargs)
