@@ -30,17 +30,8 @@ from .errors import anthropic_error_json, bad_request
 from .formatter import Payload, SSEEvent
 from .request import GenerationRequest
 from .runner import RunResult
-from .turns import (
-    Finish,
-    TurnFormatter,
-    TurnPrompt,
-    TurnResult,
-    TurnRun,
-    finish_of,
-    render_turn,
-    serve_turn,
-    turn_prompt,
-)
+from .turn_format import TurnFormatter, TurnResult, serve_turn
+from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 

@@ -36,17 +36,8 @@ from .responses_protocol import (
     thinking_enabled,
 )
 from .runner import RunResult
-from .turns import (
-    Finish,
-    TurnFormatter,
-    TurnPrompt,
-    TurnResult,
-    TurnRun,
-    finish_of,
-    render_turn,
-    serve_turn,
-    turn_prompt,
-)
+from .turn_format import TurnFormatter, TurnResult, serve_turn
+from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
 
 
 def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
