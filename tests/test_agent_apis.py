@@ -4,9 +4,6 @@ tiny random Qwen3): /v1/messages, /v1/responses and /v1/embeddings on the one en
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +15,7 @@ import pytest
 
 from nano_qwen3_mlx.tokenizer import Tokenizer
 from tests.test_embeddings import cosine, oracle_embedding
-from tests.test_openai_client import _free_port, _wait_healthy
+from tests.test_openai_client import serving
 
 KEY = "test-key"
 USER = [{"role": "user", "content": "Hi there"}]
@@ -29,20 +26,8 @@ WEATHER = {"name": "get_weather", "description": "Weather of a city",
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen3_dir):
-    port = _free_port()
-    env = {**os.environ, "NUM_KV_BLOCKS": "256", "MAX_MODEL_LEN": "512"}
-    cmd = [sys.executable, "-m", "nano_qwen3_mlx.cli", "serve", "--model", str(tiny_qwen3_dir),
-           "--port", str(port), "--max-num-seqs", "16", "--served-model-name", "tiny",
-           "--api-key", KEY, "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
+    with serving(tiny_qwen3_dir, "--api-key", KEY) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

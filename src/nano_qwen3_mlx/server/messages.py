@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -28,7 +27,6 @@ from .call import open_call
 from .constraints import gated
 from .errors import anthropic_error_json, bad_request
 from .formatter import Payload, SSEEvent
-from .request import GenerationRequest
 from .runner import RunResult
 from .turn_format import TurnFormatter, TurnResult, serve_turn
 from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
@@ -92,12 +90,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     tokenizer = call.engine.tokenizer
     prompt = render(tokenizer, req)
     params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
-    rid = f"msg_{uuid.uuid4().hex}"
-    gen = GenerationRequest(rid, [prompt.token_ids], params, stream=req.stream,
-                            priority=req.priority, timeout=req.timeout)
-    run = TurnRun(call, gen, prompt, budget)
+    run = TurnRun.for_call(call, prompt, params, "msg", budget)
     single = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)
-    formatter = MessageFormatter(rid, call.model, prompt, chat_tools(req) is not None,
+    formatter = MessageFormatter(run.request.response_id, call.model, prompt, chat_tools(req) is not None,
                                  run.outputs, single)
     return await serve_turn(call, run, formatter)
 

@@ -24,7 +24,6 @@ from .call import open_call
 from .constraints import gated
 from .errors import bad_request
 from .formatter import Payload, SSEEvent
-from .request import GenerationRequest
 from .responses_protocol import (
     NamedFunction,
     ResponsesRequest,
@@ -74,11 +73,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     tokenizer = call.engine.tokenizer
     prompt = render(tokenizer, req)
     params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
-    rid = f"resp_{uuid.uuid4().hex}"
-    gen = GenerationRequest(rid, [prompt.token_ids], params, stream=req.stream,
-                            priority=req.priority, timeout=req.timeout)
-    run = TurnRun(call, gen, prompt)
-    formatter = ResponseFormatter(response_head(rid, call.model, req), prompt,
+    run = TurnRun.for_call(call, prompt, params, "resp")
+    head = response_head(run.request.response_id, call.model, req)
+    formatter = ResponseFormatter(head, prompt,
                                   chat_tools(req) is not None, run.outputs)
     return await serve_turn(call, run, formatter)
 

@@ -15,6 +15,7 @@ through the same runner: scheduler, KV pool, priority, deadline, abort on discon
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +28,7 @@ from ..parsers import (
     ToolCallStreamParser,
     prompt_thinking,
 )
+from ..sampling_params import SamplingParams
 from .call import ApiCall
 from .constraints import with_tools_in_system
 from .errors import bad_request
@@ -66,6 +68,17 @@ class TurnRun:
         self.merged = GenerationResult(f"{request.response_id}-0")
         self.outputs: list[RequestOutput] = []  # every output of the turn, in order
         self._run: GenerationRun | None = None
+
+    @classmethod
+    def for_call(cls, call: ApiCall, prompt: TurnPrompt, params: SamplingParams, prefix: str,
+                 think_budget: int | None = None) -> TurnRun:
+        """The turn of an API call whose body has ``stream``, ``priority`` and ``timeout``;
+        its response id is ``{prefix}_<hex>``."""
+        body = call.body
+        request = GenerationRequest(f"{prefix}_{uuid.uuid4().hex}", [prompt.token_ids], params,
+                                    stream=body.stream, priority=body.priority,
+                                    timeout=body.timeout)
+        return cls(call, request, prompt, think_budget)
 
     async def __aenter__(self) -> TurnRun:
         return self
