@@ -3,6 +3,7 @@ SDKs' own types), tool calls out, thinking and its budget, error shapes, auth, a
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tests.server_client import make_client, wait_inactive
-from tests.test_server_fakes import FakeEngine
+from tests.test_server_fakes import FakeEngine, QueueFullError
 
 pytest_plugins = ["tests.server_fixtures"]
 
@@ -188,3 +189,24 @@ async def test_disconnect_aborts_and_metrics_per_route(aiohttp_client, tokenizer
     assert not engine.active and len(engine.aborted) == 1
     metrics = await (await client.get("/metrics")).text()
     assert f'route="{path}"' in metrics
+
+
+async def test_embeddings_many_inputs_do_not_fill_the_queue(aiohttp_client, tokenizer):
+    class Embedder(FakeEngine):
+        async def embed(self, prompt, *, priority=0, request_id=None):
+            if len(self.active) >= self.max_queue_size:
+                raise QueueFullError("queue full")
+            self.active.add(request_id)
+            try:
+                await asyncio.sleep(0.001)
+                return {"embedding": [float(len(prompt)), 1.0], "prompt_tokens": len(prompt)}
+            finally:
+                self.active.discard(request_id)
+
+    client = await make_client(aiohttp_client, Embedder(tokenizer, max_queue_size=100))
+    resp = await client.post("/v1/embeddings", json={"input": [[1] * (i % 5 + 1)
+                                                               for i in range(300)]})
+    body = await resp.json()
+    assert resp.status == 200 and len(body["data"]) == 300
+    assert [d["index"] for d in body["data"]] == list(range(300))
+    assert body["data"][3]["embedding"] == [4.0, 1.0]  # input 3 had 4 tokens

@@ -23,6 +23,9 @@ from .protocol import _Request, _Response
 from .state import AsyncLLMLike
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+# Inputs of one request in the engine at a time: enough to fill its batches, and a long
+# list does not fill the request queue itself (which would answer it 429).
+MAX_IN_FLIGHT = 64
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
 
@@ -112,9 +115,15 @@ async def embeddings(request: web.Request) -> web.Response:
 
 async def _embed_all(engine: AsyncLLMLike, ids: list[list[int]], rid: str,
                      priority: int) -> list[dict[str, Any]]:
-    """All inputs at once; one failure (or the client leaving) cancels and aborts the rest."""
-    tasks = [asyncio.ensure_future(engine.embed(p, priority=priority, request_id=f"{rid}-{i}"))
-             for i, p in enumerate(ids)]
+    """Every input (up to MAX_IN_FLIGHT at once); one failure (or the client leaving)
+    cancels and aborts the rest."""
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def embed(i: int, prompt: list[int]) -> dict[str, Any]:
+        async with slots:
+            return await engine.embed(prompt, priority=priority, request_id=f"{rid}-{i}")
+
+    tasks = [asyncio.ensure_future(embed(i, p)) for i, p in enumerate(ids)]
     try:
         return list(await asyncio.gather(*tasks))
     except (ValueError, RuntimeError) as exc:
