@@ -92,7 +92,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
     run = TurnRun.for_call(call, prompt, params, "msg", budget)
     single = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)
-    formatter = MessageFormatter(run.request.response_id, call.model, prompt, chat_tools(req) is not None,
+    use_tools = chat_tools(req) is not None
+    formatter = MessageFormatter(run.request.response_id, call.model, prompt, use_tools,
                                  run.outputs, single)
     return await serve_turn(call, run, formatter)
 

@@ -75,8 +75,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
     run = TurnRun.for_call(call, prompt, params, "resp")
     head = response_head(run.request.response_id, call.model, req)
-    formatter = ResponseFormatter(head, prompt,
-                                  chat_tools(req) is not None, run.outputs)
+    formatter = ResponseFormatter(head, prompt, chat_tools(req) is not None, run.outputs)
     return await serve_turn(call, run, formatter)
 
 
