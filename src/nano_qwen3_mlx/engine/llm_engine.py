@@ -46,7 +46,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
-        self.grammars = GrammarCompiler(self.tokenizer, self.model.args.vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
         self.runner = ModelRunner(self.model, self.cache, self.sampler)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
