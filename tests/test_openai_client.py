@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import openai  # a dev dependency: a missing client must fail, not skip
 import pytest
@@ -35,12 +37,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
     raise AssertionError("server did not become healthy")
 
 
-def _start_server(model_dir) -> tuple[subprocess.Popen, str]:
+def _start_server(model_dir, *extra_args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "NUM_KV_BLOCKS": "256", "MAX_MODEL_LEN": "512"}
     cmd = [sys.executable, "-m", "nano_qwen3_mlx.cli", "serve", "--model", str(model_dir),
            "--port", str(port), "--max-num-seqs", "16", "--served-model-name", "tiny",
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra_args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     url = f"http://127.0.0.1:{port}"
@@ -52,14 +54,21 @@ def _start_server(model_dir) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-@pytest.fixture(scope="module")
-def server(tiny_qwen3_dir):
-    proc, url = _start_server(tiny_qwen3_dir)
+@contextlib.contextmanager
+def serving(model_dir, *extra_args: str) -> Iterator[str]:
+    """``nano-qwen3 serve`` in a subprocess for the block; yields its base URL."""
+    proc, url = _start_server(model_dir, *extra_args)
     try:
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3_dir):
+    with serving(tiny_qwen3_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -43,11 +43,15 @@ def _bound_work(body) -> None:
     large values themselves are covered by tests/test_server_fuzz_real.py)."""
     if not isinstance(body, dict):
         return
-    for key, cap in (("n", 4), ("max_tokens", 4), ("max_completion_tokens", 4)):
+    for key, cap in (("n", 4), ("max_tokens", 4), ("max_completion_tokens", 4),
+                     ("max_output_tokens", 4)):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             body[key] = cap
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if "input" in body:  # /v1/responses (or /v1/embeddings, which ignores the field)
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = 4
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = 4  # unset means "up to the context length"
 
 

@@ -130,7 +130,7 @@ async def test_api_key(aiohttp_client, engine):
     assert ok.status == 200
     assert (await client.get("/health")).status == 200  # probes need no key
     doc = await (await client.get("/openapi.json")).json()
-    assert doc["security"] == [{"bearer": []}]
+    assert doc["security"] == [{"bearer": []}, {"apiKey": []}]  # Bearer or x-api-key
 
 
 async def test_body_too_large(aiohttp_client, engine):

@@ -92,7 +92,9 @@ class FakeEngine:
                 reason = "length"
             elif k == len(ids) - 1:
                 reason = "stop"
-            yield self._chunk(request_id, piece, token_id, reason, num_prompt, k + 1, params)
+            out = self._chunk(request_id, piece, token_id, reason, num_prompt, k + 1, params)
+            out.stop_reason = hit  # the stop string that matched, as the engine reports it
+            yield out
             if reason is not None:
                 return
 

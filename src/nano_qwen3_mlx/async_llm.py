@@ -130,15 +130,35 @@ class AsyncLLM:
                 result.add(out)
         return result.as_dict()
 
+    async def embed(self, prompt: Prompt, *, priority: int = 0,
+                    request_id: str | None = None) -> dict[str, Any]:
+        """Embed one prompt through the batching engine (prefill only, no token sampled).
+
+        Returns ``{"embedding": [...], "prompt_tokens": n}``: the last prompt token's
+        final-norm hidden state, L2-normalised (Qwen3-Embedding's last-token pooling).
+        """
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        outputs = self.generate_outputs(prompt, params, priority=priority,
+                                        request_id=request_id, pooling=True)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                if out.finished:
+                    if out.embedding is None:
+                        raise RuntimeError(out.error or f"embedding ended: {out.finish_reason}")
+                    return {"embedding": out.embedding, "prompt_tokens": out.num_prompt_tokens}
+        raise RuntimeError("the embedding request ended without an output")
+
     async def generate_outputs(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
-        priority: int = 0, request_id: str | None = None,
+        priority: int = 0, request_id: str | None = None, pooling: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """The typed stream: one ``RequestOutput`` per step until it finishes.
 
         Leaving early (break, cancel, ``aclose()``) aborts the request and frees its blocks.
+        ``pooling=True`` makes it an embedding request (``LLMEngine.add_request``).
         """
-        request_id, out_queue = self._submit(prompt, sampling_params, priority, request_id)
+        request_id, out_queue = self._submit(prompt, sampling_params, priority, request_id,
+                                             pooling)
         finished = False
         try:
             while not finished:
@@ -210,7 +230,8 @@ class AsyncLLM:
         if len(self._queues) >= self.config.max_queue_size:
             raise QueueFullError(f"request queue is full ({self.config.max_queue_size} requests)")
 
-    def _submit(self, prompt, params, priority, request_id) -> tuple[str, asyncio.Queue]:
+    def _submit(self, prompt, params, priority, request_id,
+                pooling: bool = False) -> tuple[str, asyncio.Queue]:
         self._check_capacity()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
@@ -218,7 +239,7 @@ class AsyncLLM:
                                       field="request_id")
         out_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = out_queue
-        self._inbox.put(("add", request_id, prompt, params, priority))
+        self._inbox.put(("add", request_id, prompt, params, priority, pooling))
         return request_id, out_queue
 
     def _deliver(self, items: list[tuple[str, Any]]) -> None:
@@ -287,9 +308,9 @@ class AsyncLLM:
     def _handle(self, command: tuple) -> list[tuple[str, Any]]:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt, params, priority = command
+            _, request_id, prompt, params, priority, pooling = command
             try:
-                self.engine.add_request(prompt, params, request_id, priority)
+                self.engine.add_request(prompt, params, request_id, priority, pooling)
             except ValueError as exc:
                 return [(request_id, exc)]
         elif kind == "abort":

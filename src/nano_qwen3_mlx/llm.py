@@ -82,6 +82,28 @@ class LLM:
         result = self.generate([prompt], chat_params(self.tokenizer, prompt, sampling_params))[0]
         return add_reasoning(result, self.tokenizer, prompt)
 
+    def embed(self, prompts: Prompt | list[Prompt]) -> list[list[float]]:
+        """L2-normalised last-token embeddings, batched (strings or token-id lists)."""
+        from .embeddings import embedding_ids
+
+        prompts = [embedding_ids(self.tokenizer, p) if isinstance(p, str) else p
+                   for p in _as_prompt_list(prompts)]
+        ids: list[str] = []
+        try:
+            for p in prompts:
+                ids.append(self.engine.add_request(p, SamplingParams(max_tokens=1), pooling=True))
+        except ValueError:  # one bad prompt: run none of them
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            self._drain()
+            raise
+        vectors: dict[str, list[float] | None] = {}
+        while len(vectors) < len(ids):
+            vectors |= {o.request_id: o.embedding for o in self.engine.step() if o.finished}
+        if any(vectors[i] is None for i in ids):
+            raise RuntimeError("an embedding request failed inside the engine")
+        return [vectors[i] for i in ids]
+
     # ---- misc ---------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()

@@ -45,6 +45,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
     prompt_token_ids: list[int] | None = None  # on the final output only
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    embedding: list[float] | None = None  # pooling requests: the L2-normalised vector
 
     @property
     def usage(self) -> dict[str, int]:
@@ -62,6 +64,7 @@ class RequestOutput:
             "usage": self.usage,
             "prompt_tokens": self.num_prompt_tokens,
             "error": self.error,
+            "stop_reason": self.stop_reason,
         }
 
 

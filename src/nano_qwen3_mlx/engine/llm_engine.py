@@ -133,10 +133,14 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None,
-        request_id: str | None = None, priority: int = 0,
+        request_id: str | None = None, priority: int = 0, pooling: bool = False,
     ) -> str:
         """Queue a request; returns its id. Raises ``ValueError`` for a prompt that cannot run
-        or a grammar (``json_schema``, ``regex``, ...) that is invalid or unsupported."""
+        or a grammar (``json_schema``, ``regex``, ...) that is invalid or unsupported.
+
+        ``pooling=True`` makes it an embedding request: prefill only, and its one output
+        carries the last prompt token's final-norm hidden state, L2-normalised.
+        """
         params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
         token_ids = self._prompt_ids(prompt)
         request_id = request_id or uuid.uuid4().hex
@@ -144,7 +148,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use",
                                       field="request_id")
         grammar = self.grammars.new_state(params)
-        seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority)
+        seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority,
+                       pooling=pooling)
         seq.grammar = grammar
         seq.output_state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
@@ -237,7 +242,8 @@ class LLMEngine:
         return caught if caught is not None else self._postprocess(self._in_flight)
 
     def _fail_step(self, batch: ScheduledBatch | None, error: str) -> list[RequestOutput]:
-        in_flight = self._in_flight.seqs if self._in_flight else []
+        in_flight = [*self._in_flight.seqs, *self._in_flight.pooled_seqs] if self._in_flight \
+            else []
         return self._fail((batch.seqs if batch else []) + in_flight, error)
 
     def _fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
@@ -262,10 +268,11 @@ class LLMEngine:
     def _postprocess(self, prev: StepOutput | None) -> list[RequestOutput | None]:
         if prev is None:
             return []
+        pooled, outputs = self._postprocess_pooled(prev), []
         sampled = prev.sampled
         ids = sampled.token_ids.tolist()
         lps = _tolist(sampled.logprobs), _tolist(sampled.top_ids), _tolist(sampled.top_logprobs)
-        now, outputs = time.monotonic(), []
+        now = time.monotonic()
         for row, seq in enumerate(prev.seqs):
             if seq.is_finished:
                 continue  # finished a step earlier: this token is the one extra, dropped
@@ -275,6 +282,17 @@ class LLMEngine:
             ready = min(seq.num_computed_tokens, len(seq.token_ids))
             self.block_manager.seal_full_blocks(seq, ready)
         self.stats.record_tokens(len(outputs), now)
+        return pooled + outputs
+
+    def _postprocess_pooled(self, prev: StepOutput) -> list[RequestOutput | None]:
+        """Embedding requests end with their prompt: one output with the pooled vector."""
+        if prev.pooled is None:
+            return []
+        outputs: list[RequestOutput | None] = []
+        for seq, vector in zip(prev.pooled_seqs, prev.pooled.tolist()):
+            if not seq.is_finished:  # else aborted while its last chunk ran
+                self._finish(seq, "stop")
+                outputs.append(self._output(seq, "", [], None, embedding=vector))
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> RequestOutput:
@@ -297,14 +315,15 @@ class LLMEngine:
         self.stats.record_finish(reason, time.monotonic() - seq.arrival_time)
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int], logprobs,
-                error: str | None = None) -> RequestOutput:
+                error: str | None = None, embedding: list[float] | None = None) -> RequestOutput:
         if seq.is_finished:
             self._seqs.pop(seq.request_id, None)
         prompt_ids = seq.token_ids[:seq.num_prompt_tokens] if seq.is_finished else None
         return RequestOutput(
             seq.request_id, text, token_ids, seq.is_finished, seq.finish_reason,
             seq.num_prompt_tokens, len(seq.token_ids) - seq.num_prompt_tokens, logprobs, error,
-            prompt_ids,
+            prompt_ids, getattr(seq.output_state, "stop_reason", None) if seq.is_finished else None,
+            embedding,
         )
 
     # ---- stats --------------------------------------------------------------------------

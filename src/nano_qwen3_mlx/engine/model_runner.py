@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,8 @@ class StepOutput:
 
     seqs: list[Sequence]  # the rows that sampled, in row order
     sampled: SamplerOutput
+    pooled_seqs: list[Sequence] = field(default_factory=list)  # pooling rows, in row order
+    pooled: mx.array | None = None  # (len(pooled_seqs), hidden) L2-normalised, float32
 
 
 class ModelRunner:
@@ -35,17 +37,23 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
-        order, last = self.forward(batch, prev)
-        rows = [k for k, i in enumerate(order) if batch.samples[i]]
-        if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
-            mx.async_eval(last)
-            return StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
-        if len(rows) < len(order):
-            last = last[mx.array(rows)]  # logits only for the rows that sample
-        seqs = [batch.seqs[order[k]] for k in rows]
-        sampled = self.sampler(self.model.compute_logits(last), seqs)
-        mx.async_eval(*sampled.arrays())
-        return StepOutput(seqs, sampled)
+        order, last = self.forward(batch, prev)  # last: (rows, hidden), in packed order
+        ends = [k for k, i in enumerate(order) if batch.samples[i]]
+        rows = [k for k in ends if not batch.seqs[order[k]].pooling]
+        pool_rows = [k for k in ends if batch.seqs[order[k]].pooling]
+        out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
+        if pool_rows:
+            out.pooled_seqs = [batch.seqs[order[k]] for k in pool_rows]
+            out.pooled = _l2_normalise(last[mx.array(pool_rows)])
+        if rows:
+            out.seqs = [batch.seqs[order[k]] for k in rows]
+            # Logits only for the rows that sample.
+            picked = last if len(rows) == len(order) else last[mx.array(rows)]
+            out.sampled = self.sampler(self.model.compute_logits(picked), out.seqs)
+        # Only mid-prompt chunks: nothing to sample, the pass just fills the cache.
+        lazy = (out.sampled.arrays() if rows else []) + ([out.pooled] if pool_rows else [])
+        mx.async_eval(*(lazy or [last]))
+        return out
 
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
         """The rows in packed order and, lazily, the hidden state of each row's last token."""
@@ -113,3 +121,9 @@ def packed_order(batch: ScheduledBatch) -> list[int]:
     """Row order of the packed step: one-token rows (they attend together) first."""
     n = batch.num_new_tokens
     return [i for i in range(len(batch)) if n[i] == 1] + [i for i in range(len(batch)) if n[i] > 1]
+
+
+def _l2_normalise(rows: mx.array) -> mx.array:
+    """Unit-length float32 rows (last-token pooling, as Qwen3-Embedding does)."""
+    rows = rows.astype(mx.float32)
+    return rows / mx.maximum(mx.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)

@@ -16,6 +16,8 @@ class OutputState:
     detokenizer: Any
     stop_matcher: Any
     matched: bool = False
+    # vLLM's stop_reason: the stop string matched, or the stop token id (None for EOS/length).
+    stop_reason: str | int | None = None
 
 
 class OutputProcessor:
@@ -39,10 +41,11 @@ class OutputProcessor:
         is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
         if is_eos or token in params.stop_token_ids:
             reason = "stop"  # the stop token itself is not part of the text
+            state.stop_reason = None if is_eos else token
         else:
             complete = seq.grammar is not None and seq.grammar.advance(token)
             text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
-            state.matched = matched is not None
+            state.matched, state.stop_reason = matched is not None, matched
             reason = "stop" if state.matched or complete else None
         if reason is None and (seq.reached_max_tokens or seq.num_tokens >= max_model_len):
             reason = "length"

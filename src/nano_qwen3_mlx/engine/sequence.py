@@ -43,6 +43,9 @@ class Sequence:
     last_token_time: float | None = None
     rng_key: Any = None  # mx.array key when params.seed is set
     output_state: Any = None  # output_processor.OutputState: detokenizer, stop matcher
+    # Prefill only: the last prompt token's final-norm hidden state is returned (an embedding)
+    # instead of a sampled token, and the sequence ends after its prompt.
+    pooling: bool = False
     grammar: Any = None  # grammar.GrammarState when the output is constrained
 
     def __post_init__(self) -> None:

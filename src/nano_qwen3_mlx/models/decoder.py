@@ -166,6 +166,9 @@ class DecoderLM(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop tensors the checkpoint may carry that this module does not own."""
+        if "embed_tokens.weight" in weights:  # a headless body (Qwen3-Embedding): no "model."
+            weights = {k if k.startswith("lm_head.") else f"model.{k}": v
+                       for k, v in weights.items()}
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
             weights.pop("lm_head.scales", None)

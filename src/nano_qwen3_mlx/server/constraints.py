@@ -63,8 +63,15 @@ def chat_constraint(tokenizer: Any, req: ChatCompletionRequest, tools: list[Tool
             raise bad_request(f"{field} cannot be combined with a forced tool_choice", field)
         grammar = tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls is not False)
         fields, field = {"grammar": grammar}, "tools"
+    return gated(tokenizer, fields, field, thinking)
+
+
+def gated(tokenizer: Any, fields: dict[str, Any], field: str | None,
+          thinking: bool) -> dict[str, Any]:
+    """Constraint ``fields`` applied after Qwen3's ``</think>`` when the model thinks, checked
+    up front (400 naming ``field`` when they cannot compile)."""
     if fields:
-        fields.update(thinking_gate(tokenizer, thinking))
+        fields = {**fields, **thinking_gate(tokenizer, thinking)}
     check(fields, field)
     return fields
 

@@ -21,8 +21,9 @@ from ..errors import (
     client_message,
 )
 
-__all__ = ["APIError", "bad_request", "error_body", "error_json", "error_response",
-           "from_validation_error", "to_api_error"]
+__all__ = ["APIError", "anthropic_error_body", "anthropic_error_json", "bad_request",
+           "error_body", "error_json", "error_response", "from_validation_error",
+           "is_anthropic_path", "to_api_error"]
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -53,9 +54,11 @@ def error_json(err: NanoQwen3Error) -> dict[str, Any]:
     return error_body(err.status, client_message(err), param=err.field, code=err.code)
 
 
-def error_response(err: NanoQwen3Error) -> web.Response:
-    """A typed error as an HTTP response, with its headers (``Retry-After``, ...)."""
-    return web.json_response(error_json(err), status=err.status, headers=err.headers)
+def error_response(err: NanoQwen3Error, anthropic: bool = False) -> web.Response:
+    """A typed error as an HTTP response, with its headers (``Retry-After``, ...);
+    ``anthropic`` picks Anthropic's error shape (the ``/v1/messages`` routes)."""
+    body = anthropic_error_json(err) if anthropic else error_json(err)
+    return web.json_response(body, status=err.status, headers=err.headers)
 
 
 def bad_request(message: str, field: str | None = None) -> InvalidRequestError:
@@ -85,3 +88,32 @@ def to_api_error(exc: BaseException, engine_dead: bool = False) -> NanoQwen3Erro
         return InvalidRequestError(str(exc))
     log.error("engine request failed", exc_info=exc)
     return APIError(500, "internal error while generating", code="engine_error")
+
+
+# HTTP status -> Anthropic error type (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    """Anthropic error JSON: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_error_json(err: NanoQwen3Error) -> dict[str, Any]:
+    """The Anthropic error JSON of a typed error."""
+    return anthropic_error_body(err.status, client_message(err))
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Routes that answer errors in Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")

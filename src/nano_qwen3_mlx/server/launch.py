@@ -44,7 +44,7 @@ def serve(
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
-    api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> (env API_KEY)")] = None,
+    api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> or x-api-key: <key> (env API_KEY)")] = None,
     served_model_name: Annotated[str | None, Opt(help="model name shown to clients")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning, error")] = None,
     log_prompts: Annotated[bool | None, Opt("--log-prompts/--no-log-prompts", help="log prompt text")] = None,

@@ -15,7 +15,7 @@ from aiohttp import web
 from ..config import ServerConfig
 from ..errors import AuthenticationError, NanoQwen3Error
 from .call import RUN_KEY, ClientGone
-from .errors import error_body, error_response
+from .errors import anthropic_error_body, error_body, error_response, is_anthropic_path
 from .state import STATE_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,48 +67,54 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except NanoQwen3Error as err:
-        return error_response(err)
+        return error_response(err, anthropic=is_anthropic_path(request.path))
     except ClientGone:
         return web.Response(status=CLIENT_CLOSED)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _http_error(exc)
+        return _http_error(exc, is_anthropic_path(request.path))
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return web.json_response(error_body(500, "internal server error"), status=500)
+        return _http_error(web.HTTPInternalServerError(reason="internal server error"),
+                           is_anthropic_path(request.path))
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
+def _http_error(exc: web.HTTPException, anthropic: bool = False) -> web.Response:
     message = exc.reason
     if exc.status == 413:
         message = f"the request body is too large ({exc.text})"
     elif exc.status == 404:
         message = "no such endpoint"
     headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-    return web.json_response(error_body(exc.status, message), status=exc.status,
-                             headers=headers)
+    body = anthropic_error_body(exc.status, message) if anthropic else error_body(exc.status, message)
+    return web.json_response(body, status=exc.status, headers=headers)
 
 
 def auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Require ``Authorization: Bearer <api_key>`` on the API (health/metrics stay open)."""
+    """Require ``Authorization: Bearer <api_key>`` or ``x-api-key: <api_key>`` (Anthropic's
+    header) on the API; health, metrics and the OpenAPI document stay open."""
     expected = api_key.encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method != "OPTIONS" and request.path not in _OPEN_PATHS:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            # compare_digest: the time taken does not reveal how much of the key matched.
-            valid = scheme.lower() == "bearer" and hmac.compare_digest(
-                token.strip().encode(), expected
-            )
-            if not valid:
+            if not _has_key(request, expected):
                 raise AuthenticationError("missing or invalid API key")
         return await handler(request)
 
     return middleware
+
+
+def _has_key(request: web.Request, expected: bytes) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest: the time taken does not reveal how much of the key matched.
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
+        return True
+    x_api_key = request.headers.get("x-api-key")
+    return x_api_key is not None and hmac.compare_digest(x_api_key.strip().encode(), expected)
 
 
 def cors_middleware(origins: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -120,7 +126,8 @@ def cors_middleware(origins: list[str]) -> Callable[..., Awaitable[web.StreamRes
         if request.method == "OPTIONS" and origin and _allowed(origin, origins):
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+                "Access-Control-Allow-Headers": ("Authorization, Content-Type, X-Request-Id, "
+                                                 "x-api-key, anthropic-version"),
                 "Access-Control-Max-Age": "600",
             })
         return await handler(request)

@@ -8,6 +8,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from .anthropic_protocol import (
+    AnthropicError,
+    AnthropicStreamEvent,
+    CountTokensRequest,
+    CountTokensResponse,
+    MessageResponse,
+    MessagesRequest,
+)
+from .embeddings import EmbeddingRequest, EmbeddingResponse
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -19,11 +28,16 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
+from .responses_protocol import ResponseObject, ResponsesRequest, ResponsesStreamEvent
 
 _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest, CompletionRequest, ChatCompletionResponse, ChatCompletionChunk,
     CompletionResponse, ModelList, ModelCard, HealthResponse, ErrorResponse,
+    MessagesRequest, MessageResponse, AnthropicStreamEvent, AnthropicError, CountTokensRequest,
+    CountTokensResponse, ResponsesRequest, ResponseObject, ResponsesStreamEvent,
+    EmbeddingRequest, EmbeddingResponse,
 ]
+_ALL_ERRORS = ("400", "401", "404", "408", "413", "429", "503")
 _ERRORS = {
     "400": "Invalid request", "401": "Missing or wrong API key", "404": "Unknown model",
     "408": "Request timed out", "413": "Body too large", "429": "Queue full (see Retry-After)",
@@ -39,15 +53,16 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(model)}}
 
 
-def _errors(*codes: str) -> dict[str, Any]:
-    return {c: {"description": _ERRORS[c], "content": _json(ErrorResponse)} for c in codes}
+def _errors(*codes: str, error: type[BaseModel] = ErrorResponse) -> dict[str, Any]:
+    return {c: {"description": _ERRORS[c], "content": _json(error)} for c in codes}
 
 
-def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+def _sse_event(chunk: type[BaseModel], error: type[BaseModel] = ErrorResponse) -> dict[str, Any]:
     """One SSE event (OpenAPI 3.1: the schema of ``text/event-stream`` describes each event):
-    its data is a JSON chunk, an error object after the stream began, or the final [DONE]."""
+    its data is a JSON chunk, an error object after the stream began, or the final [DONE]
+    (OpenAI chat/completions only: the named-event APIs end without it)."""
     payload = {"type": "string", "contentMediaType": "application/json",
-               "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}}
+               "contentSchema": {"anyOf": [_ref(chunk), _ref(error)]}}
     return {
         "type": "object",
         "required": ["data"],
@@ -58,16 +73,19 @@ def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
 
 
 def _generate(request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel],
-              summary: str) -> dict:
-    ok = {**_json(response), "text/event-stream": {"schema": _sse_event(chunk)}}
+              summary: str, error: type[BaseModel] = ErrorResponse) -> dict:
+    ok = {**_json(response), "text/event-stream": {"schema": _sse_event(chunk, error)}}
+    return _post(request, summary, "Completion (JSON, or SSE when stream=true)", ok, error)
+
+
+def _post(request: type[BaseModel], summary: str, description: str, ok: dict[str, Any],
+          error: type[BaseModel] = ErrorResponse) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
             "requestBody": {"required": True, "content": _json(request)},
-            "responses": {
-                "200": {"description": "Completion (JSON, or SSE when stream=true)", "content": ok},
-                **_errors("400", "401", "404", "408", "413", "429", "503"),
-            },
+            "responses": {"200": {"description": description, "content": ok},
+                          **_errors(*_ALL_ERRORS, error=error)},
         }
     }
 
@@ -93,6 +111,15 @@ def build_openapi(with_auth: bool) -> dict[str, Any]:
                                               ChatCompletionChunk, "Chat completion"),
             "/v1/completions": _generate(CompletionRequest, CompletionResponse,
                                          CompletionResponse, "Text completion"),
+            "/v1/messages": _generate(MessagesRequest, MessageResponse, AnthropicStreamEvent,
+                                      "Anthropic Messages", AnthropicError),
+            "/v1/messages/count_tokens": _post(CountTokensRequest, "Anthropic token count",
+                                               "Prompt tokens", _json(CountTokensResponse),
+                                               AnthropicError),
+            "/v1/responses": _generate(ResponsesRequest, ResponseObject, ResponsesStreamEvent,
+                                       "OpenAI Responses (stateless)"),
+            "/v1/embeddings": _post(EmbeddingRequest, "Embeddings (last-token pooled)",
+                                    "Embeddings", _json(EmbeddingResponse)),
             "/v1/models": _get("Served models", _json(ModelList), "401"),
             "/v1/models/{model_id}": models_one,
             "/health": _get("Liveness and readiness", _json(HealthResponse), "503"),
@@ -103,6 +130,9 @@ def build_openapi(with_auth: bool) -> dict[str, Any]:
         "components": {"schemas": defs.get("$defs", {})},
     }
     if with_auth:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        doc["security"] = [{"bearer": []}]
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},  # Anthropic's
+        }
+        doc["security"] = [{"bearer": []}, {"apiKey": []}]
     return doc

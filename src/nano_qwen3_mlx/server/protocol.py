@@ -260,6 +260,9 @@ class ModelCard(_Response):
     max_model_len: int | None = None
     # Parameter counts: ``total`` and ``active`` per token (fewer than total for MoE models).
     parameters: dict[str, int] | None = None
+    # What a request's left-out sampling fields (max_tokens included) become.
+    sampling_defaults: dict[str, Any] | None = None
+    capabilities: list[str] = Field(default_factory=list)
 
 
 class ModelList(_Response):

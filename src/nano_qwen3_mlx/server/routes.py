@@ -7,13 +7,20 @@ from aiohttp import web
 from ..errors import EngineDeadError, ModelLoadingError
 from .chat import chat_completions
 from .completions import completions
+from .embeddings import embeddings
+from .messages import count_tokens, messages
 from .metrics import CONTENT_TYPE
 from .openapi import build_openapi
+from .responses import responses
 from .state import STATE_KEY, ServerState
 
 routes = web.RouteTableDef()
 routes.post("/v1/chat/completions")(chat_completions)
 routes.post("/v1/completions")(completions)
+routes.post("/v1/messages")(messages)
+routes.post("/v1/messages/count_tokens")(count_tokens)
+routes.post("/v1/responses")(responses)
+routes.post("/v1/embeddings")(embeddings)
 
 
 def _model_card(state: ServerState) -> dict:
@@ -22,7 +29,9 @@ def _model_card(state: ServerState) -> dict:
             "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len,
             "parameters": engine.num_parameters,
             # What a request's left-out sampling fields (max_tokens included) become.
-            "sampling_defaults": getattr(engine, "sampling_defaults", None)}
+            "sampling_defaults": getattr(engine, "sampling_defaults", None),
+            # Every served checkpoint also embeds (last-token pooling of the same body).
+            "capabilities": ["chat", "completions", "messages", "responses", "embeddings"]}
 
 
 @routes.get("/v1/models")

@@ -43,6 +43,9 @@ class AsyncLLMLike(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def embed(self, prompt: str | list[int], *, priority: int = 0,
+                    request_id: str | None = None) -> dict[str, Any]: ...
+
     def get_stats(self) -> dict[str, Any]: ...
 
 
