@@ -67,25 +67,33 @@ async def chat(session: aiohttp.ClientSession, url: str, messages: list[dict[str
                  prompt, None if cached is None else prompt - cached)
 
 
-async def prefill_computed(session: aiohttp.ClientSession, url: str) -> int | None:
-    """This engine's running count of prompt tokens actually prefilled (None elsewhere)."""
+async def engine_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    """This engine's ``/stats`` (None from a server without it)."""
     async with session.get(f"{url}/stats") as resp:
-        if resp.status != 200:
-            return None
-        return (await resp.json())["tokens"]["prefill_computed"]
+        return await resp.json() if resp.status == 200 else None
+
+
+async def prefill_computed(session: aiohttp.ClientSession, url: str, finished: int) -> int | None:
+    """Prompt tokens this engine prefilled so far, once ``finished`` requests are counted
+    (the server refreshes its stats snapshot just after it answers)."""
+    deadline = time.monotonic() + 30
+    while (stats := await engine_stats(session, url)) is not None:
+        if stats["requests"]["finished"] >= finished or time.monotonic() > deadline:
+            return stats["tokens"]["prefill_computed"]
+        await asyncio.sleep(0.02)
+    return None
 
 
 async def measured(session, url, requests: list[list[dict[str, str]]], max_tokens: int):
     """Send ``requests`` together; (replies, prefill tokens computed for all of them)."""
-    before = await prefill_computed(session, url)
+    stats = await engine_stats(session, url)
     replies = await asyncio.gather(*(chat(session, url, m, max_tokens) for m in requests))
-    after = await prefill_computed(session, url)
-    if before is not None and after is not None:
-        total = after - before
-        if len(replies) == 1:
-            replies[0].computed_tokens = total
-    else:
-        total = sum(r.computed_tokens or 0 for r in replies)
+    if stats is None:
+        return replies, sum(r.computed_tokens or 0 for r in replies)
+    after = await prefill_computed(session, url, stats["requests"]["finished"] + len(requests))
+    total = after - stats["tokens"]["prefill_computed"]
+    if len(replies) == 1:
+        replies[0].computed_tokens = total
     return replies, total
 
 
