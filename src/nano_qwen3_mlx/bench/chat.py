@@ -30,9 +30,10 @@ SERVERS = ("ours", "mlx_lm")
 
 @dataclass(slots=True)
 class Reply:
-    ttft_s: float
+    ttft_s: float | None  # to the first generated text (None: none came)
     content: str
     prompt_tokens: int
+    completion_tokens: int
     computed_tokens: int | None  # prefill tokens the server ran (None: it does not say)
 
 
@@ -42,12 +43,12 @@ def words(n: int, seed: int) -> str:
 
 
 async def chat(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]],
-               max_tokens: int) -> Reply:
-    """One streamed greedy chat request."""
+               max_tokens: int, thinking: bool = False) -> Reply:
+    """One streamed greedy chat request (also ``scripts/bench_server.py``'s client)."""
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
-            "chat_template_kwargs": {"enable_thinking": False}}
-    start, first, parts, usage = time.perf_counter(), None, [], {}
+            "chat_template_kwargs": {"enable_thinking": thinking}}
+    start, first, parts, pieces, usage = time.perf_counter(), None, [], 0, {}
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
@@ -57,14 +58,15 @@ async def chat(session: aiohttp.ClientSession, url: str, messages: list[dict[str
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or ""
-                if text and first is None:
-                    first = time.perf_counter() - start
-                parts.append(text)
+                delta = choice.get("delta") or {}
+                if any(v for k, v in delta.items() if k != "role"):  # content or reasoning
+                    pieces += 1
+                    first = first if first is not None else time.perf_counter() - start
+                parts.append(delta.get("content") or "")
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     prompt = usage.get("prompt_tokens", 0)
-    return Reply(first if first is not None else time.perf_counter() - start, "".join(parts),
-                 prompt, None if cached is None else prompt - cached)
+    return Reply(first, "".join(parts), prompt, usage.get("completion_tokens", pieces),
+                 None if cached is None else prompt - cached)
 
 
 async def engine_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -163,9 +165,9 @@ async def shared_system(url: str, plan: ChatPlan) -> list[dict[str, Any]]:
             reqs = [[system, {"role": "user", "content": words(plan.client_words, seed + i)}]
                     for i in range(plan.clients)]
             replies, computed = await measured(session, url, reqs, plan.client_tokens)
-            ttfts = [r.ttft_s for r in replies]
+            ttfts = [r.ttft_s for r in replies if r.ttft_s is not None]
             rounds.append({"round": name, "ttft_mean_s": mean(ttfts), "ttft_p50_s": percentile(ttfts, 50),
-                           "ttft_max_s": max(ttfts), "prompt_tokens": sum(r.prompt_tokens for r in replies),
+                           "ttft_max_s": max(ttfts, default=float("nan")), "prompt_tokens": sum(r.prompt_tokens for r in replies),
                            "prefill_computed": computed})
     return rounds
 
