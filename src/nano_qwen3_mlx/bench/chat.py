@@ -144,18 +144,20 @@ def _history(plan: ChatPlan, answers: list[str]) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": words(plan.turn_words, seed=len(answers))}]
 
 
-async def multi_turn(url: str, plan: ChatPlan) -> tuple[list[dict[str, Any]], list[str]]:
+async def multi_turn(url: str, plan: ChatPlan, progress=print) -> tuple[list[dict[str, Any]], list[str]]:
     """A ``plan.turns``-turn chat; per turn: prompt tokens, prefill computed, TTFT."""
     rows, answers = [], []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
         for _ in range(plan.turns):
             (reply,), _ = await measured(session, url, [_history(plan, answers)], plan.answer_tokens)
             answers.append(reply.content)
+            progress(f"  turn {len(answers)}: {reply.prompt_tokens} prompt tokens, "
+                     f"{reply.computed_tokens} computed, TTFT {reply.ttft_s:.2f} s")
             rows.append(asdict(reply) | {"content": None})
     return rows, answers
 
 
-async def shared_system(url: str, plan: ChatPlan) -> list[dict[str, Any]]:
+async def shared_system(url: str, plan: ChatPlan, progress=print) -> list[dict[str, Any]]:
     """Two rounds of ``plan.clients`` concurrent clients with one long system prompt: cold
     (nothing cached) and warm (the system prompt was seen in the round before)."""
     system = {"role": "system", "content": words(plan.system_words, seed=10_000)}
@@ -169,6 +171,7 @@ async def shared_system(url: str, plan: ChatPlan) -> list[dict[str, Any]]:
             rounds.append({"round": name, "ttft_mean_s": mean(ttfts), "ttft_p50_s": percentile(ttfts, 50),
                            "ttft_max_s": max(ttfts, default=float("nan")), "prompt_tokens": sum(r.prompt_tokens for r in replies),
                            "prefill_computed": computed})
+            progress(f"  {name} round: {computed} computed, mean TTFT {rounds[-1]['ttft_mean_s']:.2f} s")
     return rounds
 
 
@@ -194,8 +197,8 @@ def run(model: Path, plan: ChatPlan, progress=print) -> dict[str, Any]:
         progress(f"chat: starting {server} on 127.0.0.1:{port}")
         with running(server_command(server, model, port, plan), port, stop_s=30) as url:
             asyncio.run(_warm_up(url))
-            turns, answers = asyncio.run(multi_turn(url, plan))
-            out[server] = {"turns": turns, "shared_system": asyncio.run(shared_system(url, plan))}
+            turns, answers = asyncio.run(multi_turn(url, plan, progress))
+            out[server] = {"turns": turns, "shared_system": asyncio.run(shared_system(url, plan, progress))}
         out[server]["template_reuse"] = template_reuse(AutoTokenizer.from_pretrained(str(model)), plan, answers)
         progress(f"chat: {server} done")
     out["ratios"] = _ratios(out)
