@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -152,7 +153,7 @@ async def multi_turn(url: str, plan: ChatPlan, progress=print) -> tuple[list[dic
             (reply,), _ = await measured(session, url, [_history(plan, answers)], plan.answer_tokens)
             answers.append(reply.content)
             progress(f"  turn {len(answers)}: {reply.prompt_tokens} prompt tokens, "
-                     f"{reply.computed_tokens} computed, TTFT {reply.ttft_s:.2f} s")
+                     f"{reply.computed_tokens} computed, TTFT {reply.ttft_s or math.nan:.2f} s")
             rows.append(asdict(reply) | {"content": None})
     return rows, answers
 
