@@ -135,9 +135,9 @@ def test_paged_attention_equals_dense(tiny_qwen3_dir, llm):
                 bm.append_slots(s, n)
                 batch.add(s, n)
                 s.num_computed_tokens += n
-        hidden = model.hidden_states(runner._input_ids(batch, None), runner._attention_context(batch))
-        for i, s in enumerate(batch.seqs):
-            last[s.seq_id] = np.array(model.compute_logits(hidden[i, batch.num_new_tokens[i] - 1]))
+        order, hidden = runner.forward(batch, None)
+        for row, i in enumerate(order):
+            last[batch.seqs[i].seq_id] = np.array(model.compute_logits(hidden[row]))
     for s, ids in zip(seqs, prompts):
         dense = np.array(model(mx.array([ids]), DenseCache(2))[0, -1])
         np.testing.assert_allclose(last[s.seq_id], dense, atol=1e-4, rtol=1e-4)
@@ -174,23 +174,25 @@ def test_one_bad_prompt_in_a_batch_runs_none(llm):
     assert stats["kv_cache"]["num_used_blocks"] == 0
 
 
-def test_prefill_batches_stay_within_the_padded_token_budget(tiny_qwen3_dir, llm):
-    """A short and a long prompt are not padded into one oversized prefill step."""
+def test_packed_steps_stay_within_the_token_budget_and_mix_prefill_with_decode(tiny_qwen3_dir, llm):
+    """A long prompt arriving while a short one decodes: every step carries the decode and
+    at most the budget's tokens; the long prompt's chunks ride along, nothing stalls."""
     prompts = ["short", "long " * 300]
     expected = [llm.generate_single(p, GREEDY)["token_ids"] for p in prompts]
     with LLM(str(tiny_qwen3_dir), num_kv_blocks=128, max_num_batched_tokens=256) as small:
-        engine, shapes = small.engine, []
+        engine, steps = small.engine, []
         real_run = engine.runner.run
 
         def spy(batch, prev):
-            if batch.is_prefill:
-                shapes.append((len(batch), max(batch.num_new_tokens)))
+            steps.append((batch.num_tokens, sorted(batch.num_new_tokens)))
             return real_run(batch, prev)
 
         engine.runner.run = spy
         got = [r["token_ids"] for r in small.generate(prompts, GREEDY)]
     assert got == expected
-    assert all(rows * length <= 256 for rows, length in shapes), shapes
+    assert all(tokens <= 256 for tokens, _ in steps), steps
+    mixed = [n for _, n in steps if n[0] == 1 and n[-1] > 1]
+    assert len(mixed) >= 1, steps  # a decode and a prefill chunk in one step
 
 
 def test_requests_in_the_same_step_share_a_prefix(tiny_qwen3_dir):

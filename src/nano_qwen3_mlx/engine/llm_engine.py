@@ -204,8 +204,8 @@ class LLMEngine:
         if batch and self._needs_sync(batch):
             outputs += self._postprocess(self._prev)
             self._prev, batch = None, batch.without_finished()
-        if batch and batch.is_prefill:
-            self.stats.num_computed_prompt_tokens += batch.num_tokens
+        if batch:
+            self.stats.num_computed_prompt_tokens += batch.num_prefill_tokens
         out = self.runner.run(batch, self._prev) if batch else None
         outputs += self._postprocess(self._prev)
         if out is not None:

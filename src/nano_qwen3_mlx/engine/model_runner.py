@@ -8,7 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .kv_cache import PagedAttention, PagedKVCache
+from .kv_cache import PagedKVCache
+from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -23,67 +24,92 @@ class StepOutput:
 
 
 class ModelRunner:
-    """The only place that talks to the device: builds inputs, runs, starts evaluation."""
+    """The only place that talks to the device: builds inputs, runs, starts evaluation.
+
+    A step is packed: the rows' tokens are laid end to end (decode rows first, then each
+    prefill chunk), and the model sees them as ``(T, 1)`` so no position is padding.
+    """
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, sampler: Sampler) -> None:
         self.model, self.cache, self.sampler = model, cache, sampler
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
-        input_ids = self._input_ids(batch, prev)
-        ctx = self._attention_context(batch)
-        hidden = self.model.hidden_states(input_ids, ctx)  # (B, L, hidden)
-        rows = [i for i, s in enumerate(batch.samples) if s]
+        order, last = self.forward(batch, prev)
+        rows = [k for k, i in enumerate(order) if batch.samples[i]]
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
-            mx.async_eval(hidden)
+            mx.async_eval(last)
             return StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
-        cols = [batch.num_new_tokens[i] - 1 for i in rows]
-        last = hidden[mx.array(rows), mx.array(cols)]  # (B_sample, hidden)
-        seqs = [batch.seqs[i] for i in rows]
+        if len(rows) < len(order):
+            last = last[mx.array(rows)]  # logits only for the rows that sample
+        seqs = [batch.seqs[order[k]] for k in rows]
         sampled = self.sampler(self.model.compute_logits(last), seqs)
         mx.async_eval(*sampled.arrays())
         return StepOutput(seqs, sampled)
 
-    def _input_ids(self, batch: ScheduledBatch, prev: StepOutput | None) -> mx.array:
-        """(B, L) token ids; a token still being sampled comes lazily from ``prev``."""
-        B, L = len(batch), max(batch.num_new_tokens)
-        ids = np.zeros((B, L), np.int32)
-        pending = np.full((B, L), -1, np.int32)
-        for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.start_positions, batch.num_new_tokens)):
-            known = seq.token_ids[start:start + n]
-            ids[i, :len(known)] = known
-            if len(known) < n:  # the last position is the token sampled in the step in flight
-                pending[i, len(known)] = seq.pending_row
-        out = mx.array(ids)
-        if prev is not None and (pending >= 0).any():
-            lazy = prev.sampled.token_ids[mx.array(np.maximum(pending, 0))]
-            out = mx.where(mx.array(pending >= 0), lazy, out)
-        return out
+    def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
+        """The rows in packed order and, lazily, the hidden state of each row's last token."""
+        order = packed_order(batch)
+        input_ids = self._input_ids(batch, order, prev)
+        hidden = self.model.hidden_states(input_ids, self.attention_context(batch, order))
+        ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
+        return order, hidden[mx.array(ends), 0]
 
-    def _attention_context(self, batch: ScheduledBatch) -> PagedAttention:
-        bs, scratch = self.cache.block_size, self.cache.scratch_block
-        B, L = len(batch), max(batch.num_new_tokens)
-        starts = np.array(batch.start_positions, np.int32)
-        lengths = np.array(batch.num_new_tokens, np.int32)
-        max_blocks = max(-(-(s + n) // bs) for s, n in zip(starts, lengths))
-        tables = np.full((B, max_blocks), scratch, np.int32)
-        for i, seq in enumerate(batch.seqs):
-            used = -(-(starts[i] + lengths[i]) // bs)
-            tables[i, :used] = seq.block_table[:used]
-        positions = starts[:, None] + np.arange(L)[None]  # (B, L)
-        valid = np.arange(L)[None] < lengths[:, None]
-        block_of = np.take_along_axis(tables, np.minimum(positions // bs, max_blocks - 1), axis=1)
-        slots = np.where(valid, block_of * bs + positions % bs, scratch * bs)
-        mask = self._mask(positions, lengths, max_blocks * bs)
+    def _input_ids(self, batch: ScheduledBatch, order: list[int], prev: StepOutput | None) -> mx.array:
+        """(T, 1) token ids; a token still being sampled comes lazily from ``prev``."""
+        ids, pending = [], []
+        for i in order:
+            seq, start, n = batch.seqs[i], batch.start_positions[i], batch.num_new_tokens[i]
+            known = seq.token_ids[start:start + n]
+            ids += known
+            pending += [-1] * len(known)
+            if len(known) < n:  # the last position is the token sampled in the step in flight
+                ids.append(0)
+                pending.append(seq.pending_row)
+        out = mx.array(ids, mx.int32)
+        pending_np = np.array(pending, np.int32)
+        if prev is not None and (pending_np >= 0).any():
+            lazy = prev.sampled.token_ids[mx.array(np.maximum(pending_np, 0))]
+            out = mx.where(mx.array(pending_np >= 0), lazy, out)
+        return out[:, None]
+
+    def attention_context(self, batch: ScheduledBatch, order: list[int]) -> PagedAttention:
+        """Where each token of the packed step writes its K/V and which blocks it reads."""
+        bs = self.cache.block_size
+        positions = np.concatenate([
+            np.arange(batch.start_positions[i], batch.start_positions[i] + batch.num_new_tokens[i])
+            for i in order
+        ]).astype(np.int32)
+        tables = [batch.seqs[i].block_table for i in order]
+        token_rows = np.repeat(np.arange(len(order)), [batch.num_new_tokens[i] for i in order])
+        blocks = np.array([tables[r][p // bs] for r, p in zip(token_rows.tolist(), positions.tolist())],
+                          np.int32)
+        decode_rows = [i for i in order if batch.num_new_tokens[i] == 1]
+        chunks = [self._chunk(batch, i) for i in order if batch.num_new_tokens[i] > 1]
         return PagedAttention(
-            self.cache, mx.array(slots.reshape(-1)), mx.array(tables), mx.array(starts), mask
+            self.cache, mx.array(positions), mx.array(blocks), mx.array(positions % bs),
+            self._decode_group(batch, decode_rows), chunks,
         )
 
-    @staticmethod
-    def _mask(positions: np.ndarray, lengths: np.ndarray, num_keys: int) -> mx.array | None:
-        """Key j is visible to the query at position p iff j <= p (causal + padding)."""
-        B, L = positions.shape
-        if B == 1 and L == 1 and positions[0, 0] == num_keys - 1:
+    def _decode_group(self, batch: ScheduledBatch, rows: list[int]) -> DecodeGroup | None:
+        if not rows:
             return None
-        visible = np.arange(num_keys)[None, None, :] <= positions[:, :, None]  # (B, L, S)
-        return mx.array(visible[:, None])
+        bs = self.cache.block_size
+        lengths = np.array([batch.start_positions[i] + 1 for i in rows], np.int32)
+        tables = np.full((len(rows), int(-(-lengths.max() // bs))), self.cache.scratch_block, np.int32)
+        for r, i in enumerate(rows):
+            used = -(-int(lengths[r]) // bs)
+            tables[r, :used] = batch.seqs[i].block_table[:used]
+        return DecodeGroup.build(tables, lengths, self.cache)
+
+    def _chunk(self, batch: ScheduledBatch, i: int) -> PrefillChunk:
+        end = batch.start_positions[i] + batch.num_new_tokens[i]
+        used = -(-end // self.cache.block_size)
+        table = mx.array([batch.seqs[i].block_table[:used]], mx.int32)
+        return PrefillChunk(batch.num_new_tokens[i], end, table)
+
+
+def packed_order(batch: ScheduledBatch) -> list[int]:
+    """Row order of the packed step: one-token rows (they attend together) first."""
+    n = batch.num_new_tokens
+    return [i for i in range(len(batch)) if n[i] == 1] + [i for i in range(len(batch)) if n[i] > 1]

@@ -11,13 +11,15 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One step's work: for row i, run ``num_new_tokens[i]`` tokens of ``seqs[i]``."""
+    """One packed step: for row i, run ``num_new_tokens[i]`` tokens of ``seqs[i]``.
+
+    Rows mix prefill chunks and decodes; the model runner lays their tokens end to end.
+    """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     start_positions: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)  # does the chunk reach the end?
-    is_prefill: bool = False
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
@@ -30,9 +32,15 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens of rows that compute prompt positions (chunks that start inside the prompt)."""
+        return sum(n for seq, start, n in zip(self.seqs, self.start_positions, self.num_new_tokens)
+                   if start < seq.num_prompt_tokens)
+
     def without_finished(self) -> ScheduledBatch | None:
         """The rows whose sequence is still unfinished (None if none is)."""
-        kept = ScheduledBatch(is_prefill=self.is_prefill)
+        kept = ScheduledBatch()
         for i, seq in enumerate(self.seqs):
             if not seq.is_finished:
                 kept.seqs.append(seq)
@@ -48,8 +56,8 @@ class ScheduledBatch:
 class Scheduler:
     """Waiting and running queues ordered by (priority, arrival); lower priority value first.
 
-    Steps alternate between prefill and decode while both have work, so a long prompt
-    delays running decodes by at most one chunk of ``max_num_batched_tokens``.
+    Each step carries all running decodes and prefill chunks under one token budget, so a
+    long prompt arriving never stalls the streams that are decoding.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -59,7 +67,6 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self._last_was_prefill = False
 
     # ---- queues -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -83,36 +90,28 @@ class Scheduler:
 
     # ---- scheduling ---------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        decodes = [s for s in self.running if s.is_decoding and not s.reached_max_tokens]
-        if self._has_prefill_work() and (not decodes or not self._last_was_prefill):
-            batch = self._schedule_prefill()
-            if batch:
-                self._last_was_prefill = True
-                return batch
-        self._last_was_prefill = False
-        return self._schedule_decode(decodes) if decodes else None
+        """Every running decode, plus as much prefill as the token budget has left.
 
-    def _has_prefill_work(self) -> bool:
-        return bool(self.waiting) or any(s.num_uncomputed_tokens > 1 for s in self.running)
-
-    def _schedule_prefill(self) -> ScheduledBatch:
-        batch, budget = ScheduledBatch(is_prefill=True), self.max_num_batched_tokens
-        # Most important first, so a preemption victim (the least important) is never a
-        # sequence already placed in this batch.
-        prefilling = sorted((s for s in self.running if s.num_uncomputed_tokens > 1), key=Sequence.sort_key)
-        for seq in prefilling:
-            if seq.status is SequenceStatus.RUNNING and self._make_room(seq):
+        Running sequences are visited most important first, so a preemption victim (the
+        least important) is never a sequence already placed in this batch.
+        """
+        batch = ScheduledBatch()
+        decodes = {s for s in self.running if s.is_decoding and not s.reached_max_tokens}
+        budget = self.max_num_batched_tokens - len(decodes)  # one token reserved per decode
+        for seq in sorted(self.running, key=Sequence.sort_key):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted above to make room for a more important one
+            if seq in decodes:
+                if self._make_room(seq):
+                    self._add_chunk(batch, seq, 1)
+            elif seq.num_uncomputed_tokens > 1 and budget > 0 and self._make_room(seq):
                 budget = self._add_chunk(batch, seq, budget)
-            if budget <= 0:
-                return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            if self._padded_room(batch) <= 0:
-                break
             seq = self.waiting[0]
             if seq.pending_row is not None or not self._admit(seq):
                 break  # strict priority order: nothing jumps the head of the queue
             budget = self._add_chunk(batch, seq, budget)
-        return batch
+        return batch or None
 
     def _admit(self, seq: Sequence) -> bool:
         cached = self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
@@ -134,9 +133,9 @@ class Scheduler:
 
     def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
         # A chunk shrinks to what fits, so a long prompt still progresses in a small pool.
-        chunk = min(seq.num_uncomputed_tokens, budget, self._fits(seq), self._padded_room(batch))
+        chunk = min(seq.num_uncomputed_tokens, budget, self._fits(seq))
         if chunk <= 0:
-            return 0
+            return budget
         self.block_manager.append_slots(seq, chunk)
         batch.add(seq, chunk)
         seq.num_computed_tokens += chunk
@@ -144,28 +143,6 @@ class Scheduler:
         # this same step shares them: each layer writes every row's K/V before any row reads.
         self.block_manager.seal_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
         return budget - chunk
-
-    def _padded_room(self, batch: ScheduledBatch) -> int:
-        """Longest chunk one more row may have: rows are padded to the longest, and the
-        padded (rows x length) batch, not just its real tokens, must fit the token budget."""
-        if not batch:
-            return self.max_num_batched_tokens
-        rows, longest = len(batch) + 1, max(batch.num_new_tokens)
-        if rows * longest > self.max_num_batched_tokens:
-            return 0
-        return self.max_num_batched_tokens // rows
-
-    def _schedule_decode(self, decodes: list[Sequence]) -> ScheduledBatch:
-        batch = ScheduledBatch(is_prefill=False)
-        for seq in sorted(decodes, key=Sequence.sort_key):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted below to make room for a more important one
-            if not self._make_room(seq):
-                continue
-            self.block_manager.append_slots(seq, 1)
-            batch.add(seq, 1)
-            seq.num_computed_tokens += 1
-        return batch
 
     def _make_room(self, seq: Sequence) -> bool:
         """Preempt lowest-priority running sequences until ``seq`` can take one more token."""

@@ -1,0 +1,126 @@
+"""The ``AttentionContext`` of one packed step over the paged KV cache.
+
+A packed step is a flat list of T tokens: the model sees them as T rows of length 1
+(``input_ids`` of shape ``(T, 1)``), so projections and MLP run as one ``(T, hidden)`` matrix
+and RoPE gets one position per token. Attention then needs to know each token's sequence:
+
+- decode tokens (one per sequence) come first and attend together, reading the pool in
+  place with ``mx.gather_mm`` (per-block scores, one softmax across blocks, per-block values);
+- each prefill chunk (several tokens of one sequence) attends with SDPA over its sequence's
+  blocks gathered into a contiguous ``(1, n_kv, S, D)`` copy, causal from its start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .kv_cache import PagedKVCache
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """The step's one-token rows: their block tables (padded with the scratch block)."""
+
+    tables: mx.array  # (B, nb) int32
+    valid: mx.array  # (B, 1, nb, bs, 1) bool: key position < sequence length
+    lhs: mx.array  # (B * n_kv * nb,) uint32: query row (sequence, kv head) of each block product
+    rhs: mx.array  # (B * n_kv * nb,) uint32: pool row (block, kv head) of each block product
+
+    @classmethod
+    def build(cls, tables: np.ndarray, lengths: np.ndarray, cache: PagedKVCache) -> DecodeGroup:
+        B, nb = tables.shape
+        n_kv, bs = cache.num_kv_heads, cache.block_size
+        pos = np.arange(nb * bs).reshape(nb, bs)
+        valid = (pos[None] < lengths[:, None, None]).reshape(B, 1, nb, bs, 1)
+        rhs = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
+        lhs = np.repeat(np.arange(B * n_kv), nb)
+        return cls(mx.array(tables), mx.array(valid), mx.array(lhs.astype(np.uint32)),
+                   mx.array(rhs.reshape(-1).astype(np.uint32)))
+
+    def __len__(self) -> int:
+        return self.tables.shape[0]
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """``num_tokens`` consecutive tokens of one sequence, whose keys end at ``end``."""
+
+    num_tokens: int
+    end: int  # start position + num_tokens: the keys this chunk sees
+    table: mx.array  # (1, ceil(end / block_size)) int32
+
+
+class PagedAttention:
+    """Writes every token's K/V into its slot, then attends each group of the step.
+
+    Rows are ordered: the decode group's tokens, then each prefill chunk's tokens.
+    """
+
+    def __init__(
+        self, cache: PagedKVCache, positions: mx.array, blocks: mx.array, block_offsets: mx.array,
+        decode: DecodeGroup | None, chunks: list[PrefillChunk],
+    ) -> None:
+        self.cache = cache
+        self.offsets = positions  # (T,) RoPE position of every token
+        self.blocks, self.block_offsets = blocks, block_offsets  # (T,) where each token's K/V goes
+        self.decode, self.chunks = decode, chunks
+
+    def attend(self, layer_idx: int, queries, keys, values, scale: float) -> mx.array:
+        """``queries`` (T, H, 1, D), ``keys``/``values`` (T, n_kv, 1, D) -> (T, H, 1, D)."""
+        T, n_kv, _, D = keys.shape
+        self.cache.write(layer_idx, self.blocks, self.block_offsets,
+                         keys.reshape(T, n_kv, D), values.reshape(T, n_kv, D))
+        outs, row = [], 0
+        if self.decode is not None:
+            row = len(self.decode)
+            outs.append(self._attend_decode(layer_idx, queries[:row], scale))
+        for chunk in self.chunks:
+            q = queries[row:row + chunk.num_tokens]
+            outs.append(self._attend_chunk(layer_idx, q, chunk, scale))
+            row += chunk.num_tokens
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs)
+
+    def _attend_decode(self, layer: int, q: mx.array, scale: float) -> mx.array:
+        if self.cache.read_path == "gather_mm":
+            return decode_gather_mm(self.cache, layer, q, self.decode, scale)
+        k, v = self.cache.gather(layer, self.decode.tables)
+        mask = self.decode.valid.reshape(len(self.decode), 1, 1, -1)
+        return mx.fast.scaled_dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask
+        )
+
+    def _attend_chunk(self, layer: int, q: mx.array, chunk: PrefillChunk, scale: float) -> mx.array:
+        k, v = self.cache.gather(layer, chunk.table)
+        k, v = k[:, :, :chunk.end].astype(q.dtype), v[:, :, :chunk.end].astype(q.dtype)
+        q = q.transpose(2, 1, 0, 3)  # (1, H, n, D)
+        # "causal" aligns the n queries with the last n of the ``end`` keys: the chunk's start.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        return out.transpose(2, 1, 0, 3)
+
+
+def decode_gather_mm(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
+                     scale: float) -> mx.array:
+    """One query per sequence against its blocks, read where they lie in the pool.
+
+    Scores come out transposed, ``K_block @ q^T`` of shape ``(B, n_kv, nb, bs, G)`` (G query
+    heads per kv head), so neither operand is copied; the softmax runs over the (block,
+    position) axes in float32, then each block's values are weighted in place.
+    """
+    B, H, _, D = q.shape
+    dtype, n_kv, bs = q.dtype, cache.num_kv_heads, cache.block_size
+    G, nb = H // n_kv, group.tables.shape[1]
+    k_pool = cache.k_pools[layer].reshape(-1, bs, D)  # (blocks * n_kv, bs, D): no copy
+    v_pool = cache.v_pools[layer].reshape(-1, bs, D)
+    q_t = (q.reshape(B * n_kv, G, D) * scale).astype(cache.dtype).swapaxes(-1, -2)  # (B*n_kv, D, G)
+    s = mx.gather_mm(k_pool, q_t, group.rhs, group.lhs).reshape(B, n_kv, nb, bs, G)
+    s = mx.where(group.valid, s.astype(mx.float32), -mx.inf)
+    s = mx.exp(s - s.max(axis=(2, 3), keepdims=True))
+    denom = s.sum(axis=(2, 3)).reshape(B, n_kv, G, 1)
+    p = s.astype(cache.dtype).reshape(-1, bs, G).swapaxes(-1, -2)  # (B*n_kv*nb, G, bs)
+    rows = mx.arange(B * n_kv * nb, dtype=mx.uint32)
+    o = mx.gather_mm(p, v_pool, rows, group.rhs)  # (B*n_kv*nb, G, D)
+    o = o.astype(mx.float32).reshape(B, n_kv, nb, G, D).sum(axis=2) / denom
+    return o.reshape(B, H, 1, D).astype(dtype)

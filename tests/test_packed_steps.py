@@ -1,0 +1,72 @@
+"""Packed steps: any mix of prefill chunks and decodes in one step gives the greedy tokens of
+one-at-a-time runs and of mlx-lm; a bf16 model (gather read path on CPU) batches the same."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nano_qwen3_mlx import LLM, SamplingParams
+from nano_qwen3_mlx.engine.kv_cache import gather_mm_supports
+from tests.test_engine import mlx_lm_greedy
+
+PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = ["The quick brown fox", "Hello", "Once upon a time there was a very long prompt that "
+           "keeps going on and on and on", "def fibonacci(n):", "2 + 2 ="]
+
+
+@pytest.fixture(scope="module")
+def small_budget(tiny_qwen3_dir):
+    """A 16-token budget and 4-token blocks: prompts arrive in chunks beside running decodes."""
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, block_size=4, max_num_batched_tokens=16,
+             max_num_seqs=4) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def expected(small_budget, tiny_qwen3_dir):
+    singles = [small_budget.generate_single(p, PARAMS)["token_ids"] for p in PROMPTS]
+    for prompt, tokens in zip(PROMPTS, singles):
+        assert tokens == mlx_lm_greedy(tiny_qwen3_dir, small_budget.tokenizer.encode(prompt), 8)
+    return singles
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arrivals=st.lists(st.integers(0, 12), min_size=len(PROMPTS), max_size=len(PROMPTS)),
+       priorities=st.lists(st.integers(0, 2), min_size=len(PROMPTS), max_size=len(PROMPTS)))
+def test_any_mix_of_chunks_and_decodes_gives_the_single_run_tokens(small_budget, expected, arrivals, priorities):
+    engine, got, ids, step, mixed = small_budget.engine, {}, {}, 0, 0
+    real_run = engine.runner.run
+
+    def spy(batch, prev):
+        nonlocal mixed
+        mixed += min(batch.num_new_tokens) == 1 and max(batch.num_new_tokens) > 1
+        return real_run(batch, prev)
+
+    engine.runner.run = spy
+    try:
+        while len(ids) < len(PROMPTS) or engine.has_unfinished_requests():
+            for i, when in enumerate(arrivals):
+                if when == step:
+                    ids[engine.add_request(PROMPTS[i], PARAMS, priority=priorities[i])] = i
+            for out in engine.step():
+                got.setdefault(ids[out.request_id], []).extend(out.token_ids)
+            step += 1
+    finally:
+        engine.runner.run = real_run
+    assert [got[i] for i in range(len(PROMPTS))] == expected
+    assert engine.get_stats()["kv_cache"]["num_used_blocks"] == 0
+    if len(set(arrivals)) > 1:
+        assert mixed > 0  # a later arrival's prefill chunk ran beside a running decode
+
+
+def test_bf16_model_batches_like_one_at_a_time(tiny_qwen3_dir):
+    with LLM(str(tiny_qwen3_dir), dtype="bfloat16", num_kv_blocks=64, block_size=4,
+             max_num_batched_tokens=16) as llm:
+        assert llm.engine.cache.dtype.size == 2
+        assert llm.engine.cache.read_path == ("gather_mm" if gather_mm_supports(mx.bfloat16) else "gather")
+        singles = [llm.generate_single(p, PARAMS)["token_ids"] for p in PROMPTS[:3]]
+        batched = [r["token_ids"] for r in llm.generate(PROMPTS[:3], PARAMS)]
+    assert batched == singles

@@ -1,0 +1,152 @@
+"""Paged attention over the block pool == dense SDPA, for decode rows and prefill chunks,
+both read paths, fp32 and bf16, GQA, shared prefix blocks; writes touch only their slots."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nano_qwen3_mlx.engine.kv_cache import PagedKVCache, gather_mm_supports
+from nano_qwen3_mlx.engine.model_runner import ModelRunner, packed_order
+from nano_qwen3_mlx.engine.scheduler import ScheduledBatch
+from nano_qwen3_mlx.engine.sequence import Sequence
+from nano_qwen3_mlx.sampling_params import SamplingParams
+
+BS, D, NUM_BLOCKS = 4, 16, 40
+PATHS = [(mx.float32, "gather_mm"), (mx.float32, "gather"), (mx.bfloat16, "gather")]
+if gather_mm_supports(mx.bfloat16):  # Metal / CUDA
+    PATHS.append((mx.bfloat16, "gather_mm"))
+
+
+@st.composite
+def steps(draw):
+    """Sequences of 1..3 blocks + 1 tokens, each running its last ``n`` tokens this step;
+    later sequences may share the first full blocks of the first one (a prefix hit)."""
+    num_seqs = draw(st.integers(1, 4))
+    lengths = [draw(st.integers(1, 3 * BS + 1)) for _ in range(num_seqs)]
+    news = [draw(st.integers(1, n)) for n in lengths]
+    shares = [0] + [draw(st.integers(0, min(lengths[0] - news[0], n - m) // BS))
+                    for n, m in zip(lengths[1:], news[1:])]
+    order = draw(st.permutations(range(NUM_BLOCKS)))
+    return lengths, news, shares, list(order), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2, 4]))
+
+
+def build_tables(lengths, shares, order):
+    free, tables = iter(order), []
+    for i, n in enumerate(lengths):
+        own = [next(free) for _ in range(-(-n // BS) - shares[i])]
+        tables.append(tables[0][:shares[i]] + own if shares[i] else own)
+    return tables
+
+
+def random_kv(lengths, shares, n_kv, dtype):
+    """Dense K/V per sequence (1, n_kv, S, D); shared blocks hold the first sequence's values."""
+    ks, vs = [], []
+    for i, n in enumerate(lengths):
+        k, v = mx.random.normal((2, 1, n_kv, n, D)).astype(dtype)
+        if shares[i]:
+            cut = shares[i] * BS
+            k = mx.concatenate([ks[0][:, :, :cut], k[:, :, cut:]], axis=2)
+            v = mx.concatenate([vs[0][:, :, :cut], v[:, :, cut:]], axis=2)
+        ks.append(k)
+        vs.append(v)
+    return ks, vs
+
+
+def write_history(cache, tables, lengths, news, ks, vs):
+    """What earlier steps wrote: every position before each sequence's new tokens."""
+    for table, n, m, k, v in zip(tables, lengths, news, ks, vs):
+        pos = np.arange(n - m)
+        if len(pos):
+            blocks = mx.array(np.array(table)[pos // BS])
+            cache.write(0, blocks, mx.array(pos % BS), k[0, :, :n - m].swapaxes(0, 1),
+                        v[0, :, :n - m].swapaxes(0, 1))
+
+
+def make_batch(tables, lengths, news):
+    params = SamplingParams(temperature=0)
+    batch = ScheduledBatch()
+    for i, (table, n, m) in enumerate(zip(tables, lengths, news)):
+        seq = Sequence(i, str(i), [0] * n, params)
+        seq.block_table, seq.num_computed_tokens = table, n - m
+        batch.add(seq, m)
+    return batch
+
+
+def dense_reference(q, k, v, scale):
+    """SDPA over the whole sequence; the queries are its last positions."""
+    L, S = q.shape[2], k.shape[2]
+    mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+    f32 = [a.astype(mx.float32) for a in (q, k, v)]
+    return mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
+
+
+@pytest.mark.parametrize(("dtype", "read_path"), PATHS, ids=lambda p: str(p))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=steps())
+def test_paged_attention_equals_dense(dtype, read_path, case):
+    lengths, news, shares, order, n_kv, group = case
+    H, scale = n_kv * group, D**-0.5
+    cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, dtype, read_path=read_path)
+    cache.k_pools[0] = mx.random.normal(cache.k_pools[0].shape).astype(dtype)  # stale data
+    cache.v_pools[0] = mx.random.normal(cache.v_pools[0].shape).astype(dtype)
+    tables = build_tables(lengths, shares, order)
+    ks, vs = random_kv(lengths, shares, n_kv, dtype)
+    qs = [mx.random.normal((1, H, m, D)).astype(dtype) for m in news]
+    write_history(cache, tables, lengths, news, ks, vs)
+    before_k, before_v = np.array(cache.k_pools[0].astype(mx.float32)), np.array(cache.v_pools[0].astype(mx.float32))
+
+    batch = make_batch(tables, lengths, news)
+    rows = packed_order(batch)
+    ctx = ModelRunner(None, cache, None).attention_context(batch, rows)
+    packed = [lambda a, i=i: a[i][0].transpose(1, 0, 2)[:, :, None] for i in rows]  # (m, H, 1, D)
+    new_k = [k[:, :, n - m:] for k, n, m in zip(ks, lengths, news)]
+    new_v = [v[:, :, n - m:] for v, n, m in zip(vs, lengths, news)]
+    out = ctx.attend(0, *(mx.concatenate([f(a) for f in packed]) for a in (qs, new_k, new_v)), scale)
+
+    tol = 1e-5 if dtype == mx.float32 else 3e-2
+    start = 0
+    for i in rows:
+        got = out[start:start + news[i]].transpose(2, 1, 0, 3).astype(mx.float32)
+        want = dense_reference(qs[i], ks[i], vs[i], scale)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=tol, rtol=tol)
+        start += news[i]
+    assert_only_new_slots_written(cache, tables, lengths, news, before_k, before_v)
+
+
+def assert_only_new_slots_written(cache, tables, lengths, news, before_k, before_v):
+    """Every pool position outside the step's own new tokens is unchanged (scratch included)."""
+    touched = np.zeros((NUM_BLOCKS + 1, BS), bool)
+    for table, n, m in zip(tables, lengths, news):
+        pos = np.arange(n - m, n)
+        touched[np.array(table)[pos // BS], pos % BS] = True
+    for before, pool in ((before_k, cache.k_pools[0]), (before_v, cache.v_pools[0])):
+        after = np.array(pool.astype(mx.float32)).transpose(0, 2, 1, 3)  # (blocks, bs, n_kv, D)
+        np.testing.assert_array_equal(after[~touched], before.transpose(0, 2, 1, 3)[~touched])
+
+
+def test_grow_keeps_contents_and_moves_the_scratch_block():
+    cache = PagedKVCache(2, 3, BS, 2, D, mx.float32)
+    k = mx.random.normal((5, 2, D))
+    blocks, offsets = mx.array([0, 0, 1, 2, 2]), mx.array([0, 3, 1, 2, 3])
+    cache.write(1, blocks, offsets, k, -k)
+    old_k, old_v = np.array(cache.k_pools[1][:3]), np.array(cache.v_pools[1][:3])
+    cache.grow(4)
+    assert cache.num_blocks == 7 and cache.scratch_block == 7
+    assert cache.k_pools[1].shape[0] == cache.v_pools[1].shape[0] == 8
+    np.testing.assert_array_equal(np.array(cache.k_pools[1][:3]), old_k)
+    np.testing.assert_array_equal(np.array(cache.v_pools[1][:3]), old_v)
+    assert not np.array(cache.k_pools[1][3:]).any()
+    cache.write(1, mx.array([6]), mx.array([1]), k[:1], k[:1])  # a new block is writable
+    np.testing.assert_array_equal(np.array(cache.v_pools[1][6, :, 1]), np.array(k[0]))
+
+
+def test_read_path_is_chosen_by_what_gather_mm_supports():
+    assert PagedKVCache(1, 2, BS, 1, D, mx.float32).read_path == "gather_mm"
+    expected = "gather_mm" if gather_mm_supports(mx.bfloat16) else "gather"
+    assert PagedKVCache(1, 2, BS, 1, D, mx.bfloat16).read_path == expected
+    with pytest.raises(ValueError, match="read_path"):
+        PagedKVCache(1, 2, BS, 1, D, mx.float32, read_path="dense")
