@@ -89,6 +89,10 @@ def test_cli_bench_tiny_shape(tmp_path):
     (["--gen-len", "1"], "--gen-len"),
 ])
 def test_cli_bench_bad_input_is_one_line(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
+    from typer.testing import CliRunner
+
+    from nano_qwen3_mlx.cli import app
+
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
