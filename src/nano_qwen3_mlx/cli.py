@@ -198,7 +198,7 @@ def bench(
     max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
     mixed_long_len: Annotated[int, typer.Option(help="mixed: length of the arriving prompts")] = 2048,
     mixed_running: Annotated[int, typer.Option(help="mixed: streams decoding meanwhile")] = 4,
-    chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat")] = 10,
+    chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat (0: only the shared system prompt)")] = 10,
     chat_clients: Annotated[int, typer.Option(help="chat: clients sharing the system prompt")] = 8,
     system_tokens: Annotated[int, typer.Option(help="chat: length of the shared system prompt")] = 2000,
     out: Annotated[str, typer.Option(help="JSON report path")] = "bench-results/bench.json",
@@ -217,8 +217,8 @@ def bench(
     if not suites or set(suites) - set(SUITES):
         fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
     lens, sizes = _int_list("--prompt-len", prompt_len), _int_list("--batch", batch)
-    if gen_len < 2 or min(lens + sizes + [mixed_long_len, mixed_running, chat_turns, chat_clients]) < 1:
-        fail("--gen-len must be >= 2, and lengths, batch sizes and counts >= 1")
+    if gen_len < 2 or min(lens + sizes + [mixed_long_len, mixed_running, chat_clients]) < 1 or chat_turns < 0:
+        fail("--gen-len must be >= 2, lengths, batch sizes and counts >= 1 (--chat-turns 0 skips the multi-turn chat)")
     plan = BenchPlan(model, shape, dtype, suites, lens, sizes, gen_len, max_num_batched_tokens,
                      {"long_len": mixed_long_len, "running": mixed_running},
                      ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens))

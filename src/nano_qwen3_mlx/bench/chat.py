@@ -171,7 +171,8 @@ async def shared_system(url: str, plan: ChatPlan, progress=print) -> list[dict[s
             ttfts = [r.ttft_s for r in replies if r.ttft_s is not None]
             rounds.append({"round": name, "ttft_mean_s": mean(ttfts), "ttft_p50_s": percentile(ttfts, 50),
                            "ttft_max_s": max(ttfts, default=float("nan")), "prompt_tokens": sum(r.prompt_tokens for r in replies),
-                           "prefill_computed": computed})
+                           "prefill_computed": computed,
+                           "failed": sum(1 for r in replies if not r.prompt_tokens)})
             progress(f"  {name} round: {computed} computed, mean TTFT {rounds[-1]['ttft_mean_s']:.2f} s")
     return rounds
 
@@ -183,7 +184,9 @@ async def _warm_up(url: str) -> None:
 
 def server_command(server: str, model: Path, port: int, plan: ChatPlan) -> list[str]:
     if server == "ours":
-        return serve_command(str(model), port, ["--max-num-seqs", str(plan.clients)])
+        # No request timeout: on a slow CPU a cold 8 x 2,000-token round takes many minutes.
+        return serve_command(str(model), port, ["--max-num-seqs", str(plan.clients),
+                                                "--request-timeout", "36000"])
     return mlx_lm_server_command(str(model), port, ["--decode-concurrency", str(plan.clients),
                                                     "--prompt-concurrency", str(plan.clients)])
 
@@ -198,7 +201,7 @@ def run(model: Path, plan: ChatPlan, progress=print) -> dict[str, Any]:
         progress(f"chat: starting {server} on 127.0.0.1:{port}")
         with running(server_command(server, model, port, plan), port, stop_s=30) as url:
             asyncio.run(_warm_up(url))
-            turns, answers = asyncio.run(multi_turn(url, plan, progress))
+            turns, answers = asyncio.run(multi_turn(url, plan, progress)) if plan.turns else ([], [])
             out[server] = {"turns": turns, "shared_system": asyncio.run(shared_system(url, plan, progress))}
         out[server]["template_reuse"] = template_reuse(AutoTokenizer.from_pretrained(str(model)), plan, answers)
         progress(f"chat: {server} done")
