@@ -34,8 +34,7 @@ from pathlib import Path
 import aiohttp
 from serverproc import exit_on_sigterm, free_port, percentile, running, serve_command
 
-WORDS = ("river stone cloud lamp garden window silver morning quiet engine paper orange "
-         "forest signal bridge letter winter candle market harbor").split()
+from nano_qwen3_mlx.bench.chat import WORDS, chat
 
 
 @dataclass
@@ -71,25 +70,8 @@ def make_prompts(n: int, words: int, seed: int) -> list[str]:
 async def stream_chat(session: aiohttp.ClientSession, url: str, prompt: str,
                       max_tokens: int, thinking: bool) -> tuple[float | None, int]:
     """One streaming chat request: (seconds to the first generated text, completion tokens)."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "chat_template_kwargs": {"enable_thinking": thinking}}
-    start, first, tokens, pieces = time.monotonic(), None, None, 0
-    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-        async for line in resp.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if any(v for k, v in delta.items() if k != "role"):
-                    pieces += 1
-                    first = first if first is not None else time.monotonic() - start
-    return first, tokens if tokens is not None else pieces
+    reply = await chat(session, url, [{"role": "user", "content": prompt}], max_tokens, thinking)
+    return reply.ttft_s, reply.completion_tokens
 
 
 async def run_round(url: str, prompts: list[str], max_tokens: int, timeout_s: float,

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nano_qwen3_mlx.engine import paged_attention
 from nano_qwen3_mlx.engine.kv_cache import PagedKVCache, gather_mm_supports
 from nano_qwen3_mlx.engine.model_runner import ModelRunner, packed_order
 from nano_qwen3_mlx.engine.scheduler import ScheduledBatch
@@ -84,10 +85,14 @@ def dense_reference(q, k, v, scale):
     return mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
 
 
+@pytest.mark.parametrize("max_scores", [paged_attention.MAX_SCORES, 40], ids=["whole", "split"])
 @pytest.mark.parametrize(("dtype", "read_path"), PATHS, ids=lambda p: str(p))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=steps())
-def test_paged_attention_equals_dense(dtype, read_path, case):
+def test_paged_attention_equals_dense(dtype, read_path, max_scores, case, monkeypatch):
+    """``split``: a prefill chunk's queries attend in pieces (the long-context score cap)."""
+    monkeypatch.setattr(paged_attention, "MAX_SCORES", max_scores)
     lengths, news, shares, order, n_kv, group = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, dtype, read_path=read_path)

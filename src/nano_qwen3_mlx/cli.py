@@ -173,29 +173,51 @@ app.command("serve")(serve)
 @app.command()
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="local checkpoint dir both engines load (default: random weights of --shape)")] = None,
-    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, qwen3-0.6b, moe-small")] = "small",
+    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, kv (Qwen3-0.6B's attention on 4 thin layers), qwen3-0.6b, moe-small")] = "small",
     dtype: Annotated[str, typer.Option(help="dtype of the random checkpoint")] = "float32",
-    prompt_len: Annotated[int, typer.Option("--prompt-len")] = 128,
-    gen_len: Annotated[int, typer.Option("--gen-len")] = 64,
-    batch: Annotated[str, typer.Option(help="comma-separated concurrent request counts")] = "8,32",
+    suite: Annotated[str, typer.Option(help="comma-separated: lengths (prompt lengths x batch sizes), mixed (long prompts arriving while streams decode), chat (multi-turn and shared system prompt, against mlx_lm.server)")] = "lengths",
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="comma-separated prompt lengths (lengths suite)")] = "128",
+    gen_len: Annotated[int, typer.Option("--gen-len", help="new tokens per request (lengths suite)")] = 16,
+    batch: Annotated[str, typer.Option(help="comma-separated concurrent request counts; 1 = one stream")] = "1,8",
+    max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
+    mixed_long_len: Annotated[int, typer.Option(help="mixed: length of the arriving prompts")] = 2048,
+    mixed_running: Annotated[int, typer.Option(help="mixed: streams decoding meanwhile")] = 4,
+    chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat (0: only the shared system prompt)")] = 10,
+    chat_clients: Annotated[int, typer.Option(help="chat: clients sharing the system prompt")] = 8,
+    system_tokens: Annotated[int, typer.Option(help="chat: length of the shared system prompt")] = 2000,
     out: Annotated[str, typer.Option(help="JSON report path")] = "bench-results/bench.json",
 ) -> None:
-    """Benchmark this engine against mlx-lm (single stream, batches, TTFT, KV bytes/token)."""
+    """Benchmark this engine against mlx-lm on one checkpoint, in one run: decode tok/s, TTFT,
+    memory, inter-token latency under arriving prompts, multi-turn prefix reuse."""
     from pathlib import Path
 
-    from . import bench as bench_mod
+    from .bench import SHAPES
+    from .bench.chat import ChatPlan
+    from .bench.report import SUITES, BenchPlan, markdown, run
 
-    if shape not in bench_mod.SHAPES:
-        fail(f"unknown shape {shape!r}; choose from {', '.join(bench_mod.SHAPES)}")
-    try:
-        sizes = [int(b) for b in batch.split(",") if b.strip()]
-    except ValueError:
-        fail(f"--batch must be comma-separated integers, got {batch!r}")
-    if prompt_len < 1 or gen_len < 2 or any(b < 1 for b in sizes):
-        fail("--prompt-len must be >= 1, --gen-len >= 2 and batch sizes >= 1")
-    report = bench_mod.run(model, shape, dtype, prompt_len, gen_len, sizes, Path(out))
-    bench_mod.print_report(report)
+    if shape not in SHAPES:
+        fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    suites = [s.strip() for s in suite.split(",") if s.strip()]
+    if not suites or set(suites) - set(SUITES):
+        fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
+    lens, sizes = _int_list("--prompt-len", prompt_len), _int_list("--batch", batch)
+    if gen_len < 2 or min(lens + sizes + [mixed_long_len, mixed_running, chat_clients]) < 1 or chat_turns < 0:
+        fail("--gen-len must be >= 2, lengths, batch sizes and counts >= 1 (--chat-turns 0 skips the multi-turn chat)")
+    plan = BenchPlan(model, shape, dtype, suites, lens, sizes, gen_len, max_num_batched_tokens,
+                     {"long_len": mixed_long_len, "running": mixed_running},
+                     ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens))
+    typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag} must be comma-separated integers, got {text!r}")
+    if not values:
+        fail(f"{flag} is empty")
+    return values
 
 
 def main() -> None:

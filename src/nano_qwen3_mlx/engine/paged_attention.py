@@ -19,6 +19,8 @@ import numpy as np
 
 from .kv_cache import PagedKVCache
 
+MAX_SCORES = 1 << 26  # attention scores one SDPA call may hold (256 MB in float32)
+
 
 @dataclass(slots=True)
 class DecodeGroup:
@@ -94,10 +96,19 @@ class PagedAttention:
 
     def _attend_chunk(self, layer: int, q: mx.array, chunk: PrefillChunk, scale: float) -> mx.array:
         k, v = self.cache.gather(layer, chunk.table)
-        k, v = k[:, :, :chunk.end].astype(q.dtype), v[:, :, :chunk.end].astype(q.dtype)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
         q = q.transpose(2, 1, 0, 3)  # (1, H, n, D)
-        # "causal" aligns the n queries with the last n of the ``end`` keys: the chunk's start.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        # Where SDPA is not fused (CPU) it materialises (H, rows, keys) scores: split the
+        # chunk's queries so that stays under MAX_SCORES elements at long contexts.
+        rows = max(1, MAX_SCORES // (q.shape[1] * chunk.end))
+        outs = []
+        for a in range(0, chunk.num_tokens, rows):
+            b = min(a + rows, chunk.num_tokens)
+            end = chunk.end - chunk.num_tokens + b  # the keys query row b - 1 sees
+            # "causal" aligns the queries with the last of the ``end`` keys: the chunk's start.
+            outs.append(mx.fast.scaled_dot_product_attention(
+                q[:, :, a:b], k[:, :, :end], v[:, :, :end], scale=scale, mask="causal"))
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return out.transpose(2, 1, 0, 3)
 
 
