@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .kv_cache import PagedKVCache
-from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk
+from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk, SampledRows
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -37,31 +37,34 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
-        order, last = self.forward(batch, prev)  # last: (rows, hidden), in packed order
-        ends = [k for k, i in enumerate(order) if batch.samples[i]]
-        rows = [k for k in ends if not batch.seqs[order[k]].pooling]
-        pool_rows = [k for k in ends if batch.seqs[order[k]].pooling]
+        rows, last = self.forward(batch, prev)  # rows: batch indices that sample or pool
         out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
-        if pool_rows:
-            out.pooled_seqs = [batch.seqs[order[k]] for k in pool_rows]
-            out.pooled = _l2_normalise(last[mx.array(pool_rows)])
-        if rows:
-            out.seqs = [batch.seqs[order[k]] for k in rows]
-            # Logits only for the rows that sample.
-            picked = last if len(rows) == len(order) else last[mx.array(rows)]
+        if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
+            mx.async_eval(last)
+            return out
+        sample = [k for k, i in enumerate(rows) if not batch.seqs[i].pooling]
+        pool = [k for k, i in enumerate(rows) if batch.seqs[i].pooling]
+        if pool:
+            out.pooled_seqs = [batch.seqs[rows[k]] for k in pool]
+            out.pooled = _l2_normalise(last[mx.array(pool)])
+        if sample:
+            out.seqs = [batch.seqs[rows[k]] for k in sample]
+            picked = last if len(sample) == len(rows) else last[mx.array(sample)]
             out.sampled = self.sampler(self.model.compute_logits(picked), out.seqs)
-        # Only mid-prompt chunks: nothing to sample, the pass just fills the cache.
-        lazy = (out.sampled.arrays() if rows else []) + ([out.pooled] if pool_rows else [])
-        mx.async_eval(*(lazy or [last]))
+        mx.async_eval(*(out.sampled.arrays() if sample else []), *([out.pooled] if pool else []))
         return out
 
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
-        """The rows in packed order and, lazily, the hidden state of each row's last token."""
+        """The rows that sample (batch indices, packed order) and, lazily, the hidden state
+        of each one's last token: logits are computed only for these."""
         order = packed_order(batch)
-        input_ids = self._input_ids(batch, order, prev)
-        hidden = self.model.hidden_states(input_ids, self.attention_context(batch, order))
+        ctx = self.attention_context(batch, order)
+        hidden = self.model.hidden_states(self._input_ids(batch, order, prev), ctx)[:, 0]
+        rows = [i for i in order if batch.samples[i]]
+        if ctx.pruned:  # the last layer already kept only these rows
+            return rows, hidden
         ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
-        return order, hidden[mx.array(ends), 0]
+        return rows, hidden[mx.array([e for e, i in zip(ends, order) if batch.samples[i]], mx.int32)]
 
     def _input_ids(self, batch: ScheduledBatch, order: list[int], prev: StepOutput | None) -> mx.array:
         """(T, 1) token ids; a token still being sampled comes lazily from ``prev``."""
@@ -96,8 +99,16 @@ class ModelRunner:
         chunks = [self._chunk(batch, i) for i in order if batch.num_new_tokens[i] > 1]
         return PagedAttention(
             self.cache, mx.array(positions), mx.array(blocks), mx.array(positions % bs),
-            self._decode_group(batch, decode_rows), chunks,
+            self._decode_group(batch, decode_rows), chunks, self._sampled_rows(batch, order),
         )
+
+    def _sampled_rows(self, batch: ScheduledBatch, order: list[int]) -> SampledRows:
+        ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
+        tokens = [int(e) for e, i in zip(ends, order) if batch.samples[i]]
+        decode = [r for r, i in enumerate(order) if batch.num_new_tokens[i] == 1]
+        keep = [r for r in decode if batch.samples[order[r]]]
+        return SampledRows(len(self.model.kv_layers) - 1, mx.array(tokens, mx.int32),
+                           None if len(keep) == len(decode) else mx.array(keep, mx.int32))
 
     def _decode_group(self, batch: ScheduledBatch, rows: list[int]) -> DecodeGroup | None:
         if not rows:
@@ -114,7 +125,7 @@ class ModelRunner:
         end = batch.start_positions[i] + batch.num_new_tokens[i]
         used = -(-end // self.cache.block_size)
         table = mx.array([batch.seqs[i].block_table[:used]], mx.int32)
-        return PrefillChunk(batch.num_new_tokens[i], end, table)
+        return PrefillChunk(batch.num_new_tokens[i], end, table, batch.samples[i])
 
 
 def packed_order(batch: ScheduledBatch) -> list[int]:
