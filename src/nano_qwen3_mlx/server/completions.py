@@ -48,7 +48,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if state.config.log_prompts:
         log.info("completion prompts: %r", [text for text, _ in prompts])
     rid = new_id("cmpl")
-    gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens,
+    gens = generations(req, engine, [ids for _, ids in prompts], req.max_tokens or 16,
                        req.logprobs, rid)
     run = GenerationRun(request, gens, priority=req.priority, timeout=req.timeout)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
