@@ -51,7 +51,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         log.info("completion prompts: %r", [text for text, _ in prompts])
     constraint, field = request_constraint(req)
     check(constraint, field)
-    gen = openai_request(req, call.engine, [ids for _, ids in prompts], req.max_tokens,
+    gen = openai_request(req, call.engine, [ids for _, ids in prompts],
+                         req.max_tokens or 16,  # OpenAI's documented default for completions
                          req.logprobs, new_id("cmpl"), constraint)
     head = {"id": gen.response_id, "object": "text_completion", "created": int(time.time()),
             "model": call.model}
