@@ -18,8 +18,13 @@ fetch: setup
 demo question="What is the capital of France?": fetch
     {{venv}}/bin/nano-qwen3 generate "{{question}}" --model smollm2-135m --temperature 0 --max-tokens 64
 
+# tmux for the terminal test of `nano-qwen3 chat`: installed with apt where it is missing and
+# apt is there (as root, e.g. CI); elsewhere that one test is skipped.
+tmux:
+    command -v tmux >/dev/null || ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq tmux >/dev/null) || echo "tmux not installed: the chat terminal test will be skipped"
+
 # Set up and run the whole test suite.
-test: fetch
+test: fetch tmux
     {{py}} -m pytest -q
 
 # Serve the OpenAI-compatible API (default: the embedded demo model).

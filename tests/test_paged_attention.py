@@ -111,7 +111,7 @@ def test_paged_attention_equals_dense(dtype, read_path, max_scores, case, monkey
 
     batch = make_batch(tables, lengths, news, unsampled)
     rows = packed_order(batch)
-    ctx = ModelRunner(SimpleNamespace(layers=[0]), cache, None).attention_context(batch, rows)
+    ctx = ModelRunner(SimpleNamespace(kv_layers=[None]), cache, None).attention_context(batch, rows)
     kept = ctx.output_rows(0) if prune else None
     packed = [lambda a, i=i: a[i][0].transpose(1, 0, 2)[:, :, None] for i in rows]  # (m, H, 1, D)
     new_k = [k[:, :, n - m:] for k, n, m in zip(ks, lengths, news)]
