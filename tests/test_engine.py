@@ -135,8 +135,8 @@ def test_paged_attention_equals_dense(tiny_qwen3_dir, llm):
                 bm.append_slots(s, n)
                 batch.add(s, n)
                 s.num_computed_tokens += n
-        order, hidden = runner.forward(batch, None)
-        for row, i in enumerate(order):
+        rows, hidden = runner.forward(batch, None)  # the rows whose chunk ends their prompt
+        for row, i in enumerate(rows):
             last[batch.seqs[i].seq_id] = np.array(model.compute_logits(hidden[row]))
     for s, ids in zip(seqs, prompts):
         dense = np.array(model(mx.array([ids]), DenseCache(2))[0, -1])

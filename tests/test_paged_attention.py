@@ -3,6 +3,8 @@ both read paths, fp32 and bf16, GQA, shared prefix blocks; writes touch only the
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -32,7 +34,9 @@ def steps(draw):
     shares = [0] + [draw(st.integers(0, min(lengths[0] - news[0], n - m) // BS))
                     for n, m in zip(lengths[1:], news[1:])]
     order = draw(st.permutations(range(NUM_BLOCKS)))
-    return lengths, news, shares, list(order), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2, 4]))
+    unsampled = [draw(st.booleans()) for _ in lengths]  # mid-prompt chunk: nothing to sample
+    return (lengths, news, shares, list(order), draw(st.sampled_from([1, 2])),
+            draw(st.sampled_from([1, 2, 4])), unsampled, draw(st.booleans()))
 
 
 def build_tables(lengths, shares, order):
@@ -67,11 +71,11 @@ def write_history(cache, tables, lengths, news, ks, vs):
                         v[0, :, :n - m].swapaxes(0, 1))
 
 
-def make_batch(tables, lengths, news):
+def make_batch(tables, lengths, news, unsampled):
     params = SamplingParams(temperature=0)
     batch = ScheduledBatch()
     for i, (table, n, m) in enumerate(zip(tables, lengths, news)):
-        seq = Sequence(i, str(i), [0] * n, params)
+        seq = Sequence(i, str(i), [0] * (n + unsampled[i]), params)
         seq.block_table, seq.num_computed_tokens = table, n - m
         batch.add(seq, m)
     return batch
@@ -91,9 +95,10 @@ def dense_reference(q, k, v, scale):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=steps())
 def test_paged_attention_equals_dense(dtype, read_path, max_scores, case, monkeypatch):
-    """``split``: a prefill chunk's queries attend in pieces (the long-context score cap)."""
+    """``split``: a prefill chunk's queries attend in pieces (the long-context score cap);
+    ``prune``: the layer asks for the sampled rows only, as the engine's last layer does."""
     monkeypatch.setattr(paged_attention, "MAX_SCORES", max_scores)
-    lengths, news, shares, order, n_kv, group = case
+    lengths, news, shares, order, n_kv, group, unsampled, prune = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, dtype, read_path=read_path)
     cache.k_pools[0] = mx.random.normal(cache.k_pools[0].shape).astype(dtype)  # stale data
@@ -104,9 +109,10 @@ def test_paged_attention_equals_dense(dtype, read_path, max_scores, case, monkey
     write_history(cache, tables, lengths, news, ks, vs)
     before_k, before_v = np.array(cache.k_pools[0].astype(mx.float32)), np.array(cache.v_pools[0].astype(mx.float32))
 
-    batch = make_batch(tables, lengths, news)
+    batch = make_batch(tables, lengths, news, unsampled)
     rows = packed_order(batch)
-    ctx = ModelRunner(None, cache, None).attention_context(batch, rows)
+    ctx = ModelRunner(SimpleNamespace(layers=[0]), cache, None).attention_context(batch, rows)
+    kept = ctx.output_rows(0) if prune else None
     packed = [lambda a, i=i: a[i][0].transpose(1, 0, 2)[:, :, None] for i in rows]  # (m, H, 1, D)
     new_k = [k[:, :, n - m:] for k, n, m in zip(ks, lengths, news)]
     new_v = [v[:, :, n - m:] for v, n, m in zip(vs, lengths, news)]
@@ -115,10 +121,17 @@ def test_paged_attention_equals_dense(dtype, read_path, max_scores, case, monkey
     tol = 1e-5 if dtype == mx.float32 else 3e-2
     start = 0
     for i in rows:
-        got = out[start:start + news[i]].transpose(2, 1, 0, 3).astype(mx.float32)
         want = dense_reference(qs[i], ks[i], vs[i], scale)
-        np.testing.assert_allclose(np.array(got), np.array(want), atol=tol, rtol=tol)
-        start += news[i]
+        if kept is None:
+            got = out[start:start + news[i]]
+            start += news[i]
+        elif unsampled[i]:
+            continue
+        else:
+            got, want, start = out[start:start + 1], want[:, :, -1:], start + 1
+        np.testing.assert_allclose(np.array(got.transpose(2, 1, 0, 3).astype(mx.float32)),
+                                   np.array(want), atol=tol, rtol=tol)
+    assert start == out.shape[0]
     assert_only_new_slots_written(cache, tables, lengths, news, before_k, before_v)
 
 

@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .kv_cache import PagedKVCache
-from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk
+from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk, SampledRows
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -35,25 +35,26 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
-        order, last = self.forward(batch, prev)
-        rows = [k for k, i in enumerate(order) if batch.samples[i]]
+        rows, last = self.forward(batch, prev)
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
             mx.async_eval(last)
             return StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
-        if len(rows) < len(order):
-            last = last[mx.array(rows)]  # logits only for the rows that sample
-        seqs = [batch.seqs[order[k]] for k in rows]
+        seqs = [batch.seqs[i] for i in rows]
         sampled = self.sampler(self.model.compute_logits(last), seqs)
         mx.async_eval(*sampled.arrays())
         return StepOutput(seqs, sampled)
 
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
-        """The rows in packed order and, lazily, the hidden state of each row's last token."""
+        """The rows that sample (batch indices, packed order) and, lazily, the hidden state
+        of each one's last token: logits are computed only for these."""
         order = packed_order(batch)
-        input_ids = self._input_ids(batch, order, prev)
-        hidden = self.model.hidden_states(input_ids, self.attention_context(batch, order))
+        ctx = self.attention_context(batch, order)
+        hidden = self.model.hidden_states(self._input_ids(batch, order, prev), ctx)[:, 0]
+        rows = [i for i in order if batch.samples[i]]
+        if ctx.pruned:  # the last layer already kept only these rows
+            return rows, hidden
         ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
-        return order, hidden[mx.array(ends), 0]
+        return rows, hidden[mx.array([e for e, i in zip(ends, order) if batch.samples[i]], mx.int32)]
 
     def _input_ids(self, batch: ScheduledBatch, order: list[int], prev: StepOutput | None) -> mx.array:
         """(T, 1) token ids; a token still being sampled comes lazily from ``prev``."""
@@ -88,8 +89,16 @@ class ModelRunner:
         chunks = [self._chunk(batch, i) for i in order if batch.num_new_tokens[i] > 1]
         return PagedAttention(
             self.cache, mx.array(positions), mx.array(blocks), mx.array(positions % bs),
-            self._decode_group(batch, decode_rows), chunks,
+            self._decode_group(batch, decode_rows), chunks, self._sampled_rows(batch, order),
         )
+
+    def _sampled_rows(self, batch: ScheduledBatch, order: list[int]) -> SampledRows:
+        ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
+        tokens = [int(e) for e, i in zip(ends, order) if batch.samples[i]]
+        decode = [r for r, i in enumerate(order) if batch.num_new_tokens[i] == 1]
+        keep = [r for r in decode if batch.samples[order[r]]]
+        return SampledRows(len(self.model.layers) - 1, mx.array(tokens, mx.int32),
+                           None if len(keep) == len(decode) else mx.array(keep, mx.int32))
 
     def _decode_group(self, batch: ScheduledBatch, rows: list[int]) -> DecodeGroup | None:
         if not rows:
@@ -106,7 +115,7 @@ class ModelRunner:
         end = batch.start_positions[i] + batch.num_new_tokens[i]
         used = -(-end // self.cache.block_size)
         table = mx.array([batch.seqs[i].block_table[:used]], mx.int32)
-        return PrefillChunk(batch.num_new_tokens[i], end, table)
+        return PrefillChunk(batch.num_new_tokens[i], end, table, batch.samples[i])
 
 
 def packed_order(batch: ScheduledBatch) -> list[int]:

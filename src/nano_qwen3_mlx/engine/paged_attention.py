@@ -53,6 +53,16 @@ class PrefillChunk:
     num_tokens: int
     end: int  # start position + num_tokens: the keys this chunk sees
     table: mx.array  # (1, ceil(end / block_size)) int32
+    samples: bool = False  # is its last token sampled?
+
+
+@dataclass(slots=True)
+class SampledRows:
+    """Which tokens' outputs the step reads after the last layer (the ones it samples)."""
+
+    last_layer: int
+    tokens: mx.array  # packed indices of the sampled tokens
+    decode: mx.array | None  # of the decode rows, those that sample (None: all do)
 
 
 class PagedAttention:
@@ -63,26 +73,39 @@ class PagedAttention:
 
     def __init__(
         self, cache: PagedKVCache, positions: mx.array, blocks: mx.array, block_offsets: mx.array,
-        decode: DecodeGroup | None, chunks: list[PrefillChunk],
+        decode: DecodeGroup | None, chunks: list[PrefillChunk], sampled: SampledRows | None = None,
     ) -> None:
         self.cache = cache
         self.offsets = positions  # (T,) RoPE position of every token
         self.blocks, self.block_offsets = blocks, block_offsets  # (T,) where each token's K/V goes
-        self.decode, self.chunks = decode, chunks
+        self.decode, self.chunks, self.sampled = decode, chunks, sampled
+        self.pruned = False  # did the last layer ask for only the sampled rows?
+
+    def output_rows(self, layer_idx: int) -> mx.array | None:
+        if self.sampled is None or layer_idx != self.sampled.last_layer:
+            return None
+        self.pruned = True
+        return self.sampled.tokens
 
     def attend(self, layer_idx: int, queries, keys, values, scale: float) -> mx.array:
-        """``queries`` (T, H, 1, D), ``keys``/``values`` (T, n_kv, 1, D) -> (T, H, 1, D)."""
+        """``queries`` (T, H, 1, D), ``keys``/``values`` (T, n_kv, 1, D) -> (T, H, 1, D),
+        or only the sampled rows where the layer asked for them (``output_rows``)."""
         T, n_kv, _, D = keys.shape
         self.cache.write(layer_idx, self.blocks, self.block_offsets,
                          keys.reshape(T, n_kv, D), values.reshape(T, n_kv, D))
+        prune = self.pruned and layer_idx == self.sampled.last_layer
         outs, row = [], 0
         if self.decode is not None:
             row = len(self.decode)
-            outs.append(self._attend_decode(layer_idx, queries[:row], scale))
+            out = self._attend_decode(layer_idx, queries[:row], scale)
+            outs.append(out[self.sampled.decode] if prune and self.sampled.decode is not None else out)
         for chunk in self.chunks:
-            q = queries[row:row + chunk.num_tokens]
-            outs.append(self._attend_chunk(layer_idx, q, chunk, scale))
+            first = row + chunk.num_tokens - 1 if prune else row  # pruned: the last query only
             row += chunk.num_tokens
+            if chunk.samples or not prune:
+                outs.append(self._attend_chunk(layer_idx, queries[first:row], chunk, scale))
+        if not outs:
+            return mx.zeros((0, *queries.shape[1:]), queries.dtype)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
     def _attend_decode(self, layer: int, q: mx.array, scale: float) -> mx.array:
@@ -95,17 +118,18 @@ class PagedAttention:
         )
 
     def _attend_chunk(self, layer: int, q: mx.array, chunk: PrefillChunk, scale: float) -> mx.array:
+        """The chunk's last ``len(q)`` queries against its sequence's keys, causally."""
         k, v = self.cache.gather(layer, chunk.table)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        q = q.transpose(2, 1, 0, 3)  # (1, H, n, D)
+        n, q = q.shape[0], q.transpose(2, 1, 0, 3)  # (1, H, n, D)
         # Where SDPA is not fused (CPU) it materialises (H, rows, keys) scores: split the
-        # chunk's queries so that stays under MAX_SCORES elements at long contexts.
-        rows = max(1, MAX_SCORES // (q.shape[1] * chunk.end))
+        # queries so that stays under MAX_SCORES elements at long contexts.
+        step = max(1, MAX_SCORES // (q.shape[1] * chunk.end))
         outs = []
-        for a in range(0, chunk.num_tokens, rows):
-            b = min(a + rows, chunk.num_tokens)
-            end = chunk.end - chunk.num_tokens + b  # the keys query row b - 1 sees
-            # "causal" aligns the queries with the last of the ``end`` keys: the chunk's start.
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            end = chunk.end - n + b  # the keys query row b - 1 sees
+            # "causal" aligns the queries with the last of the ``end`` keys.
             outs.append(mx.fast.scaled_dot_product_attention(
                 q[:, :, a:b], k[:, :, :end], v[:, :, :end], scale=scale, mask="causal"))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -24,6 +24,16 @@ class AttentionContext(Protocol):
         """Store ``keys``/``values`` (B, n_kv, L, D) and attend ``queries`` (B, H, L, D)."""
         ...
 
+    def output_rows(self, layer_idx: int) -> mx.array | None:
+        """The rows of this layer's output anyone reads (None: all).
+
+        A layer that asks before attending gets only these rows back from ``attend``, and
+        keeps only them of its residual: the engine reads just the sampled tokens after the
+        last layer, so mid-prompt tokens skip its attention, o_proj and MLP (their K/V are
+        still stored). A layer that never asks gets every row.
+        """
+        ...
+
 
 class DenseCache:
     """The simple per-request cache: K/V concatenated per layer (one sequence batch).
@@ -49,6 +59,9 @@ class DenseCache:
             q_pos = mx.arange(S - L, S)[:, None]
             mask = q_pos >= mx.arange(S)[None]
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def output_rows(self, layer_idx: int) -> None:
+        return None
 
     def advance(self, num_tokens: int) -> None:
         """Call after each forward pass so the next one gets the right RoPE offset."""

@@ -85,7 +85,7 @@ class Attention(nn.Module):
         q = self.rope(q.transpose(0, 2, 1, 3), offset=ctx.offsets)  # (B, H, L, D)
         k = self.rope(k.transpose(0, 2, 1, 3), offset=ctx.offsets)
         out = ctx.attend(self.layer_idx, q, k, v.transpose(0, 2, 1, 3), self.scale)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(out.shape[0], L, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -108,7 +108,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, ctx: AttentionContext) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), ctx)
+        rows = ctx.output_rows(self.self_attn.layer_idx)  # attend returns only these rows
+        h = self.self_attn(self.input_layernorm(x), ctx)
+        h = h + (x if rows is None else x[rows])
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
