@@ -14,10 +14,21 @@ from typing import Any
 TokenLogprob = dict[str, Any]
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """OpenAI-style usage."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+@dataclass(slots=True)
+class Usage:
+    """Token counts of a request (or of all choices of an API request)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        """OpenAI-style usage."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
 
 
 @dataclass(slots=True)
@@ -37,7 +48,7 @@ class RequestOutput:
 
     @property
     def usage(self) -> dict[str, int]:
-        return usage_dict(self.num_prompt_tokens, self.num_completion_tokens)
+        return Usage(self.num_prompt_tokens, self.num_completion_tokens).as_dict()
 
     def as_chunk(self) -> dict[str, Any]:
         """The stream chunk dict of the Python API."""

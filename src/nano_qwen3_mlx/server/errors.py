@@ -21,8 +21,8 @@ from ..errors import (
     client_message,
 )
 
-__all__ = ["APIError", "bad_request", "error_body", "error_response", "from_validation_error",
-           "to_api_error"]
+__all__ = ["APIError", "bad_request", "error_body", "error_json", "error_response",
+           "from_validation_error", "to_api_error"]
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 

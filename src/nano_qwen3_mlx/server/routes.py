@@ -62,7 +62,7 @@ async def stats(request: web.Request) -> web.Response:
     if engine is None:
         raise ModelLoadingError()
     body = {"model": state.model_name, "uptime_s": round(state.uptime_s, 3),
-            "is_ready": engine.is_ready, **engine.get_stats()}
+            "is_ready": state.is_ready, **engine.get_stats()}
     return web.json_response(body)
 
 
@@ -70,7 +70,7 @@ async def stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format."""
     state = request.app[STATE_KEY]
-    if state.engine is not None and state.engine.is_ready:
+    if state.is_ready:
         state.metrics.update_engine(state.engine.get_stats())
     return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 

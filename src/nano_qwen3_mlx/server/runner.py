@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import GenerationFailedError, RequestTimeoutError, SlowReaderError
-from ..outputs import GenerationResult, RequestOutput
+from ..outputs import GenerationResult, RequestOutput, Usage
 from .call import ApiCall, ClientGone
 from .errors import to_api_error
 from .formatter import Formatter
@@ -26,22 +26,6 @@ from .streaming import stream_run
 log = logging.getLogger("nano_qwen3_mlx.server")
 
 Event = tuple[int, RequestOutput] | None  # None: nothing arrived for a keep-alive interval
-
-
-@dataclass(slots=True)
-class Usage:
-    """Tokens of one API request: prompts counted once, completions summed over choices."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens}
 
 
 @dataclass(slots=True)
@@ -138,6 +122,7 @@ class GenerationRun:
         self.call.state.metrics.observe_usage(self.usage().as_dict())
 
     def usage(self) -> Usage:
+        """Prompts counted once, completions summed over the choices."""
         completion = sum(r.num_completion_tokens for r in self.results.values())
         return Usage(self.request.num_prompt_tokens, completion)
 

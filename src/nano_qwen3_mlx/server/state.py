@@ -88,6 +88,10 @@ class ServerState:
             return ModelLoadingError()
         return None
 
+    @property
+    def is_ready(self) -> bool:
+        return self.not_ready() is None
+
     def ready_engine(self) -> AsyncLLMLike:
         """The engine, or a 503 while it loads or after it died."""
         error = self.not_ready()
