@@ -76,11 +76,10 @@ def summary(st: StreamTimes) -> dict[str, float]:
 
 
 def time_stream(llm, prompt, params) -> tuple[float, float]:
-    """(TTFT seconds, decode tok/s) of one streamed ``LLM`` request."""
-    import time
+    """(TTFT seconds, decode tok/s) of one streamed ``LLM`` request (the CLI's timer)."""
+    from ..engine.stats import StreamTimer
 
-    st, start = StreamTimes(), time.perf_counter()
-    st.arrive("s", 0.0)
+    timer = StreamTimer()
     for chunk in llm.generate_stream(prompt, params):
-        st.record("s", time.perf_counter() - start, len(chunk["token_ids"]))
-    return st.ttfts()[0], st.decode_tok_s()
+        timer.tick(len(chunk["token_ids"]))
+    return timer.ttft_s, timer.decode_tok_s
