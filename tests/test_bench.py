@@ -24,7 +24,8 @@ def assert_ratios(row: dict) -> None:
 def test_lengths_and_mixed(tiny_qwen3_dir, tmp_path):
     plan = BenchPlan(model=str(tiny_qwen3_dir), suites=["lengths", "mixed"], prompt_lens=[20],
                      batches=[1, 3], gen_len=4,
-                     mixed={"running": 2, "short_len": 8, "long_len": 24, "num_long": 1, "gen_len": 8})
+                     mixed={"running": 2, "short_len": 8, "long_len": 24, "num_long": 1, "gen_len": 8},
+                     engine_options={"max_itl_ratio": 2.0})
     report = run(plan, tmp_path / "r.json", progress=lambda _: None)
     assert json.loads((tmp_path / "r.json").read_text())["lengths"] == report["lengths"]
     assert [(r["prompt_len"], r["batch"]) for r in report["lengths"]] == [(20, 1), (20, 3)]
@@ -39,6 +40,7 @@ def test_lengths_and_mixed(tiny_qwen3_dir, tmp_path):
     assert_ratios(mixed)
     text = markdown(report)
     assert "| 20 | 3 |" in text and "inter-token p99 s" in text
+    assert "max_itl_ratio=2.0" in text  # our engine's options are stated beside the numbers
 
 
 def test_chat_against_both_servers(tiny_qwen3_dir):
@@ -87,6 +89,7 @@ def test_cli_bench_tiny_shape(tmp_path):
     (["--prompt-len", "a,b"], "--prompt-len"),
     (["--shape", "huge"], "unknown shape"),
     (["--gen-len", "1"], "--gen-len"),
+    (["--max-itl-ratio", "1"], "--max-itl-ratio"),
 ])
 def test_cli_bench_bad_input_is_one_line(args, message):
     from typer.testing import CliRunner

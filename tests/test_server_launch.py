@@ -33,3 +33,9 @@ def test_busy_port_fails_before_loading():
 def test_loopback_detection():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.2")
+
+
+def test_itl_ratio_that_cannot_be_met_refused():
+    result = CliRunner().invoke(app, ["serve", "--max-itl-ratio", "0.5"])
+    assert result.exit_code == 2 and "max_itl_ratio" in result.output
+    assert result.output.strip().count("\n") == 0

@@ -180,6 +180,7 @@ def bench(
     gen_len: Annotated[int, typer.Option("--gen-len", help="new tokens per request (lengths suite)")] = 16,
     batch: Annotated[str, typer.Option(help="comma-separated concurrent request counts; 1 = one stream")] = "1,8",
     max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
+    max_itl_ratio: Annotated[float | None, typer.Option(help="our prefill pacing: a step with a prompt chunk takes at most this many decode steps (default: off)")] = None,
     mixed_long_len: Annotated[int, typer.Option(help="mixed: length of the arriving prompts")] = 2048,
     mixed_running: Annotated[int, typer.Option(help="mixed: streams decoding meanwhile")] = 4,
     chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat (0: only the shared system prompt)")] = 10,
@@ -201,11 +202,14 @@ def bench(
     if not suites or set(suites) - set(SUITES):
         fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
     lens, sizes = _int_list("--prompt-len", prompt_len), _int_list("--batch", batch)
+    if max_itl_ratio is not None and max_itl_ratio <= 1:
+        fail("--max-itl-ratio must be above 1")
     if gen_len < 2 or min(lens + sizes + [mixed_long_len, mixed_running, chat_clients]) < 1 or chat_turns < 0:
         fail("--gen-len must be >= 2, lengths, batch sizes and counts >= 1 (--chat-turns 0 skips the multi-turn chat)")
     plan = BenchPlan(model, shape, dtype, suites, lens, sizes, gen_len, max_num_batched_tokens,
                      {"long_len": mixed_long_len, "running": mixed_running},
-                     ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens))
+                     ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens),
+                     {"max_itl_ratio": max_itl_ratio} if max_itl_ratio else {})
     typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
 

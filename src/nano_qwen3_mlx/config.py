@@ -92,6 +92,9 @@ class EngineConfig(_Settings):
     sampling_defaults: dict[str, int | float] = Field(default_factory=dict)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
+    # While streams decode, prompt chunks are sized so a step takes at most this many times
+    # a decode-only step (inter-token p99 <= about this x p50); None: the whole budget.
+    max_itl_ratio: float | None = Field(None, gt=1.0)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
     max_queue_size: int = Field(1024, ge=1)

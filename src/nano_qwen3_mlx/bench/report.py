@@ -33,6 +33,7 @@ class BenchPlan:
     max_num_batched_tokens: int = 2048
     mixed: dict[str, int] = field(default_factory=dict)  # suites.mixed keyword arguments
     chat: chat.ChatPlan = field(default_factory=chat.ChatPlan)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # this engine's only
 
 
 def machine() -> dict[str, Any]:
@@ -52,7 +53,8 @@ def run(plan: BenchPlan, out: Path | None = None, progress=None) -> dict[str, An
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(plan.model) if plan.model else random_checkpoint(plan.shape, plan.dtype, Path(tmp))
         report["parameters"] = parameter_counts(path)
-        settings = suites.Settings(path, plan.max_num_batched_tokens)
+        settings = suites.Settings(path, plan.max_num_batched_tokens, plan.engine_options)
+        report["engine_options"] = plan.engine_options
         if "lengths" in plan.suites:
             report["lengths"] = suites.lengths(settings, plan.prompt_lens, plan.batches,
                                                plan.gen_len, progress)
@@ -132,6 +134,9 @@ def markdown(report: dict[str, Any]) -> str:
     params = report.get("parameters")
     if params:
         lines.append(f"Parameters: {params['active'] / 1e6:.1f}M active of {params['total'] / 1e6:.1f}M.")
+    if report.get("engine_options"):
+        opts = ", ".join(f"{k}={v}" for k, v in report["engine_options"].items())
+        lines.append(f"This engine's options (mlx-lm has no counterpart): {opts}.")
     if "lengths" in report:
         lines += ["", *lengths_table(report["lengths"])]
     if "mixed" in report:

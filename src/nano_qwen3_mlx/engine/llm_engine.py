@@ -23,6 +23,7 @@ from .kv_cache import PagedKVCache
 from .kv_pool import size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
+from .prefill_pacer import PrefillPacer
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
@@ -48,9 +49,11 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        self.pacer = PrefillPacer(config.max_itl_ratio)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   self._grow_pool if self.pool.grows else None)
+                                   self._grow_pool if self.pool.grows else None,
+                                   self.pacer.prefill_limit)
         self.sampling_defaults = merge_defaults(self.loaded.generation_config,
                                                 config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
@@ -63,6 +66,7 @@ class LLMEngine:
         # The step queued on the device whose sampled tokens are not read yet (pipelining).
         self._in_flight: StepOutput | None = None
         self._caught_up: list[RequestOutput | None] | None = None  # _in_flight, read early
+        self._device_free_at: float | None = None  # when the last step read was done
         self._seq_ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -271,6 +275,7 @@ class LLMEngine:
         pooled, outputs = self._postprocess_pooled(prev), []
         sampled = prev.sampled
         ids = sampled.token_ids.tolist()
+        self._time_step(prev, waited=bool(prev.seqs or prev.pooled_seqs))
         lps = _tolist(sampled.logprobs), _tolist(sampled.top_ids), _tolist(sampled.top_logprobs)
         now = time.monotonic()
         for row, seq in enumerate(prev.seqs):
@@ -283,6 +288,16 @@ class LLMEngine:
             self.block_manager.seal_full_blocks(seq, ready)
         self.stats.record_tokens(len(outputs), now)
         return pooled + outputs
+
+    def _time_step(self, prev: StepOutput, waited: bool) -> None:
+        """Tell the pacer how long ``prev`` ran: from its queueing, or from the end of the step
+        before it where that came later (pipelined steps run back to back). A step whose
+        outputs were not waited for (mid-prompt chunks only) leaves the clock unknown."""
+        now = time.perf_counter()
+        if waited and self._device_free_at is not None:
+            began = max(prev.queued_at, self._device_free_at)
+            self.pacer.observe(prev.num_decode_rows, prev.num_chunk_tokens, now - began)
+        self._device_free_at = now if waited else None
 
     def _postprocess_pooled(self, prev: StepOutput) -> list[RequestOutput | None]:
         """Embedding requests end with their prompt: one output with the pooled vector."""
@@ -344,6 +359,9 @@ class LLMEngine:
             "throughput": {"decode_tokens_per_s": s.decode_tokens_per_s(), "steps": s.num_steps},
             "latency": {"ttft_s": percentiles(s.ttft), "itl_s": percentiles(s.itl), "e2e_s": percentiles(s.e2e)},
             "kv_cache": kv,
+            "prefill_pacing": {"max_itl_ratio": self.pacer.max_itl_ratio,
+                               "decode_step_s": self.pacer.decode_s,
+                               "prefill_token_s": self.pacer.token_s},
             "memory": memory_stats(),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -23,6 +24,10 @@ class StepOutput:
     sampled: SamplerOutput
     pooled_seqs: list[Sequence] = field(default_factory=list)  # pooling rows, in row order
     pooled: mx.array | None = None  # (len(pooled_seqs), hidden) L2-normalised, float32
+    # For the prefill pacer: what the step carried, and when it was handed to the device.
+    num_decode_rows: int = 0
+    num_chunk_tokens: int = 0  # tokens of the rows of more than one token
+    queued_at: float = 0.0
 
 
 class ModelRunner:
@@ -41,7 +46,7 @@ class ModelRunner:
         out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
             mx.async_eval(last)
-            return out
+            return self._stamp(out, batch)
         sample = [k for k, i in enumerate(rows) if not batch.seqs[i].pooling]
         pool = [k for k, i in enumerate(rows) if batch.seqs[i].pooling]
         if pool:
@@ -52,6 +57,13 @@ class ModelRunner:
             picked = last if len(sample) == len(rows) else last[mx.array(sample)]
             out.sampled = self.sampler(self.model.compute_logits(picked), out.seqs)
         mx.async_eval(*(out.sampled.arrays() if sample else []), *([out.pooled] if pool else []))
+        return self._stamp(out, batch)
+
+    @staticmethod
+    def _stamp(out: StepOutput, batch: ScheduledBatch) -> StepOutput:
+        out.num_decode_rows = batch.num_decode_rows
+        out.num_chunk_tokens = batch.num_tokens - out.num_decode_rows
+        out.queued_at = time.perf_counter()
         return out
 
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
@@ -63,8 +75,7 @@ class ModelRunner:
         rows = [i for i in order if batch.samples[i]]
         if ctx.pruned:  # the last layer already kept only these rows
             return rows, hidden
-        ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
-        return rows, hidden[mx.array([e for e, i in zip(ends, order) if batch.samples[i]], mx.int32)]
+        return rows, hidden[ctx.sampled.tokens]
 
     def _input_ids(self, batch: ScheduledBatch, order: list[int], prev: StepOutput | None) -> mx.array:
         """(T, 1) token ids; a token still being sampled comes lazily from ``prev``."""
@@ -87,27 +98,35 @@ class ModelRunner:
     def attention_context(self, batch: ScheduledBatch, order: list[int]) -> PagedAttention:
         """Where each token of the packed step writes its K/V and which blocks it reads."""
         bs = self.cache.block_size
-        positions = np.concatenate([
-            np.arange(batch.start_positions[i], batch.start_positions[i] + batch.num_new_tokens[i])
-            for i in order
-        ]).astype(np.int32)
-        tables = [batch.seqs[i].block_table for i in order]
-        token_rows = np.repeat(np.arange(len(order)), [batch.num_new_tokens[i] for i in order])
-        blocks = np.array([tables[r][p // bs] for r, p in zip(token_rows.tolist(), positions.tolist())],
-                          np.int32)
+        counts = np.array([batch.num_new_tokens[i] for i in order], np.int64)
+        starts = np.array([batch.start_positions[i] for i in order], np.int64)
+        ends = np.cumsum(counts)  # one past each row's last packed token
+        row_of = np.repeat(np.arange(len(order)), counts)  # the row each packed token is in
+        positions = starts[row_of] + np.arange(ends[-1]) - (ends - counts)[row_of]
+        blocks = self._block_ids(batch, order, row_of, positions // bs)
         decode_rows = [i for i in order if batch.num_new_tokens[i] == 1]
         chunks = [self._chunk(batch, i) for i in order if batch.num_new_tokens[i] > 1]
         return PagedAttention(
-            self.cache, mx.array(positions), mx.array(blocks), mx.array(positions % bs),
-            self._decode_group(batch, decode_rows), chunks, self._sampled_rows(batch, order),
+            self.cache, mx.array(positions.astype(np.int32)), mx.array(blocks),
+            mx.array((positions % bs).astype(np.int32)), self._decode_group(batch, decode_rows),
+            chunks, self._sampled_rows(batch, order, ends - 1),
         )
 
-    def _sampled_rows(self, batch: ScheduledBatch, order: list[int]) -> SampledRows:
-        ends = np.cumsum([batch.num_new_tokens[i] for i in order]) - 1
-        tokens = [int(e) for e, i in zip(ends, order) if batch.samples[i]]
+    @staticmethod
+    def _block_ids(batch: ScheduledBatch, order: list[int], row_of: np.ndarray,
+                   block_index: np.ndarray) -> np.ndarray:
+        """The pool block of each packed token: one lookup into the rows' tables, laid flat."""
+        tables = [batch.seqs[i].block_table for i in order]
+        offsets = np.cumsum([0] + [len(t) for t in tables[:-1]])
+        flat = np.fromiter((b for t in tables for b in t), np.int32)
+        return flat[offsets[row_of] + block_index]
+
+    def _sampled_rows(self, batch: ScheduledBatch, order: list[int], last: np.ndarray) -> SampledRows:
+        """``last``: each row's last packed token (the one that samples, where it samples)."""
+        samples = np.array([batch.samples[i] for i in order])
         decode = [r for r, i in enumerate(order) if batch.num_new_tokens[i] == 1]
-        keep = [r for r in decode if batch.samples[order[r]]]
-        return SampledRows(len(self.model.kv_layers) - 1, mx.array(tokens, mx.int32),
+        keep = [r for r in decode if samples[r]]
+        return SampledRows(len(self.model.kv_layers) - 1, mx.array(last[samples].astype(np.int32)),
                            None if len(keep) == len(decode) else mx.array(keep, mx.int32))
 
     def _decode_group(self, batch: ScheduledBatch, rows: list[int]) -> DecodeGroup | None:

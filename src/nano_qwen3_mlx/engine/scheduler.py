@@ -34,6 +34,11 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
     @property
+    def num_decode_rows(self) -> int:
+        """Rows of one token: decodes (they attend together, reading the pool in place)."""
+        return sum(n == 1 for n in self.num_new_tokens)
+
+    @property
     def num_prefill_tokens(self) -> int:
         """Tokens of rows that compute prompt positions (chunks that start inside the prompt)."""
         return sum(n for seq, start, n in zip(self.seqs, self.start_positions, self.num_new_tokens)
@@ -62,11 +67,15 @@ class Scheduler:
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 grow_pool: Callable[[int], int] | None = None):
+                 grow_pool: Callable[[int], int] | None = None,
+                 prefill_limit: Callable[[int], int | None] | None = None):
         self.block_manager = block_manager
         # Asked for N more blocks before anything is refused or preempted; returns how many
         # it added (0 at the pool's cap). None: a fixed pool.
         self.grow_pool = grow_pool
+        # Given the step's decode rows, the most prompt tokens it may add (None: no limit);
+        # the prefill pacer's, which keeps decoding streams' token gaps even.
+        self.prefill_limit = prefill_limit
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -102,7 +111,7 @@ class Scheduler:
         """
         batch = ScheduledBatch()
         decodes = {s for s in self.running if s.is_decoding and not s.reached_max_tokens}
-        budget = self.max_num_batched_tokens - len(decodes)  # one token reserved per decode
+        budget = self._prefill_budget(len(decodes))
         for seq in sorted(self.running, key=Sequence.sort_key):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted above to make room for a more important one
@@ -117,6 +126,11 @@ class Scheduler:
                 break  # strict priority order: nothing jumps the head of the queue
             budget = self._add_chunk(batch, seq, budget)
         return batch or None
+
+    def _prefill_budget(self, num_decodes: int) -> int:
+        budget = self.max_num_batched_tokens - num_decodes  # one token reserved per decode
+        limit = self.prefill_limit(num_decodes) if self.prefill_limit else None
+        return budget if limit is None else min(budget, limit)
 
     def _admit(self, seq: Sequence) -> bool:
         self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)

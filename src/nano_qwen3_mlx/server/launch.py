@@ -41,6 +41,7 @@ def serve(
     max_tokens_default: Annotated[int | None, Opt(help="max_tokens of a request that leaves it out (default 2048)")] = None,
     max_queue_size: Annotated[int | None, Opt(help="requests held before 429")] = None,
     max_model_len: Annotated[int | None, Opt(help="context length cap")] = None,
+    max_itl_ratio: Annotated[float | None, Opt(help="while streams decode, size prompt chunks so a step takes at most this many decode steps (e.g. 2: even token gaps, slower first tokens for arriving prompts)")] = None,
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
@@ -58,8 +59,8 @@ def serve(
     engine_config = _load(EngineConfig, config, model=model, max_num_seqs=max_num_seqs,
                           kv_cache_gb=kv_cache_gb, max_memory_gb=max_memory_gb,
                           max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
-                          max_model_len=max_model_len, device=device, dtype=dtype,
-                          quantize=quantize)
+                          max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
+                          device=device, dtype=dtype, quantize=quantize)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           served_model_name=served_model_name, log_level=log_level,
                           log_prompts=log_prompts, cors_origins=cors_origin or None,
