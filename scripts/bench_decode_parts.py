@@ -1,0 +1,110 @@
+"""Where one batched decode step's time goes, for this engine and for mlx-lm.
+
+usage: python scripts/bench_decode_parts.py [CONTEXT=2048] [BATCH=8] [SHAPE=kv]
+
+Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
+
+- the output layer, ``(B, hidden) @ embed.T`` over Qwen3's 151,936-token vocabulary: the
+  same matmul in both engines (tied embeddings, logits only for the rows that sample);
+- the rest of a layer (q/k/v/o projections and the MLP): the same in both engines;
+- one layer's decode attention: ours reads the paged pool in place
+  (``engine.paged_attention.decode_gather_mm``), mlx-lm runs SDPA over its contiguous
+  per-sequence cache (allocated in steps of 256 positions, read as a slice).
+
+It then adds them into a step per engine, and prints the most ours could gain if its
+attention took no time at all: on a machine where the output layer dominates, no attention
+design reaches a large decode ratio. Compare the step estimates with the lengths suite's
+measured decode tok/s (``nano-qwen3 bench --shape kv --suite lengths``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from nano_qwen3_mlx.bench import SHAPES
+from nano_qwen3_mlx.engine.kv_cache import PagedKVCache
+from nano_qwen3_mlx.engine.paged_attention import DecodeGroup, decode_gather_mm
+
+VOCAB, BLOCK = 151936, 16
+
+
+def timed(f, repeats: int = 5) -> float:
+    """Milliseconds per call, after two warm-up calls."""
+    for _ in range(2):
+        mx.eval(f())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(f())
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def layer_rest(shape: dict, batch: int):
+    """The projections and the MLP of one layer on ``batch`` rows."""
+    h, q, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    d, inter = shape["head_dim"], shape["intermediate_size"]
+    w = {n: mx.random.normal(s) * 0.02 for n, s in {
+        "q": (q * d, h), "k": (kv * d, h), "v": (kv * d, h), "o": (h, q * d),
+        "gate": (inter, h), "up": (inter, h), "down": (h, inter)}.items()}
+    x, attn_out = mx.random.normal((batch, h)), mx.random.normal((batch, q * d))
+    mx.eval(w, x, attn_out)
+
+    def run():
+        qkv = [x @ w[n].T for n in ("q", "k", "v")]
+        y = x + attn_out @ w["o"].T
+        return [*qkv, y + (mx.sigmoid(y @ w["gate"].T) * (y @ w["up"].T)) @ w["down"].T]
+    return run
+
+
+def attention_ours(shape: dict, batch: int, context: int):
+    n_kv, d, hq = shape["num_key_value_heads"], shape["head_dim"], shape["num_attention_heads"]
+    nb = -(-context // BLOCK)
+    cache = PagedKVCache(1, batch * nb, BLOCK, n_kv, d, mx.float32)
+    cache.k_pools[0] = mx.random.normal(cache.k_pools[0].shape)
+    cache.v_pools[0] = mx.random.normal(cache.v_pools[0].shape)
+    tables = np.arange(batch * nb, dtype=np.int32).reshape(batch, nb)  # as a fresh run lays them
+    group = DecodeGroup.build(tables, np.full(batch, context, np.int32), cache)
+    q = mx.random.normal((batch, hq, 1, d))
+    mx.eval(cache.k_pools, cache.v_pools, q)
+    return lambda: decode_gather_mm(cache, 0, q, group, d ** -0.5)
+
+
+def attention_mlx_lm(shape: dict, batch: int, context: int):
+    n_kv, d, hq = shape["num_key_value_heads"], shape["head_dim"], shape["num_attention_heads"]
+    alloc = -(-context // 256) * 256  # mlx-lm's KVCache grows in steps of 256 positions
+    k, v = (mx.random.normal((batch, n_kv, alloc, d)) for _ in range(2))
+    q = mx.random.normal((batch, hq, 1, d))
+    mx.eval(k, v, q)
+    return lambda: mx.fast.scaled_dot_product_attention(
+        q, k[..., :context, :], v[..., :context, :], scale=d ** -0.5)
+
+
+def main() -> None:
+    context = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    name = sys.argv[3] if len(sys.argv) > 3 else "kv"
+    shape, mx_device = SHAPES[name], mx.default_device()
+    layers = shape["num_hidden_layers"]
+    embed = mx.random.normal((VOCAB, shape["hidden_size"])) * 0.02
+    x = mx.random.normal((batch, shape["hidden_size"]))
+    mx.eval(embed, x)
+    head = timed(lambda: x @ embed.T)
+    rest = timed(layer_rest(shape, batch))
+    ours, peer = timed(attention_ours(shape, batch, context)), timed(attention_mlx_lm(shape, batch, context))
+    step_ours, step_peer = head + layers * (rest + ours), head + layers * (rest + peer)
+    print(f"shape {name}, batch {batch}, context {context}, float32, {mx_device}; ms per call\n")
+    print("| part | ours | mlx-lm |\n|---|---:|---:|")
+    print(f"| output layer (same matmul) | {head:.1f} | {head:.1f} |")
+    print(f"| rest of a layer x {layers} (same matmuls) | {layers * rest:.1f} | {layers * rest:.1f} |")
+    print(f"| decode attention x {layers} | {layers * ours:.1f} | {layers * peer:.1f} |")
+    print(f"| step (sum) | {step_ours:.1f} | {step_peer:.1f} |")
+    print(f"\ndecode ratio from these parts: {step_peer / step_ours:.2f}x; with attention "
+          f"free for us: at most {step_peer / (head + layers * rest):.2f}x. Output layer: "
+          f"{head / step_peer:.0%} of mlx-lm's step.")
+
+
+if __name__ == "__main__":
+    main()
