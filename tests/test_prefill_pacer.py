@@ -53,11 +53,28 @@ def test_a_new_number_of_decode_rows_is_timed_before_prompts_join_it():
     pacer = PrefillPacer(2.0)
     assert pacer.prefill_limit(2) == 0  # never timed: this step is decode-only, the measurement
     pacer.observe(2, 0, 0.1)
+    assert pacer.prefill_limit(2) == 16
     pacer.observe(2, 16, 0.1 + 16 * 0.001)
-    assert pacer.prefill_limit(2) == 100
+    assert pacer.prefill_limit(2) == 24  # 100 tokens fit, but a chunk grows by half at most
     assert pacer.prefill_limit(3) == 0  # a stream joined: its decode step is timed first
-    pacer.observe(3, 0, 0.2)
-    assert pacer.prefill_limit(3) == 200  # (2 - 1) * 0.2 s / 1 ms per token
+    pacer.observe(3, 0, 0.02)
+    assert pacer.prefill_limit(3) == 20  # (2 - 1) * 0.02 s / 1 ms per token
+    assert pacer.prefill_limit(2) == 24  # two rows were timed already: no new measurement
+
+
+def test_chunks_grow_by_half_at_most_per_step():
+    chunks = run_steps(PrefillPacer(3.0), decode_s=0.1, fixed_s=0.0, token_s=0.00001)
+    assert chunks[0] == 16 and abs(chunks[-1] - 20000) <= 1  # (3 - 1) * 0.1 s / 10 us
+    assert all(b <= max(a, 16) * 3 // 2 for a, b in zip(chunks, chunks[1:]))
+
+
+def test_a_step_faster_than_a_decode_step_teaches_nothing():
+    pacer = PrefillPacer(2.0)
+    for t in (0.1, 0.1, 0.1):
+        pacer.observe(2, 0, t)
+    pacer.observe(2, 16, 0.1 + 16 * 0.001)
+    pacer.observe(2, 32, 0.05)  # noise: quicker than a decode-only step
+    assert pacer.token_s == 0.001
 
 
 def test_scheduler_caps_prompt_tokens_beside_decodes_only():
@@ -112,9 +129,26 @@ def test_paced_engine_gives_the_unpaced_tokens_and_caps_chunks_beside_decodes(ti
         stats = engine.get_stats()
         assert stats["kv_cache"]["num_used_blocks"] == 0
         pacing = stats["prefill_pacing"]
-        assert pacing["max_itl_ratio"] == 1.5 and pacing["decode_step_s"] > 0
+        assert pacing["max_itl_ratio"] == 1.5 and pacing["decode_step_s"]
+        assert all(t > 0 for t in pacing["decode_step_s"].values())
         assert pacing["prefill_token_s"] is not None
     assert [got["stream"], got["long"]] == expected
     assert all(n <= limit for n, limit in mixed)
     long_len = len(llm.tokenizer.encode(long))
     assert any(0 < n < long_len for n, _ in mixed)  # the prompt came in paced chunks
+
+
+@pytest.mark.parametrize("per_token_s, per_key_s", [(0.001, 2e-5), (0.0005, 5e-5)])
+def test_steps_stay_near_the_target_as_a_prompt_grows(per_token_s, per_key_s):
+    """Each prompt token costs more the further into the prompt it is (it attends to more
+    keys): the pacer follows, overshooting by a bounded amount while chunks grow."""
+    pacer, decode_s, pos, times = PrefillPacer(2.0), 0.48, 0, []
+    pacer.observe(4, 0, decode_s)
+    while pos < 2048:
+        n = min(pacer.prefill_limit(4), 2048 - pos)
+        t = decode_s + sum(per_token_s + per_key_s * (pos + i) for i in range(n))
+        pacer.observe(4, n, t)
+        times.append(t)
+        pos += n
+    assert max(times) <= 1.3 * 2.0 * decode_s
+    assert sorted(times)[len(times) // 2] >= 1.6 * decode_s  # the median step uses the room

@@ -23,7 +23,7 @@ from .kv_cache import PagedKVCache
 from .kv_pool import size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
-from .prefill_pacer import PrefillPacer
+from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
@@ -66,7 +66,7 @@ class LLMEngine:
         # The step queued on the device whose sampled tokens are not read yet (pipelining).
         self._in_flight: StepOutput | None = None
         self._caught_up: list[RequestOutput | None] | None = None  # _in_flight, read early
-        self._device_free_at: float | None = None  # when the last step read was done
+        self._clock = StepClock()
         self._seq_ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -213,8 +213,11 @@ class LLMEngine:
         self.pool.idle_since = None  # busy: the idle clock starts again when work ends
         batch = None
         try:
-            batch = self.scheduler.schedule()
-            outputs += self._run_batch(batch)
+            if self._in_flight is not None and not self.scheduler.has_decodes():
+                outputs += self._deliver_in_flight()
+            else:
+                batch = self.scheduler.schedule()
+                outputs += self._run_batch(batch)
         except Exception as exc:
             log.exception("engine step failed; failing the requests of this step")
             outputs += self._fail_step(batch, f"engine error: {type(exc).__name__}: {exc}")
@@ -222,14 +225,17 @@ class LLMEngine:
         return [o for o in outputs if o is not None]
 
     def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
-        outputs = []
-        if batch and self._needs_sync(batch):
+        outputs, read_first = [], bool(batch) and self._read_first(batch)
+        if read_first:
             outputs += self._postprocess(self._in_flight)
             self._in_flight, batch = None, batch.without_finished()
         if batch:
             self.stats.num_computed_prompt_tokens += batch.num_prefill_tokens
-        out = self.runner.run(batch, self._in_flight) if batch else None
+        prev, start = self._in_flight, time.perf_counter()
+        out = self.runner.run(batch, prev) if batch else None
+        queued = time.perf_counter()
         outputs += self._take_in_flight_outputs()
+        self._time_step(prev, out, start, queued, read_first)
         if out is not None:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
@@ -264,10 +270,32 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         return outputs
 
-    @staticmethod
-    def _needs_sync(batch: ScheduledBatch) -> bool:
-        # Penalties need every earlier token, including the one still being sampled.
-        return any(s.params.uses_penalties for s in batch.seqs)
+    def _time_step(self, prev: StepOutput | None, out: StepOutput | None, start: float,
+                   queued: float, read_first: bool) -> None:
+        """Tell the prefill pacer how long the step this engine step waited on took."""
+        if read_first:  # the read was not beside a queued step: its time says nothing
+            self._clock.last_end = None
+            return
+        timed = self._clock.tick(prev, out, start, queued, time.perf_counter())
+        if timed is not None:
+            step, seconds = timed
+            self.pacer.observe(step.num_decode_rows, step.num_chunk_tokens, seconds)
+
+    def _read_first(self, batch: ScheduledBatch) -> bool:
+        """Read the step in flight before queueing ``batch``: penalties need every earlier
+        token, the one still being sampled included."""
+        return self._in_flight is not None and any(s.params.uses_penalties for s in batch.seqs)
+
+    def _deliver_in_flight(self) -> list[RequestOutput | None]:
+        """Only read the step in flight; the next engine step schedules.
+
+        Nothing will decode next (prompts only), so no step needs this one's tokens, and
+        they should not wait behind the next step's prompt chunks: on the CPU backend
+        queueing a step computes most of it before the step in flight can be read.
+        """
+        outputs, self._in_flight = self._take_in_flight_outputs(), None
+        self._clock.last_end = None
+        return outputs
 
     def _postprocess(self, prev: StepOutput | None) -> list[RequestOutput | None]:
         if prev is None:
@@ -275,7 +303,6 @@ class LLMEngine:
         pooled, outputs = self._postprocess_pooled(prev), []
         sampled = prev.sampled
         ids = sampled.token_ids.tolist()
-        self._time_step(prev, waited=bool(prev.seqs or prev.pooled_seqs))
         lps = _tolist(sampled.logprobs), _tolist(sampled.top_ids), _tolist(sampled.top_logprobs)
         now = time.monotonic()
         for row, seq in enumerate(prev.seqs):
@@ -288,16 +315,6 @@ class LLMEngine:
             self.block_manager.seal_full_blocks(seq, ready)
         self.stats.record_tokens(len(outputs), now)
         return pooled + outputs
-
-    def _time_step(self, prev: StepOutput, waited: bool) -> None:
-        """Tell the pacer how long ``prev`` ran: from its queueing, or from the end of the step
-        before it where that came later (pipelined steps run back to back). A step whose
-        outputs were not waited for (mid-prompt chunks only) leaves the clock unknown."""
-        now = time.perf_counter()
-        if waited and self._device_free_at is not None:
-            began = max(prev.queued_at, self._device_free_at)
-            self.pacer.observe(prev.num_decode_rows, prev.num_chunk_tokens, now - began)
-        self._device_free_at = now if waited else None
 
     def _postprocess_pooled(self, prev: StepOutput) -> list[RequestOutput | None]:
         """Embedding requests end with their prompt: one output with the pooled vector."""
@@ -360,7 +377,8 @@ class LLMEngine:
             "latency": {"ttft_s": percentiles(s.ttft), "itl_s": percentiles(s.itl), "e2e_s": percentiles(s.e2e)},
             "kv_cache": kv,
             "prefill_pacing": {"max_itl_ratio": self.pacer.max_itl_ratio,
-                               "decode_step_s": self.pacer.decode_s,
+                               "decode_step_s": {rows: self.pacer.decode_s(rows)
+                                                 for rows in self.pacer.decode_times},
                                "prefill_token_s": self.pacer.token_s},
             "memory": memory_stats(),
         }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -24,10 +23,9 @@ class StepOutput:
     sampled: SamplerOutput
     pooled_seqs: list[Sequence] = field(default_factory=list)  # pooling rows, in row order
     pooled: mx.array | None = None  # (len(pooled_seqs), hidden) L2-normalised, float32
-    # For the prefill pacer: what the step carried, and when it was handed to the device.
+    # For the prefill pacer: what the step carried.
     num_decode_rows: int = 0
     num_chunk_tokens: int = 0  # tokens of the rows of more than one token
-    queued_at: float = 0.0
 
 
 class ModelRunner:
@@ -63,7 +61,6 @@ class ModelRunner:
     def _stamp(out: StepOutput, batch: ScheduledBatch) -> StepOutput:
         out.num_decode_rows = batch.num_decode_rows
         out.num_chunk_tokens = batch.num_tokens - out.num_decode_rows
-        out.queued_at = time.perf_counter()
         return out
 
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:

@@ -102,6 +102,10 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def has_decodes(self) -> bool:
+        """Will the next step decode anything (a running sequence one token from done)?"""
+        return any(s.is_decoding and not s.reached_max_tokens for s in self.running)
+
     # ---- scheduling ---------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         """Every running decode, plus as much prefill as the token budget has left.
