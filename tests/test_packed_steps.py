@@ -70,3 +70,30 @@ def test_bf16_model_batches_like_one_at_a_time(tiny_qwen3_dir):
         singles = [llm.generate_single(p, PARAMS)["token_ids"] for p in PROMPTS[:3]]
         batched = [r["token_ids"] for r in llm.generate(PROMPTS[:3], PARAMS)]
     assert batched == singles
+
+
+def test_last_tokens_do_not_wait_behind_a_prompt_only_step(tiny_qwen3_dir):
+    """When nothing will decode next, the step in flight is read before any prompt chunk is
+    queued: on the CPU backend queueing computes most of a step, so a stream's last token
+    would otherwise arrive only after a whole prompt chunk ran."""
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=128, block_size=4) as llm:
+        engine, queued = llm.engine, []
+        real_run = engine.runner.run
+        engine.runner.run = lambda batch, prev: queued.append(batch.num_tokens) or real_run(batch, prev)
+        engine.add_request("Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                           request_id="stream")
+        finished_by, long_added = None, False
+        while finished_by is None:
+            before = len(queued)
+            outs = engine.step()
+            if any(o.request_id == "stream" and o.finished for o in outs):
+                finished_by = queued[before:]
+            elif not long_added and not engine.scheduler.has_decodes():
+                # The stream's last token is in flight and nothing else decodes: a long
+                # prompt arrives now.
+                engine.add_request("word " * 60, PARAMS, request_id="long")
+                long_added = True
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert finished_by == []  # the step that returned the last token queued nothing
+    assert max(queued) > 60  # the long prompt then ran as one chunk
