@@ -47,6 +47,7 @@ class RequestOutput:
     prompt_token_ids: list[int] | None = None  # on the final output only
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     embedding: list[float] | None = None  # pooling requests: the L2-normalised vector
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def usage(self) -> dict[str, int]:
