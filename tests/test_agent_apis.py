@@ -51,18 +51,23 @@ def create(claude, **kwargs):
                                      "extra_body": {"temperature": 0}, **kwargs})
 
 
+def anthropic_input(usage) -> int:
+    """The whole prompt: Anthropic counts cache reads and writes apart from input_tokens."""
+    return usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+
+
 def test_messages_create_equals_chat_and_system_counts(claude, oai):
     msg = create(claude)
     same = chat(oai, USER)
     assert msg.type == "message" and msg.role == "assistant" and msg.stop_reason == "max_tokens"
     assert [b.type for b in msg.content] == ["text"]
     assert msg.content[0].text == same.choices[0].message.content
-    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (same.usage.prompt_tokens, 8)
+    assert (anthropic_input(msg.usage), msg.usage.output_tokens) == (same.usage.prompt_tokens, 8)
     system = create(claude, system="You are terse.")
     with_system = chat(oai, [{"role": "system", "content": "You are terse."}, *USER])
     assert system.content[0].text == with_system.choices[0].message.content
     counted = claude.messages.count_tokens(model="tiny", system="You are terse.", messages=USER)
-    assert counted.input_tokens == system.usage.input_tokens == with_system.usage.prompt_tokens
+    assert counted.input_tokens == anthropic_input(system.usage) == with_system.usage.prompt_tokens
 
 
 def test_messages_stream_event_order_and_text(claude):
@@ -108,7 +113,7 @@ def test_tool_round_trip_renders_like_chat_tools(claude, oai):
                                              "description": "Weather of a city",
                                              "parameters": WEATHER["input_schema"]}}
     same = chat(oai, openai_history, tools=[tool])
-    assert msg.usage.input_tokens == same.usage.prompt_tokens
+    assert anthropic_input(msg.usage) == same.usage.prompt_tokens
     assert msg.content[0].text == (same.choices[0].message.content or "")
 
 
@@ -272,3 +277,87 @@ def test_sixteen_mixed_requests_at_once(claude, oai, server):
     for i in range(12, 16):
         assert cosine(together[i], alone[i]) >= 0.9999
     assert _wait_idle(server)["requests"]["waiting"] == 0
+
+
+# ---- cached prompt tokens in each API's usage -------------------------------------------
+LONG = "Answer in one short sentence and be precise about units and numbers. " * 8
+
+
+def shared_tokens(tiny_qwen3_dir, system: str, *questions: str) -> int:
+    """Leading prompt tokens the last question's prompt shares with the earlier ones (the
+    prefix cache gives exactly these: each earlier prompt's KV was computed in full)."""
+    tokenizer = Tokenizer.from_pretrained(tiny_qwen3_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": q}],
+                                             tokenize=True, enable_thinking=False)
+               for q in questions]
+    *earlier, last = prompts
+    return max(next(i for i, (x, y) in enumerate(zip(p, last)) if x != y) for p in earlier)
+
+
+def system_chat(system: str, question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def test_chat_usage_reports_cached_prompt_tokens(oai, tiny_qwen3_dir):
+    system = "Chat. " + LONG
+    first = chat(oai, system_chat(system, "Question A?"), max_tokens=4)
+    second = chat(oai, system_chat(system, "Question B?"), max_tokens=4)
+    shared = shared_tokens(tiny_qwen3_dir, system, "Question A?", "Question B?")
+    assert shared > 100 and first.usage.prompt_tokens_details.cached_tokens < shared
+    assert second.usage.prompt_tokens_details.cached_tokens == shared
+    stream = oai.chat.completions.create(
+        model="tiny", messages=system_chat(system, "Question C?"), max_tokens=4, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body=NO_THINK)
+    usage = list(stream)[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == shared_tokens(
+        tiny_qwen3_dir, system, "Question A?", "Question B?", "Question C?")
+
+
+def test_completions_usage_reports_cached_prompt_tokens(oai, tiny_qwen3_dir):
+    tokenizer = Tokenizer.from_pretrained(tiny_qwen3_dir)
+    prompts = ["Completions. " + LONG + "First", "Completions. " + LONG + "Second"]
+    first, second = (oai.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0)
+                     for p in prompts)
+    a, b = (tokenizer.encode(p) for p in prompts)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert second.usage.prompt_tokens == len(b)
+    assert first.usage.prompt_tokens_details.cached_tokens < shared
+    assert second.usage.prompt_tokens_details.cached_tokens == shared > 100
+
+
+def test_messages_usage_reports_cache_read_input_tokens(claude, tiny_qwen3_dir):
+    system = "Messages. " + LONG
+
+    def ask(question: str):
+        return dict(system=system, messages=[{"role": "user", "content": question}], max_tokens=4)
+
+    create(claude, **ask("Question A?"))
+    msg = create(claude, **ask("Question B?"))
+    shared = shared_tokens(tiny_qwen3_dir, system, "Question A?", "Question B?")
+    counted = claude.messages.count_tokens(model="tiny", **{k: v for k, v in ask("Question B?").items()
+                                                           if k != "max_tokens"})
+    assert msg.usage.cache_read_input_tokens == shared > 100
+    assert msg.usage.input_tokens == counted.input_tokens - shared  # the tokens computed
+    with claude.messages.stream(model="tiny", extra_body={"temperature": 0},
+                                **ask("Question C?")) as s:
+        final = s.get_final_message()
+    assert final.usage.cache_read_input_tokens == shared_tokens(
+        tiny_qwen3_dir, system, "Question A?", "Question B?", "Question C?")
+    assert anthropic_input(final.usage) == counted.input_tokens
+
+
+def test_responses_usage_reports_cached_input_tokens(oai, tiny_qwen3_dir):
+    instructions = "Responses. " + LONG
+
+    def ask(question: str):
+        return oai.responses.create(model="tiny", input=question, instructions=instructions,
+                                    max_output_tokens=8, temperature=0,
+                                    reasoning={"effort": "none"})
+
+    first = ask("Question A?")
+    second = ask("Question B?")
+    shared = shared_tokens(tiny_qwen3_dir, instructions, "Question A?", "Question B?")
+    assert first.usage.input_tokens_details.cached_tokens < shared
+    assert second.usage.input_tokens_details.cached_tokens == shared > 100
+    assert second.usage.input_tokens == first.usage.input_tokens  # cached ones included

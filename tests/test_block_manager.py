@@ -1,10 +1,11 @@
 """Block manager: a hypothesis state machine for its invariants, plus plain unit tests.
 
-The machine drives the manager the way the scheduler and engine do: admit (prefix lookup),
-prefill chunks, decode one token at a time, seal full blocks, preempt, finish, and a "hog"
-request that needs every free block and so evicts the prefix cache. It also simulates the
-KV pool (``kv[block][slot] = token``) so a block handed out while still in use, or a shared
-block whose content differs, shows up as a corrupted token in some live sequence.
+The machine drives the manager the way the scheduler and engine do: admit (prefix lookup,
+then the step's block copies), prefill chunks, decode one token at a time, seal full blocks,
+preempt, finish, and a "hog" request that needs every free block and so evicts the prefix
+cache. It also simulates the KV pool (``kv[block][slot] = token``, copies included) so a
+block handed out while still in use, a shared block whose content differs, or a copy from
+the wrong block shows up as a corrupted token in some live sequence or cached block.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run_and_free(bm: BlockManager, seq_id: int, token_ids: list[int]) -> list[in
     """Admit, fully compute, seal and free one request; return the blocks it used."""
     seq = make_seq(seq_id, token_ids)
     bm.allocate_prefix(seq, len(token_ids) - 1)
+    bm.take_copies()  # the step is built
     prefill(bm, seq)
     table = list(seq.block_table)
     bm.free(seq)
@@ -77,9 +79,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(self.waiting))
         hits_before = self.bm.num_prefix_hits
         cached = self.bm.allocate_prefix(seq, seq.num_tokens - 1)
-        assert cached % BLOCK_SIZE == 0 and cached < seq.num_tokens
-        assert cached == len(seq.block_table) * BLOCK_SIZE
-        assert self.bm.num_prefix_hits - hits_before == len(seq.block_table)
+        copies = self.bm.take_copies()  # the step is built: the runner copies first
+        for src, dst in copies:
+            self.kv[dst] = dict(self.kv.get(src, {}))
+        assert cached < seq.num_tokens and cached == seq.num_computed_tokens
+        assert len(seq.block_table) == -(-cached // BLOCK_SIZE)
+        assert self.bm.num_prefix_hits - hits_before == cached // BLOCK_SIZE
+        assert [dst for _, dst in copies] == ([seq.block_table[-1]] if cached % BLOCK_SIZE else [])
         if self.bm.can_append(seq, 1):
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -181,9 +187,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for h, block_id in self.bm._by_hash.items():
             block = self.bm.blocks[block_id]
             assert block.hash == h and block_id not in self.bm._free
+            assert block_id in self.bm._children[block.parent]
+        for parent, kids in self.bm._children.items():
+            assert kids, "empty index entries are dropped"
+            for block_id in kids:
+                block = self.bm.blocks[block_id]
+                assert block.parent == parent and block_id not in self.bm._free
+                if block.hash is None:  # a freed sequence's partial block
+                    assert 0 < len(block.token_ids) < BLOCK_SIZE
+                else:
+                    assert self.bm._by_hash[block.hash] == block_id
         for block_id in self.bm._cached:
-            block = self.bm.blocks[block_id]
-            assert block.hash is not None and self.bm._by_hash.get(block.hash) == block_id
+            assert self.bm._is_indexed(self.bm.blocks[block_id])
         for seq in self._live():  # hashed blocks carry the chained hash of the seq's tokens
             prev = None
             for index, block_id in enumerate(seq.block_table[:seq.num_hashed_blocks]):
@@ -191,6 +206,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 block = self.bm.blocks[block_id]
                 assert block.token_ids == tokens and block.hash == chain_hash(prev, tokens)
                 prev = block.hash
+
+    @invariant()
+    def findable_blocks_hold_their_tokens_kv(self) -> None:
+        """What a later request would share or copy is the KV of the tokens it claims."""
+        for kids in self.bm._children.values():
+            for block_id in kids:
+                slots = self.kv.get(block_id, {})
+                for slot, token in enumerate(self.bm.blocks[block_id].token_ids):
+                    assert slots.get(slot) == token, "cached block's KV overwritten"
 
     @invariant()
     def computed_kv_matches_tokens(self) -> None:
@@ -273,8 +297,8 @@ def test_allocate_prefix_leaves_a_token_to_compute(length):
     bm.free(seq)
     again = make_seq(1, prompt)
     cached = bm.allocate_prefix(again, length - 1)
-    assert cached == (length - 1) // 4 * 4
-    assert again.num_uncomputed_tokens >= 1
+    assert cached == length - 1  # whole blocks, then a copied part of the next one
+    assert again.num_uncomputed_tokens == 1
 
 
 def test_eviction_takes_least_recently_freed_cached_block():
@@ -285,7 +309,7 @@ def test_eviction_takes_least_recently_freed_cached_block():
     (b_block,) = run_and_free(bm, 1, b[:2])
     (c_block,) = run_and_free(bm, 2, c[:2])
     assert list(bm._cached) == [a_block, b_block, c_block]
-    run_and_free(bm, 3, a)  # a prefix hit refreshes a: order is now b, c, a
+    assert make_and_lookup(bm, 3, a) == 2  # a prefix hit refreshes a: order is now b, c, a
     hog = make_seq(4, [100, 101, 102, 103, 104])
     bm.append_slots(hog, 4)  # the one truly free block, then one from the cache
     assert bm.num_cached_blocks == 2 and hog.block_table[1] == b_block
@@ -321,3 +345,201 @@ def test_append_slots_without_room_raises():
     with pytest.raises(RuntimeError):
         bm.append_slots(seq, 12)
     assert bm.num_free_blocks == 2 and seq.block_table == []
+
+
+# ---- partial blocks: token-granular reuse by copy-on-write ------------------------------
+def admit(bm: BlockManager, seq_id: int, tokens: list[int]) -> tuple[Sequence, list[tuple[int, int]]]:
+    """Prefix lookup as the scheduler does it, then the step's copies (sources released)."""
+    seq = make_seq(seq_id, tokens)
+    bm.allocate_prefix(seq, len(tokens) - 1)
+    return seq, bm.take_copies()
+
+
+def assert_idle(bm: BlockManager, num_blocks: int) -> None:
+    """Nothing leaked: no reference left, every block free or cached."""
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert bm.num_free_blocks == num_blocks and bm.num_used_blocks == 0
+    assert not bm._copies
+
+
+def test_partial_match_inside_a_full_cached_block_copies_it():
+    """A match ending inside a cached full block copies it into a fresh block; the source
+    stays cached (not shared), and the new sequence continues in the copy."""
+    bm = BlockManager(8, 4)
+    first = run_and_free(bm, 0, list(range(13)))  # 3 full blocks + 1 token
+    seq, copies = admit(bm, 1, list(range(10)) + [99, 98, 97])
+    assert seq.num_computed_tokens == 10  # 2 whole blocks + 8, 9 of the third
+    assert seq.block_table[:2] == first[:2] and seq.block_table[2] not in first
+    assert copies == [(first[2], seq.block_table[2])]
+    assert bm.blocks[first[2]].ref_count == 0 and first[2] in bm._cached
+    assert bm.stats()["prefix_cache_reused_tokens"] == 10
+    assert bm.stats()["prefix_cache_partial_hits"] == 1
+    prefill(bm, seq)
+    bm.free(seq)
+    assert_idle(bm, 8)
+
+
+def test_partial_match_against_a_freed_sequences_last_partial_block():
+    """The computed tokens of a freed sequence's last partial block are found and copied;
+    a token without KV (sampled, never run) is not claimed."""
+    bm = BlockManager(8, 4)
+    seq = make_seq(0, list(range(14)))
+    bm.allocate_prefix(seq, 13)
+    prefill(bm, seq)
+    seq.token_ids.append(14)  # sampled after the prompt: it has no KV
+    partial = seq.block_table[3]
+    bm.free(seq)
+    assert bm.blocks[partial].token_ids == (12, 13) and partial in bm._cached
+    again, copies = admit(bm, 1, list(range(13)) + [77, 78])
+    assert again.num_computed_tokens == 13 and copies == [(partial, again.block_table[3])]
+    bm.free(again)
+    longer, copies = admit(bm, 2, list(range(20)))
+    assert longer.num_computed_tokens == 14  # 12, 13 and no further: 14 never ran
+    bm.free(longer)
+    assert_idle(bm, 8)
+
+
+def test_free_caps_the_partial_block_at_num_kv_tokens():
+    """``num_kv_tokens`` (a finishing token that may never have run) is not claimed."""
+    bm = BlockManager(8, 4)
+    seq = make_seq(0, list(range(7)))
+    bm.allocate_prefix(seq, 6)
+    prefill(bm, seq)  # all 7 computed
+    table = list(seq.block_table)
+    bm.free(seq, num_kv_tokens=6)
+    assert bm.blocks[table[1]].token_ids == (4, 5)
+    again, _ = admit(bm, 1, list(range(7)) + [50])
+    assert again.num_computed_tokens == 6
+
+
+def test_longest_common_prefix_wins_among_children():
+    """Several cached continuations of one prefix: the one sharing the most tokens is copied."""
+    bm = BlockManager(16, 4)
+    head = [1, 2, 3, 4]
+    tails = {(5, 6): None, (5, 6, 7): None, (5, 9, 9, 9): None, (8,): None}
+    for i, tail in enumerate(tails):
+        seq, _ = admit(bm, i, head + list(tail))
+        prefill(bm, seq)
+        tails[tail] = seq.block_table[1]
+        bm.free(seq)
+    seq, copies = admit(bm, 9, head + [5, 6, 7, 0, 0])
+    assert seq.num_computed_tokens == 7 and copies == [(tails[5, 6, 7], seq.block_table[1])]
+    bm.free(seq)
+    seq, copies = admit(bm, 10, head + [5, 9, 1])
+    assert seq.num_computed_tokens == 6 and copies == [(tails[5, 9, 9, 9], seq.block_table[1])]
+
+
+def test_a_partial_block_covered_by_another_is_not_kept_twice():
+    """Equal or shorter partial tails of one prefix index one block, not one per request."""
+    bm = BlockManager(16, 4)
+    run_and_free(bm, 0, [1, 2, 3, 4, 5, 6, 7])
+    before = dict(bm._children)
+    run_and_free(bm, 1, [1, 2, 3, 4, 5, 6, 7])  # the same tail again
+    run_and_free(bm, 2, [1, 2, 3, 4, 5])  # a shorter one
+    assert {k: list(v) for k, v in bm._children.items()} == {k: list(v) for k, v in before.items()}
+    (tail,) = bm._children[next(k for k in bm._children if k is not None)]
+    run_and_free(bm, 3, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # a sealed full block covers the tail
+    assert tail in bm._free
+    first = bm._by_hash[chain_hash(None, (1, 2, 3, 4))]
+    second = bm._by_hash[chain_hash(bm.blocks[first].hash, (5, 6, 7, 8))]
+    assert list(bm._children[bm.blocks[first].hash]) == [second]
+
+
+@pytest.mark.parametrize("length", [2, 3, 4, 5, 7, 8, 9])
+def test_partial_reuse_leaves_a_token_to_compute(length):
+    """The max_tokens rule holds for the copied part too: the last prompt token always runs."""
+    bm = BlockManager(8, 4)
+    prompt = list(range(length))
+    run_and_free(bm, 0, prompt + [100, 101])  # the cache holds more than the prompt
+    seq = make_seq(1, prompt)
+    assert bm.allocate_prefix(seq, length - 1) == length - 1
+    assert seq.num_uncomputed_tokens == 1
+    assert bm.allocate_prefix(make_seq(2, prompt), 0) == 0
+
+
+def test_eviction_drops_partial_blocks_from_the_index():
+    """A cached partial block the pool takes back is no longer findable."""
+    bm = BlockManager(4, 4)
+    table = run_and_free(bm, 0, [1, 2, 3, 4, 5, 6])
+    partial = table[1]
+    assert bm._is_indexed(bm.blocks[partial])
+    hog = make_seq(1, list(range(100, 116)))
+    bm.append_slots(hog, 16)  # every block: the free ones, then both cached ones
+    assert partial in hog.block_table and not bm._is_indexed(bm.blocks[partial])
+    assert bm._children == {} and bm._by_hash == {}
+    bm.free(hog)
+    seq, copies = admit(bm, 2, [1, 2, 3, 4, 5, 6, 9])
+    assert seq.num_computed_tokens == 0 and copies == []
+
+
+def test_undone_admission_cancels_its_copy_and_leaks_nothing():
+    """An admission rolled back before its step ran: no copy, no reference, no stats."""
+    bm = BlockManager(8, 4)
+    run_and_free(bm, 0, list(range(10)))
+    reused = bm.num_reused_tokens
+    seq = make_seq(1, list(range(9)) + [42])
+    assert bm.allocate_prefix(seq, 9) == 9
+    copy_source = bm._copies[seq.block_table[-1]]
+    assert bm.blocks[copy_source].ref_count == 1  # held until the step is built
+    bm.undo_allocate_prefix(seq)
+    assert bm.take_copies() == [] and bm.num_reused_tokens == reused
+    assert not bm._is_indexed(bm.blocks[copy_source]) or copy_source in bm._cached
+    assert_idle(bm, 8)
+
+
+def test_copy_source_is_held_until_the_step_is_built():
+    """Allocations later in the same step must not evict (and overwrite) a copy's source."""
+    bm = BlockManager(4, 4)
+    table = run_and_free(bm, 0, [1, 2, 3, 4, 5, 6])  # a full block and a partial one, cached
+    seq = make_seq(1, [1, 2, 3, 4, 5, 9])
+    assert bm.allocate_prefix(seq, 5) == 5
+    assert bm._copies == {seq.block_table[1]: table[1]}
+    assert bm.num_free_blocks == 1  # the held source is not among them
+    hog = make_seq(2, [200, 201, 202, 203])
+    bm.append_slots(hog, 4)  # another admission of the same step takes what is left
+    assert table[1] not in hog.block_table
+    assert bm.take_copies() == [(table[1], seq.block_table[1])]
+    assert table[1] in bm._cached  # released: cached again, findable
+    bm.free(hog)
+    bm.free(seq)
+    assert_idle(bm, 4)
+
+
+def test_blocks_sealed_in_the_step_being_built_are_not_copied_from():
+    """Their KV is written by the step, after its copies: sharing whole is fine, copying not."""
+    bm = BlockManager(8, 4)
+    a = make_seq(0, list(range(9)))
+    bm.allocate_prefix(a, 8)
+    bm.append_slots(a, 9)
+    a.num_computed_tokens = 9
+    bm.seal_full_blocks(a, 9, filling=True)  # as the scheduler does for a chunk
+    b = make_seq(1, [0, 1, 2, 3, 4, 5, 50, 51])
+    assert bm.allocate_prefix(b, 7) == 4  # block 0 shared, block 1 (filling) not copied
+    assert bm.take_copies() == []
+    c = make_seq(2, [0, 1, 2, 3, 4, 5, 50, 51])
+    assert bm.allocate_prefix(c, 7) == 6  # the next step: block 1 is written, copy it
+    assert bm.take_copies() == [(a.block_table[1], c.block_table[1])]
+
+
+def test_reset_prefix_cache_forgets_partial_blocks():
+    bm = BlockManager(8, 4)
+    run_and_free(bm, 0, [1, 2, 3, 4, 5, 6])
+    assert bm.num_cached_blocks == 2
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0 and bm._children == {}
+    seq, copies = admit(bm, 1, [1, 2, 3, 4, 5, 6, 7])
+    assert seq.num_computed_tokens == 0 and copies == []
+
+
+def test_hash_collisions_are_caught_by_comparing_tokens(monkeypatch):
+    """Every block hashing alike: whole blocks are shared only with equal tokens, and a
+    partial match counts only the tokens that really are equal."""
+    monkeypatch.setattr("nano_qwen3_mlx.engine.block_manager.chain_hash", lambda prev, tokens: 7)
+    bm = BlockManager(8, 4)
+    first = run_and_free(bm, 0, [1, 2, 3, 4, 5])
+    seq, copies = admit(bm, 1, [1, 2, 9, 9, 9, 9])
+    assert seq.num_computed_tokens == 2  # same hash as [1, 2, 3, 4], not the same tokens
+    assert copies == [(first[0], seq.block_table[0])] and seq.block_table[0] != first[0]
+    bm.free(seq)
+    seq, copies = admit(bm, 2, [8, 8, 8, 8, 8])
+    assert seq.num_computed_tokens == 0 and copies == []

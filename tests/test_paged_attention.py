@@ -168,3 +168,27 @@ def test_read_path_is_chosen_by_what_gather_mm_supports():
     assert PagedKVCache(1, 2, BS, 1, D, mx.bfloat16).read_path == expected
     with pytest.raises(ValueError, match="read_path"):
         PagedKVCache(1, 2, BS, 1, D, mx.float32, read_path="dense")
+
+
+def test_copy_blocks_copies_every_layer_and_is_ordered_before_later_writes():
+    """Copy-on-write of a reused prefix: whole blocks in all layers' K and V pools, and a
+    write queued after the copy (this step's tokens in the copy) lands on top of it."""
+    cache = PagedKVCache(2, 6, BS, 2, D, mx.float32)
+    for layer in range(2):
+        k = mx.random.normal((6 * BS, 2, D))
+        cache.write(layer, mx.arange(6 * BS) // BS, mx.arange(6 * BS) % BS, k, k + 1)
+    mx.eval(cache.k_pools, cache.v_pools)
+    before_k = [np.array(p) for p in cache.k_pools]
+    before_v = [np.array(p) for p in cache.v_pools]
+    cache.copy_blocks([0, 3], [5, 1])
+    new = mx.full((1, 2, D), 7.0)
+    cache.write(1, mx.array([5]), mx.array([2]), new, new)  # lazily, after the copy
+    for layer in range(2):
+        for pools, before in ((cache.k_pools, before_k), (cache.v_pools, before_v)):
+            after, old = np.array(pools[layer]), before[layer]
+            expected = old.copy()
+            expected[5], expected[1] = old[0], old[3]
+            if layer == 1:
+                expected[5, :, 2] = 7.0
+            np.testing.assert_array_equal(after, expected)
+    cache.copy_blocks([], [])  # nothing to copy: nothing queued

@@ -20,6 +20,7 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those whose KV came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -29,6 +30,10 @@ class Usage:
         """OpenAI-style usage."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.total_tokens}
+
+    def as_openai(self) -> dict[str, Any]:
+        """The ``usage`` of OpenAI chat and completions responses, cached tokens included."""
+        return {**self.as_dict(), "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 @dataclass(slots=True)
@@ -47,6 +52,7 @@ class RequestOutput:
     prompt_token_ids: list[int] | None = None  # on the final output only
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     embedding: list[float] | None = None  # pooling requests: the L2-normalised vector
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def usage(self) -> dict[str, int]:

@@ -76,6 +76,22 @@ class PagedKVCache:
         self.k_pools[layer][b, heads, o] = keys.astype(self.dtype)
         self.v_pools[layer][b, heads, o] = values.astype(self.dtype)
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy block ``src[i]`` over block ``dst[i]`` in every layer's K and V pool.
+
+        Copy-on-write for a reused prefix that ends inside a block. One indexed update per
+        pool, lazy like ``write``: queued before a step's writes, it is ordered before them.
+        As for ``write``, MLX updates a pool in place only if nothing else holds its buffer
+        when the update is scheduled; the gather of the source rows does until it has run
+        (seen on the CPU backend), so a copy step may cost a copy of the pool.
+        """
+        if not src:
+            return
+        s, d = mx.array(src, mx.int32), mx.array(dst, mx.int32)
+        for pools in (self.k_pools, self.v_pools):
+            for i in range(len(pools)):
+                pools[i][d] = pools[i][s]
+
     def gather(self, layer: int, block_tables: mx.array) -> tuple[mx.array, mx.array]:
         """Contiguous keys/values ``(B, n_kv, blocks_per_seq * block_size, D)`` by block table.
 

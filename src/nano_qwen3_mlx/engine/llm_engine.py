@@ -331,7 +331,9 @@ class LLMEngine:
         self._record_timing(seq, now)
         text, reason = self.output_processor.append(seq, token, self.max_model_len)
         if reason:
-            self._finish(seq, reason)
+            # The token just sampled may never run (a step that reads its step in flight
+            # first drops the rows of sequences that finished): keep no KV claim on it.
+            self._finish(seq, reason, num_kv_tokens=len(seq.token_ids) - 1)
         return self._output(seq, text, [token], logprobs)
 
     def _record_timing(self, seq: Sequence, now: float) -> None:
@@ -342,8 +344,8 @@ class LLMEngine:
             self.stats.itl.append(now - seq.last_token_time)
         seq.last_token_time = now
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
+    def _finish(self, seq: Sequence, reason: str, num_kv_tokens: int | None = None) -> None:
+        self.scheduler.finish(seq, reason, num_kv_tokens)
         self.stats.record_finish(reason, time.monotonic() - seq.arrival_time)
 
     def _output(self, seq: Sequence, text: str, token_ids: list[int], logprobs,
@@ -355,7 +357,7 @@ class LLMEngine:
             seq.request_id, text, token_ids, seq.is_finished, seq.finish_reason,
             seq.num_prompt_tokens, len(seq.token_ids) - seq.num_prompt_tokens, logprobs, error,
             prompt_ids, getattr(seq.output_state, "stop_reason", None) if seq.is_finished else None,
-            embedding,
+            embedding, seq.num_cached_tokens or 0,
         )
 
     # ---- stats --------------------------------------------------------------------------

@@ -66,6 +66,9 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
         """The rows that sample (batch indices, packed order) and, lazily, the hidden state
         of each one's last token: logits are computed only for these."""
+        if batch.copies:  # reused KV that ends inside a block, before the writes into it
+            src, dst = zip(*batch.copies)
+            self.cache.copy_blocks(list(src), list(dst))
         order = packed_order(batch)
         ctx = self.attention_context(batch, order)
         hidden = self.model.hidden_states(self._input_ids(batch, order, prev), ctx)[:, 0]

@@ -21,6 +21,9 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     start_positions: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)  # does the chunk reach the end?
+    # Whole KV blocks (source, destination) to copy before the step writes: a reused prefix
+    # that ends inside a block (copy-on-write, ``BlockManager.allocate_prefix``).
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
@@ -46,7 +49,7 @@ class ScheduledBatch:
 
     def without_finished(self) -> ScheduledBatch | None:
         """The rows whose sequence is still unfinished (None if none is)."""
-        kept = ScheduledBatch()
+        kept = ScheduledBatch(copies=self.copies)
         for i, seq in enumerate(self.seqs):
             if not seq.is_finished:
                 kept.seqs.append(seq)
@@ -87,15 +90,16 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=Sequence.sort_key)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (stop, length, abort, error) and free its blocks at once."""
+    def finish(self, seq: Sequence, reason: str, num_kv_tokens: int | None = None) -> None:
+        """End a sequence (stop, length, abort, error) and free its blocks at once;
+        ``num_kv_tokens``: at most this many of its tokens have KV (``BlockManager.free``)."""
         if seq.is_finished:
             return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.block_manager.free(seq, num_kv_tokens)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     @property
@@ -129,6 +133,8 @@ class Scheduler:
             if seq.pending_row is not None or not self._admit(seq):
                 break  # strict priority order: nothing jumps the head of the queue
             budget = self._add_chunk(batch, seq, budget)
+        if batch:
+            batch.copies = self.block_manager.take_copies()
         return batch or None
 
     def _prefill_budget(self, num_decodes: int) -> int:
@@ -140,8 +146,10 @@ class Scheduler:
         self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
         self._reserve(seq, min(seq.num_uncomputed_tokens, self.max_num_batched_tokens))
         if self._room_for(seq) <= 0:
-            self.block_manager.free(seq)
+            self.block_manager.undo_allocate_prefix(seq)
             return False
+        if seq.num_cached_tokens is None:  # the first admission's, not a preempted rerun's
+            seq.num_cached_tokens = seq.num_computed_tokens
         self.waiting.pop(0)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -171,7 +179,9 @@ class Scheduler:
         seq.num_computed_tokens += chunk
         # Register the prompt blocks this step fills now, so a request admitted later in
         # this same step shares them: each layer writes every row's K/V before any row reads.
-        self.block_manager.seal_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
+        # Not copied from in this step, though: the step's block copies run before its writes.
+        self.block_manager.seal_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids)),
+                                            filling=True)
         return budget - chunk
 
     def _make_room(self, seq: Sequence) -> bool:

@@ -39,6 +39,7 @@ class Sequence:
     pending_row: int | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens reused from the cache at admission
     first_token_time: float | None = None
     last_token_time: float | None = None
     rng_key: Any = None  # mx.array key when params.seed is set

@@ -110,8 +110,10 @@ class MessagesRequest(CountTokensRequest):
 
 
 class AnthropicUsage(_Response):
-    input_tokens: int
+    input_tokens: int  # computed; with the two cache counts, the whole prompt
     output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None  # reused from the prefix cache
 
 
 class MessageResponse(_Response):

@@ -144,7 +144,7 @@ class ChatFormatter(Formatter):
     def response(self, result: RunResult) -> dict[str, Any]:
         choices = [self._choice(index, r) for index, r in sorted(result.results.items())]
         return {**self.head, "object": "chat.completion", "choices": choices,
-                "usage": result.usage.as_dict(), "system_fingerprint": None}
+                "usage": result.usage.as_openai(), "system_fingerprint": None}
 
     def _choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
         reasoning, content, calls = _split(result.text, self.prompt, self.use_tools)
@@ -176,7 +176,7 @@ class ChatFormatter(Formatter):
         if not self.include_usage:
             return []
         return [{**self.head, "object": "chat.completion.chunk", "choices": [],
-                 "usage": result.usage.as_dict()}]
+                 "usage": result.usage.as_openai()}]
 
 
 class _ChoiceStream:

@@ -73,7 +73,7 @@ class CompletionFormatter(Formatter):
 
     def response(self, result: RunResult) -> dict[str, Any]:
         choices = [self._choice(index, r) for index, r in sorted(result.results.items())]
-        return {**self.head, "choices": choices, "usage": result.usage.as_dict(),
+        return {**self.head, "choices": choices, "usage": result.usage.as_openai(),
                 "system_fingerprint": None}
 
     def _choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
@@ -105,4 +105,4 @@ class CompletionFormatter(Formatter):
     def stream_end(self, result: RunResult) -> list[Payload]:
         if not self.include_usage:
             return []
-        return [{**self.head, "choices": [], "usage": result.usage.as_dict()}]
+        return [{**self.head, "choices": [], "usage": result.usage.as_openai()}]

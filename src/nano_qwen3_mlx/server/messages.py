@@ -148,7 +148,12 @@ def message_json(rid: str, model: str, result: TurnResult, single: bool) -> dict
 
 
 def _usage(finish: Finish) -> dict[str, int]:
-    return {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens}
+    """Anthropic counts cache reads apart: ``input_tokens`` are the prompt tokens computed,
+    and the three input counts add up to the prompt. Nothing is billed for writing a cache
+    here, so ``cache_creation_input_tokens`` is 0."""
+    return {"input_tokens": finish.prompt_tokens - finish.cached_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": finish.cached_tokens,
+            "output_tokens": finish.completion_tokens}
 
 
 class MessageFormatter(TurnFormatter):
@@ -208,8 +213,10 @@ class MessageFormatter(TurnFormatter):
         finish = finish_of(result, self.parser)
         reason, sequence = stop_reason(finish, bool(tools))
         return out + self._close() + [
+            # message_start said the whole prompt (the cache was not known then); the
+            # final counts replace it, as Anthropic's cumulative message_delta usage does.
             _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                   usage={"output_tokens": finish.completion_tokens}),
+                   usage=_usage(finish)),
             _event("message_stop"),
         ]
 

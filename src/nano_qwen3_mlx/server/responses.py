@@ -108,7 +108,8 @@ def _item_id(kind: str) -> str:
 
 def usage(finish: Finish) -> dict[str, Any]:
     return {"input_tokens": finish.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": finish.cached_tokens,
+                                     "cache_write_tokens": 0},
             "output_tokens": finish.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
             "total_tokens": finish.prompt_tokens + finish.completion_tokens}

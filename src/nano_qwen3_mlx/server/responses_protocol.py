@@ -116,10 +116,21 @@ class ResponsesRequest(_Request):
     timeout: float | None = Field(None, gt=0)
 
 
+class InputTokensDetails(_Response):
+    cached_tokens: int = 0  # input tokens whose KV the prefix cache gave
+    cache_write_tokens: int = 0
+
+
+class OutputTokensDetails(_Response):
+    reasoning_tokens: int = 0
+
+
 class ResponsesUsage(_Response):
     input_tokens: int
     output_tokens: int
     total_tokens: int
+    input_tokens_details: InputTokensDetails | None = None
+    output_tokens_details: OutputTokensDetails | None = None
 
 
 class ResponseObject(_Response):

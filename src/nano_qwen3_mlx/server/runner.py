@@ -131,9 +131,15 @@ class GenerationRun:
             yield index, out
 
     def usage(self) -> Usage:
-        """Prompts counted once, completions summed over the choices."""
+        """Prompts counted once, completions summed over the choices. A prompt's cached
+        tokens are the fewest any of its choices took from the prefix cache."""
         completion = sum(r.num_completion_tokens for r in self.results.values())
-        return Usage(self.request.num_prompt_tokens, completion)
+        cached: dict[int, int] = {}
+        for choice in self.choices:
+            last = self.results[choice.index].last
+            n = last.num_cached_tokens if last else 0
+            cached[choice.prompt_index] = min(cached.get(choice.prompt_index, n), n)
+        return Usage(self.request.num_prompt_tokens, completion, sum(cached.values()))
 
     def result(self) -> RunResult:
         return RunResult(self.choices, self.results, self.usage())

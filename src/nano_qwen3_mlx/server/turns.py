@@ -129,7 +129,8 @@ class TurnRun:
         reasoning_ids = list(self.merged.token_ids)  # a natural close left </think> in them
         spent = len(reasoning_ids) + len(forced)
         close = RequestOutput(self.merged.request_id, THINK_CLOSE if closed else FORCED_CLOSE,
-                              forced, False, None, len(self.prompt.token_ids), spent)
+                              forced, False, None, len(self.prompt.token_ids), spent,
+                              num_cached_tokens=thought.num_cached_tokens)
         yield 0, close
         room = self.params.max_tokens - spent
         if room < 1:
@@ -142,7 +143,8 @@ class TurnRun:
         async for event in self._events(run):
             if event is not None:  # one turn: the original prompt, every token generated
                 event = 0, replace(event[1], num_prompt_tokens=len(self.prompt.token_ids),
-                                   num_completion_tokens=spent + event[1].num_completion_tokens)
+                                   num_completion_tokens=spent + event[1].num_completion_tokens,
+                                   num_cached_tokens=thought.num_cached_tokens)
             yield event
 
     def _add(self, event: Event) -> Event:
@@ -155,7 +157,9 @@ class TurnRun:
 
     def result(self) -> RunResult:
         choice = Choice(0, 0, self.prompt.token_ids, self.params, self.merged.request_id)
-        usage = Usage(len(self.prompt.token_ids), self.merged.num_completion_tokens)
+        last = self.merged.last
+        usage = Usage(len(self.prompt.token_ids), self.merged.num_completion_tokens,
+                      last.num_cached_tokens if last else 0)
         return RunResult([choice], {0: self.merged}, usage)
 
     async def collect(self) -> RunResult:
@@ -180,6 +184,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those reused from the prefix cache
 
 
 def finish_of(result: RunResult, parser: TurnParser) -> Finish:
@@ -187,7 +192,7 @@ def finish_of(result: RunResult, parser: TurnParser) -> Finish:
     last = result.results[0].last
     return Finish(last.finish_reason if last else None, last.stop_reason if last else None,
                   result.usage.prompt_tokens, result.usage.completion_tokens,
-                  parser.reasoning_tokens)
+                  parser.reasoning_tokens, result.usage.cached_tokens)
 
 
 class TurnParser:
