@@ -37,7 +37,7 @@ def expected(small_budget, tiny_qwen3_dir):
 @given(arrivals=st.lists(st.integers(0, 12), min_size=len(PROMPTS), max_size=len(PROMPTS)),
        priorities=st.lists(st.integers(0, 2), min_size=len(PROMPTS), max_size=len(PROMPTS)))
 def test_any_mix_of_chunks_and_decodes_gives_the_single_run_tokens(small_budget, expected, arrivals, priorities):
-    engine, got, ids, step, mixed = small_budget.engine, {}, {}, 0, 0
+    engine, got, ids, step, mixed, overlap = small_budget.engine, {}, {}, 0, 0, False
     # Earlier runs cached every prompt's KV but its last token: prefills would be one token
     # each, never a chunk beside a decode. This test is about packing, so start cold.
     engine.block_manager.reset_prefix_cache()
@@ -53,6 +53,7 @@ def test_any_mix_of_chunks_and_decodes_gives_the_single_run_tokens(small_budget,
         while len(ids) < len(PROMPTS) or engine.has_unfinished_requests():
             for i, when in enumerate(arrivals):
                 if when == step:
+                    overlap |= engine.scheduler.has_decodes()  # it arrives beside a decode
                     ids[engine.add_request(PROMPTS[i], PARAMS, priority=priorities[i])] = i
             for out in engine.step():
                 got.setdefault(ids[out.request_id], []).extend(out.token_ids)
@@ -61,7 +62,7 @@ def test_any_mix_of_chunks_and_decodes_gives_the_single_run_tokens(small_budget,
         engine.runner.run = real_run
     assert [got[i] for i in range(len(PROMPTS))] == expected
     assert engine.get_stats()["kv_cache"]["num_used_blocks"] == 0
-    if len(set(arrivals)) > 1:
+    if overlap:
         assert mixed > 0  # a later arrival's prefill chunk ran beside a running decode
 
 
@@ -100,3 +101,19 @@ def test_last_tokens_do_not_wait_behind_a_prompt_only_step(tiny_qwen3_dir):
             engine.step()
     assert finished_by == []  # the step that returned the last token queued nothing
     assert max(queued) > 60  # the long prompt then ran as one chunk
+
+
+def test_a_first_token_is_read_before_the_next_step_is_queued(tiny_qwen3_dir):
+    """Time to first token: the step that sampled it is read before another is queued (on
+    the CPU backend queueing computes most of a step, so waiting would add a whole step)."""
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=128, block_size=4) as llm:
+        engine, queued = llm.engine, []
+        real_run = engine.runner.run
+        engine.runner.run = lambda batch, prev: queued.append(batch.num_tokens) or real_run(batch, prev)
+        engine.add_request("word " * 30, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while not (outs := engine.step()):
+            pass
+        assert len(queued) == 1 and len(outs[0].token_ids) == 1  # only the prefill had run
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert queued[1:] == [1, 1, 1]  # then one decode step per token

@@ -121,7 +121,8 @@ async def test_step_exception_fails_its_requests_and_server_keeps_serving(llm, c
 async def test_step_exception_mid_stream_is_an_error_event(llm, client):
     resp = await client.post("/v1/completions", json={**LONG, "stream": True})
     assert resp.status == 200
-    await resp.content.readline()  # the stream began
+    assert (await resp.content.readline()).startswith(b"data: ")  # the stream began
+    assert await resp.content.readline() == b"\n"  # the end of that event: sse() reads whole ones
     fail_runs(llm, RuntimeError(f"injected fault in {SECRET}"))
     chunks = await sse(resp)
     errors = [c for c in chunks if "error" in c]

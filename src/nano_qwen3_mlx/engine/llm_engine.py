@@ -213,7 +213,7 @@ class LLMEngine:
         self.pool.idle_since = None  # busy: the idle clock starts again when work ends
         batch = None
         try:
-            if self._in_flight is not None and not self.scheduler.has_decodes():
+            if self._in_flight is not None and self._deliver_first():
                 outputs += self._deliver_in_flight()
             else:
                 batch = self.scheduler.schedule()
@@ -286,13 +286,22 @@ class LLMEngine:
         token, the one still being sampled included."""
         return self._in_flight is not None and any(s.params.uses_penalties for s in batch.seqs)
 
-    def _deliver_in_flight(self) -> list[RequestOutput | None]:
-        """Only read the step in flight; the next engine step schedules.
+    def _deliver_first(self) -> bool:
+        """Should this engine step only read the step in flight (and schedule next time)?
 
-        Nothing will decode next (prompts only), so no step needs this one's tokens, and
-        they should not wait behind the next step's prompt chunks: on the CPU backend
-        queueing a step computes most of it before the step in flight can be read.
+        On the CPU backend queueing a step computes most of it before the step in flight
+        can be read, so pipelining delays every token by one step. Two cases skip that wait:
+        nothing will decode next (prompts only: no step needs the tokens in flight, which
+        should not wait behind prompt chunks), or the step in flight samples a request's
+        first token (time to first token is what a client waits on). On Metal the cost is
+        the short host gap before the next step is queued.
         """
+        if not self.scheduler.has_decodes():
+            return True
+        return any(seq.first_token_time is None for seq in self._in_flight.seqs)
+
+    def _deliver_in_flight(self) -> list[RequestOutput | None]:
+        """Only read the step in flight; the next engine step schedules."""
         outputs, self._in_flight = self._take_in_flight_outputs(), None
         self._clock.last_end = None
         return outputs
