@@ -37,33 +37,40 @@ def expected(small_budget, tiny_qwen3_dir):
 @given(arrivals=st.lists(st.integers(0, 12), min_size=len(PROMPTS), max_size=len(PROMPTS)),
        priorities=st.lists(st.integers(0, 2), min_size=len(PROMPTS), max_size=len(PROMPTS)))
 def test_any_mix_of_chunks_and_decodes_gives_the_single_run_tokens(small_budget, expected, arrivals, priorities):
-    engine, got, ids, step, mixed, overlap = small_budget.engine, {}, {}, 0, 0, False
+    engine, got, ids, step = small_budget.engine, {}, {}, 0
     # Earlier runs cached every prompt's KV but its last token: prefills would be one token
     # each, never a chunk beside a decode. This test is about packing, so start cold.
     engine.block_manager.reset_prefix_cache()
-    real_run = engine.runner.run
-
-    def spy(batch, prev):
-        nonlocal mixed
-        mixed += min(batch.num_new_tokens) == 1 and max(batch.num_new_tokens) > 1
-        return real_run(batch, prev)
-
-    engine.runner.run = spy
-    try:
-        while len(ids) < len(PROMPTS) or engine.has_unfinished_requests():
-            for i, when in enumerate(arrivals):
-                if when == step:
-                    overlap |= engine.scheduler.has_decodes()  # it arrives beside a decode
-                    ids[engine.add_request(PROMPTS[i], PARAMS, priority=priorities[i])] = i
-            for out in engine.step():
-                got.setdefault(ids[out.request_id], []).extend(out.token_ids)
-            step += 1
-    finally:
-        engine.runner.run = real_run
+    while len(ids) < len(PROMPTS) or engine.has_unfinished_requests():
+        for i, when in enumerate(arrivals):
+            if when == step:
+                ids[engine.add_request(PROMPTS[i], PARAMS, priority=priorities[i])] = i
+        for out in engine.step():
+            got.setdefault(ids[out.request_id], []).extend(out.token_ids)
+        step += 1
     assert [got[i] for i in range(len(PROMPTS))] == expected
     assert engine.get_stats()["kv_cache"]["num_used_blocks"] == 0
-    if overlap:
-        assert mixed > 0  # a later arrival's prefill chunk ran beside a running decode
+
+
+def test_a_prompt_arriving_beside_a_decode_is_packed_into_its_step(small_budget):
+    engine, queued = small_budget.engine, []
+    engine.block_manager.reset_prefix_cache()
+    real_run = engine.runner.run
+    engine.runner.run = lambda batch, prev: queued.append(list(batch.num_new_tokens)) or real_run(batch, prev)
+    try:
+        engine.add_request(PROMPTS[0], PARAMS)
+        while not engine.step():  # until the first request has its first token
+            pass
+        assert engine.scheduler.has_decodes()
+        engine.add_request(PROMPTS[2], PARAMS)  # a long prompt arrives while it decodes
+        before = len(queued)
+        while len(queued) == before:
+            engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.runner.run = real_run
+    assert queued[before] == [1, 15]  # the decode, and the prompt's first chunk in the rest of the 16-token budget
 
 
 def test_bf16_model_batches_like_one_at_a_time(tiny_qwen3_dir):
