@@ -8,7 +8,7 @@ import pytest
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.config import EngineConfig
 from nano_qwen3_mlx.engine.block_manager import BlockManager
-from nano_qwen3_mlx.engine.prefill_pacer import PrefillPacer
+from nano_qwen3_mlx.engine.prefill_pacer import PrefillPacer, StepClock
 from nano_qwen3_mlx.engine.scheduler import Scheduler
 from nano_qwen3_mlx.engine.sequence import Sequence
 
@@ -152,3 +152,13 @@ def test_steps_stay_near_the_target_as_a_prompt_grows(per_token_s, per_key_s):
         pos += n
     assert max(times) <= 1.3 * 2.0 * decode_s
     assert sorted(times)[len(times) // 2] >= 1.6 * decode_s  # the median step uses the room
+
+
+def test_step_clock_times_the_step_each_engine_step_waited_on():
+    clock, decode, chunk = StepClock(), object(), object()
+    assert clock.tick(None, decode, 0.0, 0.001, 0.002) is None  # nothing read: nothing timed
+    # CPU-like: queueing ``chunk`` took the time, reading ``decode`` none.
+    assert clock.tick(decode, chunk, 0.010, 0.510, 0.511) == (chunk, pytest.approx(0.501))
+    # Metal-like: queueing returned at once, the read waited on ``chunk``.
+    assert clock.tick(chunk, decode, 0.520, 0.521, 0.900) == (chunk, pytest.approx(0.389))
+    assert clock.tick(None, None, 1.0, 1.0, 1.0) is None and clock.last_end is None

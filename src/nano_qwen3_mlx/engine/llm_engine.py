@@ -225,8 +225,8 @@ class LLMEngine:
         return [o for o in outputs if o is not None]
 
     def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
-        outputs, read_first = [], bool(batch) and self._read_first(batch)
-        if read_first:
+        outputs = []
+        if batch and self._read_first(batch):
             outputs += self._postprocess(self._in_flight)
             self._in_flight, batch = None, batch.without_finished()
         if batch:
@@ -235,7 +235,7 @@ class LLMEngine:
         out = self.runner.run(batch, prev) if batch else None
         queued = time.perf_counter()
         outputs += self._take_in_flight_outputs()
-        self._time_step(prev, out, start, queued, read_first)
+        self._time_step(prev, out, start, queued)
         if out is not None:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
@@ -271,11 +271,8 @@ class LLMEngine:
         return outputs
 
     def _time_step(self, prev: StepOutput | None, out: StepOutput | None, start: float,
-                   queued: float, read_first: bool) -> None:
+                   queued: float) -> None:
         """Tell the prefill pacer how long the step this engine step waited on took."""
-        if read_first:  # the read was not beside a queued step: its time says nothing
-            self._clock.last_end = None
-            return
         timed = self._clock.tick(prev, out, start, queued, time.perf_counter())
         if timed is not None:
             step, seconds = timed
@@ -303,7 +300,6 @@ class LLMEngine:
     def _deliver_in_flight(self) -> list[RequestOutput | None]:
         """Only read the step in flight; the next engine step schedules."""
         outputs, self._in_flight = self._take_in_flight_outputs(), None
-        self._clock.last_end = None
         return outputs
 
     def _postprocess(self, prev: StepOutput | None) -> list[RequestOutput | None]:

@@ -84,14 +84,21 @@ class StepClock:
     waited on: the one it queued if queueing took longer than reading, else the one it read.
     """
 
-    last_end: float | None = None  # when the last engine step that had work ended
+    last_end: float | None = None  # when the last engine step that read a step ended
 
     def tick(self, prev: Any, out: Any, start: float, queued: float, end: float):
         """``prev``: the step read now (or None), ``out``: the step queued now (or None);
         ``start``/``queued``/``end``: before queueing, after queueing, after reading.
-        Returns ``(step, seconds)`` for the step this engine step waited on, or None."""
-        # With no step in flight the device was idle until now: count from ``start``.
-        began = start if prev is None or self.last_end is None else self.last_end
-        self.last_end = end if prev is not None or out is not None else None
-        waited_on = out if queued - start >= end - queued else prev
-        return None if waited_on is None else (waited_on, end - began)
+        Returns ``(step, seconds)`` for the step this engine step waited on, or None.
+
+        An engine step that read nothing (none in flight: the engine was idle, or the step
+        in flight was read early) may have waited on nothing at all (Metal): it times
+        nothing, and the next one counts from its own start.
+        """
+        if prev is None:
+            self.last_end = None
+            return None
+        began = start if self.last_end is None else self.last_end
+        self.last_end = end
+        waited_on = out if out is not None and queued - start >= end - queued else prev
+        return waited_on, end - began

@@ -107,8 +107,8 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def has_decodes(self) -> bool:
-        """Will the next step decode anything (a running sequence one token from done)?"""
-        return any(s.is_decoding and not s.reached_max_tokens for s in self.running)
+        """Will the next step decode anything?"""
+        return any(map(_decodes_next, self.running))
 
     # ---- scheduling ---------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -118,7 +118,7 @@ class Scheduler:
         least important) is never a sequence already placed in this batch.
         """
         batch = ScheduledBatch()
-        decodes = {s for s in self.running if s.is_decoding and not s.reached_max_tokens}
+        decodes = set(filter(_decodes_next, self.running))
         budget = self._prefill_budget(len(decodes))
         for seq in sorted(self.running, key=Sequence.sort_key):
             if seq.status is not SequenceStatus.RUNNING:
@@ -201,3 +201,8 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
+
+
+def _decodes_next(seq: Sequence) -> bool:
+    """A running sequence whose next step is one decode token (not past its max_tokens)."""
+    return seq.is_decoding and not seq.reached_max_tokens
