@@ -32,6 +32,7 @@ class ContractOnly:
     vocab_size = property(lambda self: self._model.vocab_size)
     max_position_embeddings = property(lambda self: self._model.max_position_embeddings)
     kv_layers = property(lambda self: self._model.kv_layers)
+    state_layers = property(lambda self: self._model.state_layers)
 
     def hidden_states(self, input_ids, ctx):
         return self._model.hidden_states(input_ids, ctx)

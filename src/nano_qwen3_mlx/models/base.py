@@ -7,14 +7,21 @@ new keys/values to a context object and gets the attention output back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 
+# A recurrent layer's math over one group of sequences: ``(inputs, states) -> (output,
+# new_states)``. ``inputs`` are per-token arrays ``(b, l, ...)`` (b sequences of l tokens
+# each, consecutive), ``states`` the layer's state arrays ``(b, *LayerState.shapes[i])``
+# before those tokens; ``output`` is ``(b, l, ...)`` and ``new_states`` the states after them.
+RecurrentFn = Callable[[tuple[mx.array, ...], list[mx.array]], tuple[mx.array, list[mx.array]]]
+
 
 class AttentionContext(Protocol):
-    """Per-forward-pass state the attention layers need."""
+    """Per-forward-pass state the attention (and recurrent) layers need."""
 
     offsets: int | mx.array  # RoPE offset: one int, or one per sequence, shape (B,)
 
@@ -22,6 +29,16 @@ class AttentionContext(Protocol):
         self, layer_idx: int, queries: mx.array, keys: mx.array, values: mx.array, scale: float
     ) -> mx.array:
         """Store ``keys``/``values`` (B, n_kv, L, D) and attend ``queries`` (B, H, L, D)."""
+        ...
+
+    def recur(self, layer_idx: int, inputs: tuple[mx.array, ...], fn: RecurrentFn) -> mx.array:
+        """Run recurrent layer ``layer_idx`` (its index in ``state_layers``) over this pass.
+
+        ``inputs`` are per-token arrays shaped like the layer's input, ``(B, L, ...)``. The
+        context groups their tokens by sequence, calls ``fn`` on each group with the group's
+        stored states, keeps the new states, and returns ``fn``'s outputs in the inputs'
+        ``(B, L, ...)`` layout. The model never sees where states are kept.
+        """
         ...
 
     def output_rows(self, layer_idx: int) -> mx.array | None:
@@ -36,15 +53,26 @@ class AttentionContext(Protocol):
 
 
 class DenseCache:
-    """The simple per-request cache: K/V concatenated per layer (one sequence batch).
+    """The simple per-request cache: K/V concatenated per layer (one sequence batch), and
+    each recurrent layer's states (zeros before the first token).
 
     Used by tests as the dense reference and for quick single-request scoring.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, state_layers: Any = ()) -> None:
         self.keys: list[mx.array | None] = [None] * num_layers
         self.values: list[mx.array | None] = [None] * num_layers
+        self.state_layers = list(state_layers)  # contract.LayerState per recurrent layer
+        self.states: list[list[mx.array] | None] = [None] * len(self.state_layers)
         self.offsets = 0
+
+    def recur(self, layer_idx: int, inputs: tuple[mx.array, ...], fn: RecurrentFn) -> mx.array:
+        states = self.states[layer_idx]
+        if states is None:  # a new sequence starts from zero states
+            layer, batch = self.state_layers[layer_idx], inputs[0].shape[0]
+            states = [mx.zeros((batch, *s), d) for s, d in zip(layer.shapes, layer.dtypes)]
+        out, self.states[layer_idx] = fn(inputs, states)
+        return out
 
     def attend(self, layer_idx: int, queries, keys, values, scale: float) -> mx.array:
         if self.keys[layer_idx] is not None:

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import AttentionContext, RoPE, count_parameters
-from .contract import LayerKV
+from .contract import LayerKV, LayerState
 
 
 @dataclass
@@ -205,6 +205,10 @@ class DecoderLM(nn.Module):
     def kv_layers(self) -> list[LayerKV]:
         kv = LayerKV(self.args.num_key_value_heads, self.args.head_dim)
         return [kv] * self.args.num_hidden_layers
+
+    @property
+    def state_layers(self) -> list[LayerState]:
+        return []  # attention only: no per-sequence state besides the KV cache
 
     @property
     def layers(self) -> list[DecoderLayer]:
