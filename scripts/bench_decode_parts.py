@@ -22,6 +22,9 @@ from __future__ import annotations
 import sys
 import time
 
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 

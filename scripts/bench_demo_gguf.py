@@ -11,6 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import time
 
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
+
+# isort: split
 import mlx.core as mx
 
 from nano_qwen3_mlx.engine.kv_cache import PagedKVCache

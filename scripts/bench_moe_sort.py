@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
+
+# isort: split
 import mlx.core as mx
 
 from nano_qwen3_mlx.models import switch_layers

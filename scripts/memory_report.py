@@ -23,6 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
+
+# isort: split
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

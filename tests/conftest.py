@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
 from tests.checkpoints import TINY_QWEN3_MOE, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from nano_qwen3_mlx.async_llm import AsyncLLM
+from nano_qwen3_mlx.blas import blas_info
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
 from nano_qwen3_mlx.server import create_app
 from nano_qwen3_mlx.server.protocol import ChatCompletionResponse, CompletionResponse
@@ -79,6 +80,7 @@ async def test_health_models_stats_metrics(client):
     assert (await client.get("/v1/models/other")).status == 404
     stats = await (await client.get("/stats")).json()
     assert stats["kv_cache"]["num_blocks"] == 256
+    assert stats["blas"] == blas_info().as_dict()  # which BLAS MLX's CPU matmuls use
     metrics = await (await client.get("/metrics")).text()
     assert "nano_qwen3_kv_cache_blocks 256.0" in metrics
 

@@ -1,6 +1,11 @@
 """nano-qwen3-mlx: an MLX-native Qwen3 inference engine and OpenAI-compatible server."""
 
-from .sampling_params import SamplingParams
+# First, before anything imports MLX: on Linux CPU, an optimised BLAS (see blas.py).
+from .blas import load_optimised_blas
+
+load_optimised_blas()
+
+from .sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "QueueFullError"]
 __version__ = "0.1.0"

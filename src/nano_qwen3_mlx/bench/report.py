@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..blas import blas_info
 from . import chat, suites
 from .shapes import parameter_counts, random_checkpoint
 
@@ -42,7 +43,7 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(mx.default_device()),
             "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "python": platform.python_version(),
-            "load_avg": os.getloadavg()}
+            "load_avg": os.getloadavg(), "blas": blas_info().as_dict()}
 
 
 def run(plan: BenchPlan, out: Path | None = None, progress=None) -> dict[str, Any]:
@@ -127,7 +128,9 @@ def chat_tables(section: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine_before"]
-    lines = [f"{report['model']}; {m['platform']}, {m['cpus']} CPUs, {m['device']}, mlx {m['mlx']}, "
+    blas = m.get("blas", {}).get("name", "unknown")
+    lines = [f"{report['model']}; {m['platform']}, {m['cpus']} CPUs, {m['device']}, BLAS {blas} "
+             f"(both engines), mlx {m['mlx']}, "
              f"mlx-lm {m['mlx_lm']}; load average before {m['load_avg'][0]:.1f}, after "
              f"{report['machine_after']['load_avg'][0]:.1f}. Ratios are ours / mlx-lm "
              "(tok/s: higher is better; TTFT, latency, memory: lower is better)."]

@@ -15,6 +15,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from ..blas import subprocess_env
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -39,7 +41,9 @@ def running(cmd: list[str], port: int, startup_s: float = 300.0,
             stop_s: float = 60.0) -> Iterator[str]:
     """Start a server and yield its URL once ``/health`` answers 200; stop it afterwards."""
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    # The same BLAS in both servers (mlx_lm.server would load MLX's reference one).
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s

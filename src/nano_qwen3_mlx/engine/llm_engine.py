@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..blas import blas_info
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
 from ..models.contract import CausalLM, uniform_kv
@@ -388,6 +389,7 @@ class LLMEngine:
                                                  for rows in self.pacer.decode_times},
                                "prefill_token_s": self.pacer.token_s},
             "memory": memory_stats(),
+            "blas": blas_info().as_dict(),
         }
 
 

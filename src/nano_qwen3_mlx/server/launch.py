@@ -129,6 +129,8 @@ def _banner(state: ServerState, url: str) -> None:
         f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
         f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
     ]
+    if "blas" in stats:  # Linux CPU: which BLAS MLX's matmuls use (blas.py)
+        lines.insert(2, f"blas         {stats['blas']['name']} ({stats['blas']['reason']})")
     typer.echo("\n".join(lines), err=True)
 
 

@@ -1,0 +1,103 @@
+"""The optimised BLAS: loaded before MLX on Linux, chosen honestly, reported, and opt-out."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nano_qwen3_mlx import blas
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENBLAS = sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"))
+
+# Which library the global symbol scope (where MLX's cblas calls resolve) gives cblas_sgemm.
+PROBE = """
+import ctypes, json, sys
+{first}
+from nano_qwen3_mlx.blas import blas_info
+import mlx.core as mx, numpy as np
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+libdl = ctypes.CDLL(None)
+addr = ctypes.cast(libdl.cblas_sgemm, ctypes.c_void_p) if hasattr(libdl, "cblas_sgemm") else None
+info = DlInfo()
+where = None
+if addr is not None and libdl.dladdr(addr, ctypes.byref(info)):
+    where = info.fname.decode()
+a = np.random.default_rng(0).standard_normal((33, 70), dtype=np.float32)
+b = np.random.default_rng(1).standard_normal((70, 45), dtype=np.float32)
+err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
+print(json.dumps({{"info": blas_info().as_dict(), "cblas_sgemm": where, "err": err}}))
+"""
+
+
+def probe(env: dict[str, str] | None = None, first: str = "import nano_qwen3_mlx") -> dict:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.ENV_VAR)}
+    out = subprocess.run([sys.executable, "-c", PROBE.format(first=first)], capture_output=True,
+                         text=True, env={**run_env, **(env or {})}, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS is chosen on Linux only")
+def test_default_loads_openblas_where_installed_and_matmuls_resolve_to_it():
+    got = probe()
+    assert got["err"] < 1e-3  # the numbers are right whichever BLAS runs them
+    if OPENBLAS:
+        assert got["info"]["name"] == "openblas" and got["info"]["path"] == OPENBLAS[0]
+        assert got["cblas_sgemm"] and "openblas" in got["cblas_sgemm"]
+    else:  # nothing to load: said so, with the package to install
+        assert got["info"]["name"] == "reference"
+        assert "libopenblas0-pthread" in got["info"]["reason"]
+
+
+def test_opt_out_keeps_the_reference_blas():
+    got = probe({blas.ENV_VAR: "off"})
+    assert got["info"] == {"name": "reference", "path": None, "reason": f"{blas.ENV_VAR}=off"}
+    assert got["cblas_sgemm"] is None or "openblas" not in got["cblas_sgemm"]
+    assert got["err"] < 1e-3
+
+
+def test_mlx_imported_first_is_reported_not_hidden():
+    got = probe(first="import mlx.core; import nano_qwen3_mlx")
+    assert got["info"]["name"] == "reference"
+    assert "imported before" in got["info"]["reason"]
+
+
+@pytest.mark.skipif(not OPENBLAS, reason="no system OpenBLAS to preload")
+def test_an_explicit_path_and_ld_preload_are_honoured():
+    assert probe({blas.ENV_VAR: OPENBLAS[0]})["info"]["reason"] == f"{blas.ENV_VAR}={OPENBLAS[0]}"
+    assert probe({"LD_PRELOAD": OPENBLAS[0]})["info"] == {
+        "name": "openblas", "path": OPENBLAS[0], "reason": "LD_PRELOAD"}
+
+
+def test_a_missing_library_falls_back_to_the_reference():
+    got = probe({blas.ENV_VAR: "/nonexistent/libblas.so"})
+    assert got["info"]["name"] == "reference" and got["err"] < 1e-3
+
+
+def test_children_get_the_same_blas(monkeypatch):
+    monkeypatch.setattr(blas, "_loaded", blas.BlasInfo("openblas", "/x/libopenblas.so.0", "test"))
+    assert blas.subprocess_env({"LD_PRELOAD": "/y/liba.so"})["LD_PRELOAD"] == \
+        "/x/libopenblas.so.0 /y/liba.so"
+    assert blas.subprocess_env({})["LD_PRELOAD"] == "/x/libopenblas.so.0"
+    monkeypatch.setattr(blas, "_loaded", blas.BlasInfo("reference", None, "test"))
+    assert "LD_PRELOAD" not in blas.subprocess_env({})
+
+
+@pytest.mark.slow
+def test_model_parity_holds_with_the_reference_blas_too():
+    """The oracle-parity tests run with the optimised BLAS in the suite; here without it."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_model.py"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, blas.ENV_VAR: "off"}, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
