@@ -166,7 +166,7 @@ class HybridLM(DecoderLM):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Rename to our paths, drop what is not ours, undo Hugging Face's storage quirks."""
         renamed = {new: v for k, v in weights.items() if (new := self.checkpoint_key(k)) is not None}
-        if skipped := [k for k in weights if self.checkpoint_key(k) is None]:
+        if skipped := sorted(k for k in weights if self.checkpoint_key(k) is None):
             log.info("ignoring %d checkpoint tensors not used for text generation "
                      "(multi-token prediction, vision), e.g. %s", len(skipped), skipped[0])
         weights = super().sanitize(renamed)
