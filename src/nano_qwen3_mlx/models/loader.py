@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The published Qwen3.5 sizes (hybrid: Gated DeltaNet + attention; the A-sizes are MoE).
+QWEN3_5_SIZES = ("0.8B", "2B", "4B", "9B", "27B", "35B-A3B", "122B-A10B", "397B-A17B")
+
 # One table of short names. Values are HF repo ids, or ``weights/<name>``: a hash-pinned file
 # fetched into a weights folder (see paths.weights_dirs and models/fetch.py).
 MODEL_ALIASES: dict[str, str] = {
@@ -41,6 +44,11 @@ MODEL_ALIASES: dict[str, str] = {
     "qwen3-30b-a3b-instruct-2507": "Qwen/Qwen3-30B-A3B-Instruct-2507",
     "qwen3-30b-a3b-instruct-2507-4bit": "mlx-community/Qwen3-30B-A3B-Instruct-2507-4bit",
     "smollm2-135m": f"weights/{DEMO_GGUF}",
+    **{f"qwen3.5-{size.lower()}": f"Qwen/Qwen3.5-{size}" for size in QWEN3_5_SIZES},
+    **{f"qwen3.5-{size.lower()}-4bit": f"mlx-community/Qwen3.5-{size}-4bit" for size in QWEN3_5_SIZES},
+    **{f"qwen3-next-80b-a3b-{kind.lower()}": f"Qwen/Qwen3-Next-80B-A3B-{kind}" for kind in ("Instruct", "Thinking")},
+    **{f"qwen3-next-80b-a3b-{kind.lower()}-4bit": f"mlx-community/Qwen3-Next-80B-A3B-{kind}-4bit"
+       for kind in ("Instruct", "Thinking")},
 }
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -243,9 +251,14 @@ def load_strict(model: nn.Module, weights: dict[str, mx.array], path: Path) -> N
 def _apply_quantization(model: nn.Module, quant: dict[str, Any], weights: dict[str, mx.array]) -> None:
     """Swap in quantized layers where the checkpoint has ``.scales`` (mlx-community layout)."""
 
+    # Per-layer overrides (a dict, or False for "left unquantized") are keyed by the saving
+    # model's paths; a model whose paths differ maps them (hybrid: Qwen3.5's language_model.).
+    rename = getattr(model, "checkpoint_key", lambda key: key)
+    overrides = {rename(k): v for k, v in quant.items() if isinstance(v, (dict, bool))}
+
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
-        if path in quant:  # per-layer override: a dict, or False for "left unquantized"
-            return quant[path]
+        if path in overrides:
+            return overrides[path]
         return f"{path}.scales" in weights
 
     nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"], class_predicate=predicate)
@@ -266,6 +279,10 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> None:
 
 
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """``--dtype``: cast the float parameters, except those the model keeps as loaded
+    (``cast_predicate``: a hybrid model's ``A_log``)."""
+    keep = getattr(model, "cast_predicate", lambda path: True)
     params = tree_flatten(model.parameters())
-    cast = [(k, v.astype(dtype)) for k, v in params if mx.issubdtype(v.dtype, mx.floating)]
+    cast = [(k, v.astype(dtype)) for k, v in params
+            if mx.issubdtype(v.dtype, mx.floating) and keep(k)]
     model.load_weights(cast, strict=False)

@@ -1,0 +1,132 @@
+"""Gated DeltaNet math in portable MLX ops (no Metal-only kernel): the causal depthwise
+convolution with a carried state, q/k L2 normalisation and the gated delta rule.
+
+The recurrence, per value head, on a state ``S`` of shape ``(Dv, Dk)`` (kept in float32)::
+
+    S = g_t * S                                  # decay, g_t = exp(log_g_t) in (0, 1]
+    S = S + beta_t * (v_t - S k_t) k_t^T         # delta rule: move S k_t towards v_t
+    y_t = S q_t
+
+Decoding (a few tokens) runs it step by step. A long chunk runs the equivalent chunkwise
+(WY) form: within blocks of ``CHUNK`` tokens everything is matrix products, and only the
+block boundaries are sequential, so a 512-token prompt is 8 sequential steps, not 512.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Block length of the chunkwise form, and the shortest run that uses it (shorter runs go
+# step by step: padding them to a block would cost more than it saves).
+CHUNK = 64
+CHUNKED_FROM = 32
+
+
+def causal_conv1d(x: mx.array, state: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
+    """Depthwise causal convolution over ``x`` (b, l, C) preceded by ``state`` (b, K-1, C)
+    (the previous inputs); ``weight`` is ``nn.Conv1d``'s (C, K, 1). Returns the output
+    (b, l, C) and the new state (the last K-1 inputs)."""
+    kernel = weight.shape[1]
+    full = mx.concatenate([state.astype(x.dtype), x], axis=1)  # (b, l + K - 1, C)
+    length = x.shape[1]
+    w = weight[:, :, 0].T  # (K, C)
+    out = full[:, 0:length] * w[0]
+    for i in range(1, kernel):  # K is 4: four shifted multiply-adds beat a grouped conv
+        out = out + full[:, i:i + length] * w[i]
+    return out, full[:, -(kernel - 1):]
+
+
+def l2_normalize_qk(q: mx.array, k: mx.array, eps: float = 1e-6) -> tuple[mx.array, mx.array]:
+    """``q / |q| * Dk**-0.5`` and ``k / |k|`` (the readout scale folded into q)."""
+    dim = q.shape[-1]
+    # rms_norm(x, eps / D) = x * sqrt(D) / sqrt(|x|^2 + eps): one fused op for the L2 norm.
+    q = mx.fast.rms_norm(q, None, eps / dim) * (1.0 / dim)
+    k = mx.fast.rms_norm(k, None, eps / dim) * (dim**-0.5)
+    return q, k
+
+
+def log_decay(A_log: mx.array, a: mx.array, dt_bias: mx.array) -> mx.array:
+    """``log g = -exp(A_log) * softplus(a + dt_bias)``, float32, per token and value head."""
+    return -mx.exp(A_log.astype(mx.float32)) * nn.softplus((a + dt_bias).astype(mx.float32))
+
+
+def gated_delta_rule(
+    q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array, state: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Run the recurrence over l tokens from ``state``.
+
+    ``q``, ``k`` (b, l, Hk, Dk) normalised; ``v`` (b, l, Hv, Dv); ``log_g``, ``beta``
+    (b, l, Hv); ``state`` (b, Hv, Dv, Dk) float32. Returns ``y`` (b, l, Hv, Dv) in v's
+    dtype and the new state. Value heads share key heads in groups (Hv // Hk each).
+    """
+    hv, hk = v.shape[2], k.shape[2]
+    if hv != hk:
+        q, k = mx.repeat(q, hv // hk, axis=2), mx.repeat(k, hv // hk, axis=2)
+    if q.shape[1] >= CHUNKED_FROM:
+        y, state = _chunked(q, k, v, log_g, beta, state)
+    else:
+        y, state = _recurrent(q, k, v, log_g, beta, state)
+    return y.astype(v.dtype), state
+
+
+def _recurrent(q, k, v, log_g, beta, state):
+    """Token by token; the decode path (l = 1 is one step of a handful of ops)."""
+    g = mx.exp(log_g)
+    ys = []
+    for t in range(q.shape[1]):
+        kt = k[:, t, :, :, None].astype(mx.float32)  # (b, H, Dk, 1)
+        state = state * g[:, t, :, None, None]
+        delta = (v[:, t].astype(mx.float32) - (state @ kt)[..., 0]) * beta[:, t, :, None]
+        state = state + delta[..., None] * kt.swapaxes(-1, -2)
+        ys.append((state @ q[:, t, :, :, None].astype(mx.float32))[..., 0])
+    return mx.stack(ys, axis=1), state
+
+
+def _chunked(q, k, v, log_g, beta, state):
+    """The chunkwise (WY) form: same result as ``_recurrent`` up to float rounding."""
+    b, length, heads, _ = q.shape
+    pad = -length % CHUNK
+    n = (length + pad) // CHUNK
+
+    def blocks(x: mx.array) -> mx.array:  # (b, l, H, ...) -> (b, H, n, C, ...), float32
+        x = x.astype(mx.float32)
+        if pad:  # zero k, v and beta, log g = 0: padded tokens leave the state unchanged
+            x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(b, n, CHUNK, heads, *x.shape[3:])
+        return x.transpose(0, 3, 1, 2, *range(4, x.ndim))
+
+    q, k, v, log_g, beta = (blocks(x) for x in (q, k, v, log_g, beta))
+    gc = mx.cumsum(log_g, axis=-1)  # (b, H, n, C): log of the decay from the chunk start
+    lower = mx.tril(mx.ones((CHUNK, CHUNK), dtype=mx.bool_))
+    diff = gc[..., :, None] - gc[..., None, :]
+    decay = mx.where(lower, mx.exp(mx.where(lower, diff, 0.0)), 0.0)  # g_i / g_j for i >= j
+    k_beta = k * beta[..., None]
+    strict = -(k_beta @ k.swapaxes(-1, -2)) * decay * (1 - mx.eye(CHUNK))
+    wy = _unit_lower_inverse(strict)  # (I - strict)^-1
+    u = wy @ (v * beta[..., None])  # (b, H, n, C, Dv)
+    w = wy @ (k_beta * mx.exp(gc)[..., None])  # (b, H, n, C, Dk)
+    intra = (q @ k.swapaxes(-1, -2)) * decay  # causal, diagonal included
+    q_decayed = q * mx.exp(gc)[..., None]
+    tail = mx.exp(gc[..., -1:] - gc)[..., None]  # decay from each token to the chunk end
+    ys = []
+    for i in range(n):
+        st = state.swapaxes(-1, -2)  # (b, H, Dk, Dv)
+        v_new = u[:, :, i] - w[:, :, i] @ st
+        ys.append(q_decayed[:, :, i] @ st + intra[:, :, i] @ v_new)
+        k_end = k[:, :, i] * tail[:, :, i]
+        state = state * mx.exp(gc[:, :, i, -1])[..., None, None] + v_new.swapaxes(-1, -2) @ k_end
+    y = mx.stack(ys, axis=2).reshape(b, heads, n * CHUNK, -1)[:, :, :length]
+    return y.transpose(0, 2, 1, 3), state
+
+
+def _unit_lower_inverse(strict: mx.array) -> mx.array:
+    """``(I - N)^-1`` for strictly lower-triangular ``N`` (C x C, C a power of two):
+    ``N`` is nilpotent, so the inverse is ``(I + N)(I + N^2)(I + N^4)...``, log2(C)
+    matrix products instead of C sequential row updates."""
+    eye = mx.eye(strict.shape[-1])
+    power, inverse = strict, eye + strict
+    for _ in range(strict.shape[-1].bit_length() - 2):
+        power = power @ power
+        inverse = inverse @ (eye + power)
+    return inverse
