@@ -77,6 +77,11 @@ class StateManager:
         self.num_restored_tokens = 0
         self.num_deferred = 0  # admissions that waited for a running prefill's snapshot
 
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot, least recently used first (those being written included)."""
+        return list(self._snapshots.values())
+
     # ---- slots --------------------------------------------------------------------------
     def _grow(self, n: int) -> None:
         self.device.grow(n)
