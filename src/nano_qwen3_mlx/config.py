@@ -97,6 +97,13 @@ class EngineConfig(_Settings):
     max_itl_ratio: float | None = Field(None, gt=1.0)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
+    # Hybrid models (Qwen3.5, Qwen3-Next): tokens between snapshots of the recurrent states
+    # taken while a prompt is prefilled (a multiple of block_size); a shared prefix is reused
+    # up to its last snapshot. 256: see engine/state_manager.py for the measurement.
+    state_snapshot_interval: int = Field(256, ge=1)
+    # Hybrid models: most snapshots kept (each one sequence's whole state); None: a quarter of
+    # the cache memory budget's worth.
+    max_state_snapshots: int | None = Field(None, ge=0)
     max_queue_size: int = Field(1024, ge=1)
 
     @field_validator("sampling_defaults")

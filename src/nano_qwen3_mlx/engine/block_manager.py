@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,8 +52,12 @@ class BlockManager:
     the copy is queued on the device by the step being scheduled (``take_copies``).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_reset: Callable[[int], None] | None = None):
         self.block_size = block_size
+        # Called with a block's id when it is evicted or freed unindexed (its KV is gone):
+        # hybrid models drop the state snapshots that needed it (state_manager.py).
+        self.on_reset = on_reset
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))
@@ -104,6 +108,12 @@ class BlockManager:
             "prefix_cache_partial_hits": self.num_partial_hits,
             "prefix_cache_reused_tokens": self.num_reused_tokens,
         }
+
+    def cached_hash(self, prev_hash: int | None, token_ids: tuple[int, ...]) -> int | None:
+        """The chain hash of the full block ``token_ids`` after ``prev_hash`` if its KV is
+        cached (shareable whole), else None."""
+        block_id = self._by_hash.get(h := chain_hash(prev_hash, token_ids))
+        return h if block_id is not None and self.blocks[block_id].token_ids == token_ids else None
 
     def blocks_needed(self, seq: SeqLike, num_new_tokens: int) -> int:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
@@ -332,6 +342,7 @@ class BlockManager:
         self._unindex(block)
         self._reset(block)
 
-    @staticmethod
-    def _reset(block: Block) -> None:
+    def _reset(self, block: Block) -> None:
         block.hash, block.token_ids, block.parent = None, (), None
+        if self.on_reset is not None:
+            self.on_reset(block.block_id)

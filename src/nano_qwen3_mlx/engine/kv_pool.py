@@ -52,20 +52,35 @@ def pool_blocks(budget_bytes: float, block_bytes: int) -> int:
     return int(budget_bytes // block_bytes) - 1
 
 
-def size_pool(config: Any, block_bytes: int, weights_nbytes: int, model_max_len: int) -> KVPoolPolicy:
+def size_pool(config: Any, block_bytes: int, weights_nbytes: int, model_max_len: int,
+              reserved_bytes: int = 0) -> KVPoolPolicy:
     """The policy for an ``EngineConfig``: a fixed ``num_kv_blocks`` pool, or one that starts
-    with room for one full token budget (a prefill chunk) and grows up to its cap."""
+    with room for one full token budget (a prefill chunk) and grows up to its cap.
+    ``reserved_bytes``: what the memory budget must also hold (a hybrid model's state pool)."""
     if config.num_kv_blocks:
         return KVPoolPolicy(config.num_kv_blocks, config.num_kv_blocks)
     seq_blocks = -(-model_max_len // config.block_size)
-    cap = min(cap_blocks(config, block_bytes, weights_nbytes), config.max_num_seqs * seq_blocks)
+    cap = min(cap_blocks(config, block_bytes, weights_nbytes, reserved_bytes),
+              config.max_num_seqs * seq_blocks)
     initial = -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs
     return KVPoolPolicy(initial, cap, config.kv_shrink_idle_s)
 
 
-def cap_blocks(config: Any, block_bytes: int, weights_nbytes: int) -> int:
+def cap_blocks(config: Any, block_bytes: int, weights_nbytes: int, reserved_bytes: int = 0) -> int:
     """The hard cap: ``kv_cache_gb``, what ``max_memory_gb`` leaves after the weights (the
-    smaller of the two), else a share of the memory left after the weights."""
+    smaller of the two), else a share of the memory left after the weights; less
+    ``reserved_bytes`` (a hybrid model's state pool, counted in the same budget)."""
+    budget = memory_budget(config, block_bytes, weights_nbytes)
+    if reserved_bytes and budget - reserved_bytes < 3 * block_bytes:
+        raise ValueError(f"the recurrent-state pool ({reserved_bytes / 1e9:.2f} GB: max_num_seqs "
+                         "slots plus snapshots) leaves no room for the KV cache in the memory "
+                         f"budget ({budget / 1e9:.2f} GB): lower max_num_seqs or "
+                         "max_state_snapshots, or raise the cap")
+    return max(2, pool_blocks(budget - reserved_bytes, block_bytes))
+
+
+def memory_budget(config: Any, block_bytes: int, weights_nbytes: int) -> float:
+    """Bytes the caches (KV pool, state pool) may take together."""
     budgets = []
     if config.kv_cache_gb:
         budgets.append(config.kv_cache_gb * 1e9)
@@ -77,4 +92,12 @@ def cap_blocks(config: Any, block_bytes: int, weights_nbytes: int) -> int:
         budgets.append(left)
     if not budgets:
         budgets.append(config.kv_cache_fraction * max(total_memory_bytes() - weights_nbytes, 0))
-    return max(2, pool_blocks(min(budgets), block_bytes))
+    return min(budgets)
+
+
+def max_snapshots(config: Any, budget: float, slot_bytes: int) -> int:
+    """How many recurrent-state snapshots a hybrid model keeps: ``max_state_snapshots``, else
+    a quarter of the cache budget's worth (at least 4, at most 1024)."""
+    if config.max_state_snapshots is not None:
+        return config.max_state_snapshots
+    return max(4, min(1024, int(budget / 4 // slot_bytes)))

@@ -21,13 +21,15 @@ from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
 from .grammar import GrammarCompiler
 from .kv_cache import PagedKVCache
-from .kv_pool import size_pool
+from .kv_pool import max_snapshots, memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
 from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
+from .state_cache import StateCache
+from .state_manager import StateManager
 from .stats import EngineStats, memory_stats, percentiles
 
 log = logging.getLogger(__name__)
@@ -46,20 +48,23 @@ class LLMEngine:
         # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
         # counted once here, on the thread that owns the model.
         self.num_parameters: dict[str, int] = self.model.num_parameters()
+        # A hybrid model's recurrent states (None: attention only, nothing changes).
+        self.state_cache, self.states = self._make_states()
         self.cache = self._make_cache()
         self.block_manager = BlockManager(
-            self.cache.num_blocks, config.block_size, config.enable_prefix_caching
+            self.cache.num_blocks, config.block_size, config.enable_prefix_caching,
+            on_reset=self.states.block_reset if self.states else None,
         )
         self.pacer = PrefillPacer(config.max_itl_ratio)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
                                    self._grow_pool if self.pool.grows else None,
-                                   self.pacer.prefill_limit)
+                                   self.pacer.prefill_limit, self.states)
         self.sampling_defaults = merge_defaults(self.loaded.generation_config,
                                                 config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
-        self.runner = ModelRunner(self.model, self.cache, self.sampler)
+        self.runner = ModelRunner(self.model, self.cache, self.sampler, self.state_cache)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._seqs: dict[str, Sequence] = {}
@@ -81,9 +86,32 @@ class LLMEngine:
         pool_tokens = self.pool.cap_blocks * self.config.block_size
         return min(self.model_max_len, pool_tokens)
 
+    def _make_states(self) -> tuple[StateCache | None, StateManager | None]:
+        """The state pool: it starts with a few slots and grows (doubling) up to one per
+        ``max_num_seqs`` plus the snapshots; all of that counts in the memory budget."""
+        layers = list(self.model.state_layers)
+        if not layers:
+            return None, None
+        c = self.config
+        slot_bytes = sum(layer.nbytes for layer in layers)
+        budget = memory_budget(c, self._block_bytes(), self.weights_nbytes)
+        snapshots = max_snapshots(c, budget, slot_bytes)
+        cache = StateCache(layers, min(8, c.max_num_seqs + snapshots))
+        states = StateManager(cache, c.max_num_seqs, snapshots, c.state_snapshot_interval,
+                              c.block_size, slot_bytes)
+        log.info("state pool: %d slots x %.1f MB; cap %d slots (%d snapshots every %d tokens)",
+                 cache.num_slots, slot_bytes / 1e6, states.cap_slots, snapshots,
+                 c.state_snapshot_interval)
+        return cache, states
+
+    @property
+    def state_cap_bytes(self) -> int:
+        """The most the state pool may take (0 for an attention-only model)."""
+        return 0 if self.states is None else (self.states.cap_slots + 1) * self.states.bytes_per_slot
+
     def _make_cache(self) -> PagedKVCache:
         self.pool = size_pool(self.config, self._block_bytes(), self.weights_nbytes,
-                              self.model_max_len)
+                              self.model_max_len, self.state_cap_bytes)
         cache = self._new_cache(self.pool.initial_blocks)
         log.info("KV pool: %d blocks x %d tokens (%.1f MB); cap %d blocks (%.1f MB)",
                  cache.num_blocks, cache.block_size, cache.nbytes / 1e6, self.pool.cap_blocks,
@@ -127,6 +155,11 @@ class LLMEngine:
         mx.clear_cache()
         self.cache = self.runner.cache = self._new_cache(self.pool.initial_blocks)
         self.block_manager.reset_pool(self.pool.initial_blocks)
+        if self.states is not None:  # its snapshots needed the KV just dropped
+            self.state_cache = self.runner.states = None
+            self.state_cache = self.runner.states = StateCache(self.model.state_layers,
+                                                               self.states.initial_slots)
+            self.states.reset(self.state_cache)
         log.info("KV pool shrank to %d blocks (%.1f MB) after %.0f s idle", self.cache.num_blocks,
                  self.cache.nbytes / 1e6, now - (self.pool.idle_since or now))
         return True
@@ -234,6 +267,8 @@ class LLMEngine:
             self.stats.num_computed_prompt_tokens += batch.num_prefill_tokens
         prev, start = self._in_flight, time.perf_counter()
         out = self.runner.run(batch, prev) if batch else None
+        if self.states is not None:  # the step's rows' states (and snapshots) are queued
+            self.states.commit(batch)
         queued = time.perf_counter()
         outputs += self._take_in_flight_outputs()
         self._time_step(prev, out, start, queued)
@@ -269,6 +304,8 @@ class LLMEngine:
                 outputs.append(self._output(seq, "", [], None, error=error))
         # Blocks this step was filling may hold garbage: no later request may match them.
         self.block_manager.reset_prefix_cache()
+        if self.states is not None:  # nor any snapshot this step was taking
+            self.states.drop_snapshots()
         return outputs
 
     def _time_step(self, prev: StepOutput | None, out: StepOutput | None, start: float,
@@ -338,8 +375,10 @@ class LLMEngine:
         text, reason = self.output_processor.append(seq, token, self.max_model_len)
         if reason:
             # The token just sampled may never run (a step that reads its step in flight
-            # first drops the rows of sequences that finished): keep no KV claim on it.
-            self._finish(seq, reason, num_kv_tokens=len(seq.token_ids) - 1)
+            # first drops the rows of sequences that finished): keep no KV claim on it. A
+            # hybrid sequence knows: its state (and KV) has every token of a queued step.
+            kv = len(seq.token_ids) - 1 if seq.state_slot is None else seq.state_tokens
+            self._finish(seq, reason, num_kv_tokens=kv)
         return self._output(seq, text, [token], logprobs)
 
     def _record_timing(self, seq: Sequence, now: float) -> None:
@@ -384,6 +423,9 @@ class LLMEngine:
             "throughput": {"decode_tokens_per_s": s.decode_tokens_per_s(), "steps": s.num_steps},
             "latency": {"ttft_s": percentiles(s.ttft), "itl_s": percentiles(s.itl), "e2e_s": percentiles(s.e2e)},
             "kv_cache": kv,
+            **({"state_cache": self.states.stats() | {"bytes": self.state_cache.nbytes,
+                                                      "cap_bytes": self.state_cap_bytes}}
+               if self.states is not None else {}),
             "prefill_pacing": {"max_itl_ratio": self.pacer.max_itl_ratio,
                                "decode_step_s": {rows: self.pacer.decode_s(rows)
                                                  for rows in self.pacer.decode_times},

@@ -10,9 +10,11 @@ import numpy as np
 
 from .kv_cache import PagedKVCache
 from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk, SampledRows
+from .recurrent import RecurrentRow, RecurrentStep
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .state_cache import StateCache
 
 
 @dataclass(slots=True)
@@ -35,8 +37,10 @@ class ModelRunner:
     prefill chunk), and the model sees them as ``(T, 1)`` so no position is padding.
     """
 
-    def __init__(self, model: nn.Module, cache: PagedKVCache, sampler: Sampler) -> None:
+    def __init__(self, model: nn.Module, cache: PagedKVCache, sampler: Sampler,
+                 states: StateCache | None = None) -> None:
         self.model, self.cache, self.sampler = model, cache, sampler
+        self.states = states  # a hybrid model's recurrent-state pool; None: attention only
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
@@ -109,8 +113,18 @@ class ModelRunner:
         return PagedAttention(
             self.cache, mx.array(positions.astype(np.int32)), mx.array(blocks),
             mx.array((positions % bs).astype(np.int32)), self._decode_group(batch, decode_rows),
-            chunks, self._sampled_rows(batch, order, ends - 1),
+            chunks, self._sampled_rows(batch, order, ends - 1), self._recurrent(batch, order),
         )
+
+    def _recurrent(self, batch: ScheduledBatch, order: list[int]) -> RecurrentStep | None:
+        """Each row's state slot, whether it starts from zeros, its snapshots."""
+        if self.states is None:
+            return None
+        rows = {i: RecurrentRow(batch.num_new_tokens[i], batch.seqs[i].state_slot,
+                                batch.start_positions[i] == 0, batch.state_points[i])
+                for i in order}
+        return RecurrentStep(self.states, [rows[i] for i in order if rows[i].num_tokens == 1],
+                             [rows[i] for i in order if rows[i].num_tokens > 1])
 
     @staticmethod
     def _block_ids(batch: ScheduledBatch, order: list[int], row_of: np.ndarray,

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..models.base import RecurrentFn
 from .kv_cache import PagedKVCache
+from .recurrent import RecurrentStep
 
 MAX_SCORES = 1 << 26  # attention scores one SDPA call may hold (256 MB in float32)
 
@@ -74,18 +76,30 @@ class PagedAttention:
     def __init__(
         self, cache: PagedKVCache, positions: mx.array, blocks: mx.array, block_offsets: mx.array,
         decode: DecodeGroup | None, chunks: list[PrefillChunk], sampled: SampledRows | None = None,
+        recurrent: RecurrentStep | None = None,
     ) -> None:
         self.cache = cache
         self.offsets = positions  # (T,) RoPE position of every token
         self.blocks, self.block_offsets = blocks, block_offsets  # (T,) where each token's K/V goes
         self.decode, self.chunks, self.sampled = decode, chunks, sampled
         self.pruned = False  # did the last layer ask for only the sampled rows?
+        self.recurrent = recurrent  # a hybrid model's recurrent layers (recurrent.py)
 
     def output_rows(self, layer_idx: int) -> mx.array | None:
         if self.sampled is None or layer_idx != self.sampled.last_layer:
             return None
         self.pruned = True
         return self.sampled.tokens
+
+    def recur(self, layer_idx: int, inputs: tuple[mx.array, ...], fn: RecurrentFn) -> mx.array:
+        """A recurrent layer over the step: ``inputs`` and the result are ``(T, 1, ...)``,
+        ``fn`` runs per sequence group on its slot's states (``RecurrentStep``)."""
+        if self.recurrent is None:
+            raise RuntimeError("ctx.recur called, but the model declares no state_layers")
+        if self.pruned:  # the rows it would need are gone
+            raise RuntimeError("a recurrent layer ran after the last attention layer asked "
+                               "for output_rows: only the last layers may prune")
+        return self.recurrent(layer_idx, inputs, fn)
 
     def attend(self, layer_idx: int, queries, keys, values, scale: float) -> mx.array:
         """``queries`` (T, H, 1, D), ``keys``/``values`` (T, n_kv, 1, D) -> (T, H, 1, D),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+from .state_manager import StateManager
 
 
 @dataclass(slots=True)
@@ -24,6 +25,9 @@ class ScheduledBatch:
     # Whole KV blocks (source, destination) to copy before the step writes: a reused prefix
     # that ends inside a block (copy-on-write, ``BlockManager.allocate_prefix``).
     copies: list[tuple[int, int]] = field(default_factory=list)
+    # Hybrid models: per row, the recurrent-state snapshots it takes, as (tokens into the
+    # row, snapshot slot) (``StateManager.plan``).
+    state_points: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
@@ -31,6 +35,7 @@ class ScheduledBatch:
         self.num_new_tokens.append(num_new_tokens)
         self.start_positions.append(start)
         self.samples.append(start + num_new_tokens == seq.num_tokens)
+        self.state_points.append([])
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +61,7 @@ class ScheduledBatch:
                 kept.num_new_tokens.append(self.num_new_tokens[i])
                 kept.start_positions.append(self.start_positions[i])
                 kept.samples.append(self.samples[i])
+                kept.state_points.append(self.state_points[i])
         return kept if kept.seqs else None
 
     def __len__(self) -> int:
@@ -71,8 +77,10 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  grow_pool: Callable[[int], int] | None = None,
-                 prefill_limit: Callable[[int], int | None] | None = None):
+                 prefill_limit: Callable[[int], int | None] | None = None,
+                 states: StateManager | None = None):
         self.block_manager = block_manager
+        self.states = states  # a hybrid model's state slots and snapshots; None: attention only
         # Asked for N more blocks before anything is refused or preempted; returns how many
         # it added (0 at the pool's cap). None: a fixed pool.
         self.grow_pool = grow_pool
@@ -99,6 +107,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self.states is not None:  # an errored step's states are not kept
+            self.states.release(seq, self.block_manager, keep=reason != "error")
         self.block_manager.free(seq, num_kv_tokens)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
@@ -143,9 +153,15 @@ class Scheduler:
         return budget if limit is None else min(budget, limit)
 
     def _admit(self, seq: Sequence) -> bool:
-        self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
+        if self.states is None:
+            self.block_manager.allocate_prefix(seq, seq.num_tokens - 1)
+        elif not self.states.allocate_prefix(seq, self.block_manager, seq.num_tokens - 1,
+                                             self.running):
+            return False  # a running prefill is about to snapshot its prefix: next step
         self._reserve(seq, min(seq.num_uncomputed_tokens, self.max_num_batched_tokens))
-        if self._room_for(seq) <= 0:
+        if self._room_for(seq) <= 0 or (self.states is not None and not self.states.start(seq)):
+            if self.states is not None:
+                self.states.undo_allocate_prefix(seq)
             self.block_manager.undo_allocate_prefix(seq)
             return False
         if seq.num_cached_tokens is None:  # the first admission's, not a preempted rerun's
@@ -182,6 +198,9 @@ class Scheduler:
         # Not copied from in this step, though: the step's block copies run before its writes.
         self.block_manager.seal_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids)),
                                             filling=True)
+        if self.states is not None:
+            batch.state_points[-1] = self.states.plan(seq, self.block_manager,
+                                                      seq.num_computed_tokens - chunk, chunk)
         return budget - chunk
 
     def _make_room(self, seq: Sequence) -> bool:
@@ -197,6 +216,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free all blocks; the sequence is recomputed from its tokens when readmitted."""
         self.running.remove(seq)
+        if self.states is not None:  # its state becomes a snapshot its rerun starts from
+            self.states.release(seq, self.block_manager)
         self.block_manager.free(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -48,6 +48,10 @@ class Sequence:
     # instead of a sampled token, and the sequence ends after its prompt.
     pooling: bool = False
     grammar: Any = None  # grammar.GrammarState when the output is constrained
+    # Hybrid models: the state-pool slot this sequence owns while running, and how many of
+    # its tokens the state there has absorbed (steps queued so far; state_manager.py).
+    state_slot: int | None = None
+    state_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -1,0 +1,302 @@
+"""Recurrent-state bookkeeping of a hybrid model: slots, snapshots, their lifetimes. Pure Python.
+
+Every running sequence owns one slot of the ``StateCache`` from admission until it finishes,
+is aborted or preempted. The other slots hold **snapshots**: the recurrent states after the
+first ``position`` tokens of some sequence, which let a later request with the same start
+resume there (a recurrent state cannot be cut at an arbitrary token, unlike the KV cache).
+
+Snapshots are taken while a prompt is prefilled, every ``interval`` tokens (a multiple of
+the block size) and at the end of the prompt (``plan``), and when a sequence lets its slot go
+(``release``: the state after everything it computed, so a chat's next turn resumes after
+the previous one). A snapshot is keyed like the KV it needs: by the chain hash of the block
+before the one holding its last token, and that block's tokens up to its position; it lives
+as long as that KV block (``block_reset``: evicted with it) and while snapshots fit
+``max_snapshots`` (least recently used first out).
+
+Why ``interval`` = 256 tokens by default: a snapshot costs one sequence's whole state
+(Qwen3.5-0.8B: 18 layers x (16 x 128 x 128 fp32 + conv) ~ 19 MB, as much as ~1,600 tokens of
+its KV), while a prompt prefills at thousands of tokens per second; a 2,000-token prompt
+keeps 8 of them (~150 MB) and a shared prefix is reused to within 256 tokens (mean loss
+128 tokens: a few ms of prefill). Halving the interval doubles the memory for a few ms.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .block_manager import BlockManager, common_prefix
+
+Key = tuple[int | None, tuple[int, ...]]  # (parent chain hash, the anchor block's tokens)
+
+
+@dataclass(slots=True, eq=False)
+class Snapshot:
+    slot: int
+    position: int  # tokens the state has absorbed
+    key: Key
+    anchor: int  # the KV block holding token ``position - 1``; the snapshot dies with it
+    seq: Any = None  # the sequence whose queued step writes it; None once written
+
+
+class SlotDevice(Protocol):
+    """What the manager asks of the pool on the device (``state_cache.StateCache``)."""
+
+    num_slots: int
+
+    def grow(self, num_new_slots: int) -> None: ...
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Queue slot copies (lazily: ordered after every step queued before)."""
+        ...
+
+
+class StateManager:
+    """Slots of the state pool ``device``: sequences' and snapshots'. The pool starts
+    with ``device.num_slots`` slots and doubles on demand up to ``cap_slots``."""
+
+    def __init__(self, device: SlotDevice, max_num_seqs: int, max_snapshots: int, interval: int,
+                 block_size: int, bytes_per_slot: int) -> None:
+        if interval <= 0 or interval % block_size:
+            raise ValueError(f"state_snapshot_interval ({interval}) must be a positive multiple "
+                             f"of block_size ({block_size})")
+        self.device = device
+        self.max_snapshots, self.interval, self.block_size = max_snapshots, interval, block_size
+        self.cap_slots = max_num_seqs + max_snapshots
+        self.bytes_per_slot = bytes_per_slot
+        self.initial_slots = self.num_slots = device.num_slots
+        self._free: list[int] = list(range(self.num_slots))
+        self._snapshots: OrderedDict[Key, Snapshot] = OrderedDict()  # LRU first
+        self._by_parent: dict[int | None, dict[tuple[int, ...], Snapshot]] = {}
+        self._by_anchor: dict[int, list[Snapshot]] = {}
+        self._planned: list[Snapshot] = []  # taken by the step being scheduled
+        self._sources: dict[Any, Snapshot] = {}  # admitted this pass -> snapshot to start from
+        self.num_seq_slots = 0
+        self.num_restores = 0  # admissions that started from a snapshot
+        self.num_restored_tokens = 0
+        self.num_deferred = 0  # admissions that waited for a running prefill's snapshot
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot, least recently used first (those being written included)."""
+        return list(self._snapshots.values())
+
+    # ---- slots --------------------------------------------------------------------------
+    def _grow(self, n: int) -> None:
+        self.device.grow(n)
+        self._free.extend(range(self.num_slots, self.num_slots + n))
+        self.num_slots += n
+
+    def _take_slot(self) -> int | None:
+        if not self._free and self.num_slots < self.cap_slots:
+            self._grow(min(self.num_slots, self.cap_slots - self.num_slots))
+        if not self._free:
+            self._evict_one()
+        return self._free.pop() if self._free else None
+
+    def _snapshot_slot(self) -> int | None:
+        if len(self._snapshots) >= self.max_snapshots and not self._evict_one():
+            return None
+        return self._take_slot()
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used written snapshot; False if there is none."""
+        for snap in self._snapshots.values():
+            if snap.seq is None:
+                self._drop(snap)
+                return True
+        return False
+
+    # ---- sequences ----------------------------------------------------------------------
+    def start(self, seq: Any) -> bool:
+        """Give an admitted sequence its slot, restoring the snapshot it resumes from (a copy
+        queued now: before the step that reads it). False if no slot can be had."""
+        source = self._sources.pop(seq, None)
+        slot = self._take_slot()
+        if slot is None:
+            return False
+        seq.state_slot, seq.state_tokens = slot, seq.num_computed_tokens
+        self.num_seq_slots += 1
+        if source is not None:
+            self.device.copy_slots([source.slot], [slot])
+            self._snapshots.move_to_end(source.key)
+            self.num_restores += 1
+            self.num_restored_tokens += source.position
+        return True
+
+    def release(self, seq: Any, bm: BlockManager, keep: bool = True) -> None:
+        """The sequence lets its slot go (finish, abort, preemption). ``keep``: its state
+        (after ``seq.state_tokens`` tokens, all run) becomes a snapshot. Call before the
+        block manager frees its blocks."""
+        self._sources.pop(seq, None)
+        slot, seq.state_slot = seq.state_slot, None
+        if slot is None:
+            return
+        self.num_seq_slots -= 1
+        found = self._key(seq, bm, seq.state_tokens) if keep and bm.enable_prefix_caching \
+            else None
+        if found is not None and found[0] not in self._snapshots:
+            snap_slot = self._snapshot_slot()
+            if snap_slot is not None:
+                self.device.copy_slots([slot], [snap_slot])
+                self._add(Snapshot(snap_slot, seq.state_tokens, *found))
+        seq.state_tokens = 0
+        self._free.append(slot)
+
+    # ---- snapshots while a step is scheduled ------------------------------------------------
+    def plan(self, seq: Any, bm: BlockManager, start: int, num_tokens: int) -> list[tuple[int, int]]:
+        """The snapshots the chunk ``[start, start + num_tokens)`` of ``seq`` takes, as
+        ``(tokens into the chunk, slot)``: at multiples of ``interval`` and the prompt's end."""
+        if not bm.enable_prefix_caching:
+            return []
+        end, s = start + num_tokens, self.interval
+        positions = set(range((start // s + 1) * s, end + 1, s))
+        if start < seq.num_prompt_tokens <= end:
+            positions.add(seq.num_prompt_tokens)
+        points = []
+        for p in sorted(positions):
+            found = self._key(seq, bm, p)
+            if found is None:
+                continue
+            if found[0] in self._snapshots:
+                self._snapshots.move_to_end(found[0])
+                continue
+            slot = self._snapshot_slot()
+            if slot is None:
+                break
+            snap = Snapshot(slot, p, *found, seq=seq)
+            self._add(snap)
+            self._planned.append(snap)
+            points.append((p - start, slot))
+        return points
+
+    def commit(self, batch: Any | None) -> None:
+        """The step was queued (``batch``, or None: nothing ran): its rows' states are on
+        their way, so its snapshots are usable; those of rows dropped before it ran go."""
+        ran = set(batch.seqs) if batch else set()
+        for snap in self._planned:
+            if snap.seq in ran:
+                snap.seq = None
+            else:
+                self._drop(snap)
+        self._planned.clear()
+        if batch:
+            for seq, start, n in zip(batch.seqs, batch.start_positions, batch.num_new_tokens):
+                seq.state_tokens = start + n
+
+    def block_reset(self, block_id: int) -> None:
+        """KV block ``block_id`` was evicted or freed: the snapshots anchored there go."""
+        for snap in self._by_anchor.pop(block_id, []):
+            self._drop(snap)
+
+    def drop_snapshots(self) -> None:
+        """Forget every snapshot (after an engine fault, or when the pools are rebuilt)."""
+        for snap in list(self._snapshots.values()):
+            self._drop(snap)
+        self._planned.clear()
+        self._sources.clear()
+
+    def reset(self, device: SlotDevice) -> None:
+        """The state pool was rebuilt as ``device`` (nothing running)."""
+        if self.num_seq_slots:
+            raise RuntimeError("state pool reset while sequences hold slots")
+        self.drop_snapshots()
+        self.device, self.num_slots = device, device.num_slots
+        self._free = list(range(self.num_slots))
+
+    # ---- prefix reuse ---------------------------------------------------------------------
+    def allocate_prefix(self, seq: Any, bm: BlockManager, max_tokens: int, running: list) -> bool:
+        """Take the cached KV of ``seq``'s start up to its last snapshot (so its state can
+        start there); False: a running prefill is about to snapshot further into this
+        sequence's prompt, so admitting it next step computes less (nothing is taken)."""
+        candidates = self._candidates(seq, bm, max_tokens)
+        best = candidates[0].position if candidates else 0
+        if self._should_wait(seq, best, max_tokens, running):
+            self.num_deferred += 1
+            return False
+        for snap in candidates:
+            if bm.allocate_prefix(seq, snap.position) == snap.position:
+                self._sources[seq] = snap
+                return True
+            bm.undo_allocate_prefix(seq)
+        return True
+
+    def undo_allocate_prefix(self, seq: Any) -> None:
+        self._sources.pop(seq, None)
+
+    def _candidates(self, seq: Any, bm: BlockManager, max_tokens: int) -> list[Snapshot]:
+        """Written snapshots of a prefix of ``seq``'s first ``max_tokens`` tokens whose KV
+        blocks before the last are cached, longest first."""
+        if not bm.enable_prefix_caching:
+            return []
+        found, parent, bs = [], None, self.block_size
+        for start in range(0, max_tokens, bs):
+            tokens = tuple(seq.token_ids[start:min(start + bs, max_tokens)])
+            for tail, snap in self._by_parent.get(parent, {}).items():
+                if snap.seq is None and tokens[:len(tail)] == tail:
+                    found.append(snap)
+            if len(tokens) < bs or (parent := bm.cached_hash(parent, tokens)) is None:
+                break
+        return sorted(found, key=lambda s: s.position, reverse=True)
+
+    def _should_wait(self, seq: Any, best: int, max_tokens: int, running: list) -> bool:
+        """Is a running sequence prefilling a prompt that shares at least one more block
+        with ``seq`` than ``best``, and will it snapshot there later (or in this step)?"""
+        for other in running:
+            end = other.num_prompt_tokens
+            if other.state_slot is None or other.state_tokens >= end:
+                continue  # its prompt's snapshots are all taken already
+            shared = common_prefix(seq.token_ids[:max_tokens], other.token_ids[:end])
+            q = end if shared == end else shared // self.interval * self.interval
+            if q - best < self.block_size:
+                continue
+            if other.num_computed_tokens < q or any(
+                    s.seq is other and s.position == q for s in self._planned):
+                return True
+        return False
+
+    # ---- internals ----------------------------------------------------------------------
+    def _key(self, seq: Any, bm: BlockManager, position: int) -> tuple[Key, int] | None:
+        """(key, anchor block) of ``seq``'s state after ``position`` tokens; None where it
+        cannot be keyed (no tokens, tokens not all known yet, an unsealed block before)."""
+        anchor = (position - 1) // self.block_size
+        if position <= 0 or position > len(seq.token_ids) or anchor >= len(seq.block_table):
+            return None
+        parent = bm.blocks[seq.block_table[anchor - 1]].hash if anchor else None
+        if anchor and parent is None:
+            return None
+        tokens = tuple(seq.token_ids[anchor * self.block_size:position])
+        return (parent, tokens), seq.block_table[anchor]
+
+    def _add(self, snap: Snapshot) -> None:
+        self._snapshots[snap.key] = snap
+        self._by_parent.setdefault(snap.key[0], {})[snap.key[1]] = snap
+        self._by_anchor.setdefault(snap.anchor, []).append(snap)
+
+    def _drop(self, snap: Snapshot) -> None:
+        if self._snapshots.get(snap.key) is not snap:
+            return  # already dropped
+        del self._snapshots[snap.key]
+        kids = self._by_parent[snap.key[0]]
+        del kids[snap.key[1]]
+        if not kids:
+            del self._by_parent[snap.key[0]]
+        anchored = self._by_anchor.get(snap.anchor, [])
+        if snap in anchored:
+            anchored.remove(snap)
+            if not anchored:
+                del self._by_anchor[snap.anchor]
+        self._free.append(snap.slot)
+
+    def stats(self) -> dict[str, float]:
+        num_snapshots = len(self._snapshots)
+        return {
+            "slots": self.num_slots, "cap_slots": self.cap_slots,
+            "slots_used": self.num_seq_slots, "slots_free": len(self._free),
+            "bytes_per_slot": self.bytes_per_slot,
+            "snapshots": num_snapshots, "snapshot_bytes": num_snapshots * self.bytes_per_slot,
+            "max_snapshots": self.max_snapshots, "snapshot_interval": self.interval,
+            "restores": self.num_restores, "restored_tokens": self.num_restored_tokens,
+            "deferred_admissions": self.num_deferred,
+        }
