@@ -77,11 +77,25 @@ def _value_rule(rule: str, schema: Mapping[str, Any], root: Mapping[str, Any],
         if types == {"string"} and isinstance(values, list) and values:
             choices = " | ".join(_lark_str(v) for v in values)
             return f"{rule}: ({choices}) {_lark_str(_VALUE_END)}"
-        # Free text, ended lazily by the first \n</parameter>\n (the parser ends it there too).
-        return f"{rule}[suffix={_lark_str(_VALUE_END)}]: /(?s:.*)/"
+        # Text ended lazily by the first \n</parameter>\n (where the parser ends it too).
+        return f"{rule}[suffix={_lark_str(_VALUE_END)}]: /{_text_regex(schema)}/"
     sub = {**schema, **{k: root[k] for k in _DEFS if k in root and k not in schema}}
     sub["x-guidance"] = {**_JSON_STYLE, "lenient": not strict}
     return f"{rule}: %json {json.dumps(sub, ensure_ascii=False)} {_lark_str(_VALUE_END)}"
+
+
+def _text_regex(schema: Mapping[str, Any]) -> str:
+    """A string value's regex: its ``pattern`` (JSON Schema patterns are unanchored), else any
+    text within ``minLength``/``maxLength``."""
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and pattern:
+        anchored = pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")
+        body = pattern[1:-1] if anchored else f"(?s:.*)(?:{pattern})(?s:.*)"
+        return body.replace("/", "\\/")
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    if isinstance(low, int) or isinstance(high, int):
+        return f"(?s:.{{{low if isinstance(low, int) else 0},{high if isinstance(high, int) else ''}}})"
+    return "(?s:.*)"
 
 
 def _marker(tokenizer: Any, text: str) -> str:
