@@ -8,6 +8,7 @@ import json
 import jsonschema
 import llguidance as llg
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.structured import ToolSpec, tool_call_grammar
@@ -15,6 +16,7 @@ from nano_qwen3_mlx.tokenizer import Tokenizer
 from nano_qwen3_mlx.tool_xml import parse_xml_tool_calls, render_xml_tool_call
 from nano_qwen3_mlx.tool_xml_grammar import xml_tool_call_grammar, xml_tool_call_rules
 from tests.qwen35_template import write_qwen35_checkpoint
+from tests.test_tool_xml import _calls
 
 WEATHER = {"type": "object", "required": ["city", "days"], "additionalProperties": False,
            "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
@@ -53,6 +55,7 @@ def _weather(**args) -> str:
     (render_xml_tool_call("now", {}), True),
     (_weather() + "\n" + render_xml_tool_call("now", {}), True),  # parallel calls
     (_weather(days="three"), False),  # not an integer
+    (_weather(city="a</parameter>b"), False),  # the parser would end the value early
     (_weather(unit="k"), False),  # not in the enum
     (_weather(code="fr"), False),  # does not match the pattern
     (_weather(opts={"y": 1}), False),  # object fails its schema
@@ -109,3 +112,16 @@ def test_forced_generation_writes_calls_that_validate(llm):
         assert content == "" and len(calls) == 1
         name = calls[0]["function"]["name"]
         jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), schemas[name])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(drawn=_calls())
+def test_grammar_accepts_every_rendered_call(lltokenizer, tokenizer, drawn):
+    """Whatever the parameter types, a call Qwen3.5's template would render (every parameter
+    given, in schema order) is in the grammar, and reads back as the same arguments."""
+    calls, schemas = drawn
+    tools = [ToolSpec(name, schema) for name, schema in schemas.items()]
+    text = "\n".join(render_xml_tool_call(name, args) for name, args in calls)
+    assert _accepts(lltokenizer, tokenizer, xml_tool_call_grammar(tokenizer, tools), text)
+    parsed = parse_xml_tool_calls(text, schemas)[1]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed] == calls

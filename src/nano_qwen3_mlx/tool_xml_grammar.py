@@ -28,6 +28,7 @@ from .tool_xml import FUNCTION_CLOSE, FUNCTION_OPEN, PARAMETER_CLOSE, PARAMETER_
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _VALUE_END = f"\n{PARAMETER_CLOSE}\n"
 _DEFS = ("$defs", "definitions")
+_NO_CLOSE = PARAMETER_CLOSE.replace("/", "\\/")
 
 
 def xml_tool_call_rules(tokenizer: Any, tools: list[Any], parallel: bool = True,
@@ -77,8 +78,10 @@ def _value_rule(rule: str, schema: Mapping[str, Any], root: Mapping[str, Any],
         if types == {"string"} and isinstance(values, list) and values:
             choices = " | ".join(_lark_str(v) for v in values)
             return f"{rule}: ({choices}) {_lark_str(_VALUE_END)}"
-        # Text ended lazily by the first \n</parameter>\n (where the parser ends it too).
-        return f"{rule}[suffix={_lark_str(_VALUE_END)}]: /{_text_regex(schema)}/"
+        # Text ended lazily by the first \n</parameter>\n, and without a </parameter> of its
+        # own: the parser ends a value at the first one.
+        return (f"{rule}[suffix={_lark_str(_VALUE_END)}]: /{_text_regex(schema)}/"
+                f" & ~/(?s:.*){_NO_CLOSE}(?s:.*)/")
     sub = {**schema, **{k: root[k] for k in _DEFS if k in root and k not in schema}}
     sub["x-guidance"] = {**_JSON_STYLE, "lenient": not strict}
     return f"{rule}: %json {json.dumps(sub, ensure_ascii=False)} {_lark_str(_VALUE_END)}"
