@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .tokenizer import partial_suffix_len
@@ -29,10 +30,22 @@ def prompt_thinking(tokenizer: Any, prompt_ids: list[int]) -> tuple[bool, bool]:
     """``(thinking, starts_in_reasoning)`` for a rendered chat prompt.
 
     Qwen3's template closes an empty ``<think></think>`` when thinking is disabled, and
-    some templates open ``<think>`` so the reply starts inside the thinking block.
+    some templates (Qwen3.5's) open ``<think>`` so the reply starts inside the thinking block.
     """
-    tail = tokenizer.decode(list(prompt_ids[-4:])).rstrip()
+    tail = _prompt_tail(tokenizer, prompt_ids)
     return not tail.endswith(THINK_CLOSE), tail.endswith(THINK_OPEN)
+
+
+def prompt_opens_thinking(tokenizer: Any, prompt: str | Sequence[int]) -> bool:
+    """True when a rendered prompt (text or token ids) ends inside an open ``<think>``: the
+    reply starts as reasoning and has no ``<think>`` of its own, only the ``</think>``."""
+    return _prompt_tail(tokenizer, prompt).endswith(THINK_OPEN)
+
+
+def _prompt_tail(tokenizer: Any, prompt: str | Sequence[int]) -> str:
+    tail = prompt[-len(THINK_OPEN) - 8:] if isinstance(prompt, str) \
+        else tokenizer.decode(list(prompt[-4:]))
+    return tail.rstrip()
 
 
 def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str | None, str]:
@@ -192,27 +205,30 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 class ToolCallStreamParser:
-    """Streams content until a ``<tool_call>`` starts, then buffers the rest for parsing.
+    """Streams content until a tool call starts, then buffers the rest for parsing.
 
-    Tool calls are only known once their JSON is complete, so everything from the first
-    ``<tool_call>`` on is held and parsed by :meth:`flush` at the end of generation.
+    Tool calls are only known once they are complete, so everything from the first opener
+    (``<tool_call>``; the XML format also a bare ``<function=``) on is held and parsed by
+    :meth:`flush` at the end of generation, with ``parse`` (Qwen3's JSON calls by default).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parse: Callable[[str], tuple[str, list[dict[str, Any]]]] = parse_tool_calls,
+                 openers: Sequence[str] = (TOOL_OPEN,)) -> None:
         self._buf = ""
         self._in_tools = False
+        self._parse, self._openers = parse, list(openers)
 
     def feed(self, delta: str) -> str:
         """Add content; returns the content that is safe to send now."""
         self._buf += delta
         if self._in_tools:
             return ""
-        head, opened, tail = self._buf.partition(TOOL_OPEN)
-        if opened:
+        starts = [i for i in (self._buf.find(o) for o in self._openers) if i >= 0]
+        if starts:
             self._in_tools = True
-            self._buf = opened + tail
+            head, self._buf = self._buf[:min(starts)], self._buf[min(starts):]
             return head
-        keep = len(self._buf) - partial_suffix_len(self._buf, [TOOL_OPEN])
+        keep = len(self._buf) - partial_suffix_len(self._buf, self._openers)
         out, self._buf = self._buf[:keep], self._buf[keep:]
         return out
 
@@ -221,4 +237,4 @@ class ToolCallStreamParser:
         held, self._buf = self._buf, ""
         if not self._in_tools:
             return held, []
-        return parse_tool_calls(held)
+        return self._parse(held)

@@ -14,6 +14,8 @@ from typing import Any
 
 from .parsers import THINK_CLOSE, TOOL_CLOSE, TOOL_OPEN, prompt_thinking
 from .sampling_params import SamplingParams
+from .tool_xml import tool_call_format
+from .tool_xml_grammar import xml_tool_call_grammar
 
 # The JSON layout the grammars force (OpenAI's compact style, no free whitespace).
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -70,7 +72,10 @@ def guided_fields(*, json_schema: Any = None, regex: str | None = None,
 def tool_call_grammar(tokenizer: Any, tools: list[ToolSpec], parallel: bool = True) -> str:
     """A Lark grammar whose every output is one (or, with ``parallel``, several) Qwen3 tool
     calls ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` to one of
-    ``tools``, with arguments that validate against the tool's ``parameters``."""
+    ``tools``, with arguments that validate against the tool's ``parameters``. A model whose
+    template writes calls in the XML format (Qwen3.5) gets :func:`xml_tool_call_grammar`."""
+    if tool_call_format(tokenizer) == "xml":
+        return xml_tool_call_grammar(tokenizer, tools, parallel)
     if not tools:
         raise ValueError("a forced tool call needs at least one tool")
     open_, close = _literal(tokenizer, TOOL_OPEN), _literal(tokenizer, TOOL_CLOSE)

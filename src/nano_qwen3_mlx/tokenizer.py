@@ -52,6 +52,8 @@ class Tokenizer:
         self.has_chat_template = chat_template is not None
         self.chat_template = chat_template if chat_template is not None else CHATML_TEMPLATE
         self._template = _compile_template(self.chat_template)
+        # How the model writes tool calls: "xml" (Qwen3.5, Qwen3-Coder) or "json" (Qwen3).
+        self.tool_call_format = template_tool_call_format(chat_template)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -103,6 +105,8 @@ class Tokenizer:
         `enable_thinking=False` reach the template). Content given as OpenAI content parts is
         joined into one string. Template errors are raised as ValueError."""
         chat = [_normalize_message(m) for m in messages]
+        if self.tool_call_format == "xml":  # its template walks arguments with |items
+            chat = [_arguments_as_mappings(m) for m in chat]
         context = {**self._special_tokens, **kwargs}  # kwargs win, as in transformers
         try:
             text = self._template.render(
@@ -203,6 +207,14 @@ class StopMatcher:
 
 
 
+def template_tool_call_format(template: str | None) -> str:
+    """``"xml"`` when a chat template writes tool calls as ``<function=NAME>`` with
+    ``<parameter=P>`` blocks (Qwen3.5, Qwen3-Coder), else ``"json"`` (Qwen3's
+    ``{"name": ..., "arguments": ...}``, also what a template without tools is given)."""
+    xml = template is not None and "<function=" in template and "<parameter=" in template
+    return "xml" if xml else "json"
+
+
 def partial_suffix_len(text: str, tags: Sequence[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of one of ``tags``:
     what a stream must hold back because the next piece may complete a tag."""
@@ -257,6 +269,29 @@ def _normalize_message(message: Any) -> dict:
     if reasoning is not None:
         msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
     return msg
+
+
+def _arguments_as_mappings(message: dict) -> dict:
+    """OpenAI sends a call's ``arguments`` as a JSON string; an XML-format template iterates
+    them as a mapping (``arguments|items``). Strings that are no JSON object stay as sent."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    return {**message, "tool_calls": [_call_with_mapping(c) for c in calls]}
+
+
+def _call_with_mapping(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    args = function.get("arguments") if isinstance(function, Mapping) else None
+    if not isinstance(args, str):
+        return call
+    try:
+        parsed = json.loads(args or "{}")
+    except (json.JSONDecodeError, RecursionError):
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}
 
 
 def _join_text_parts(parts: Sequence[Any]) -> str:

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from ..outputs import GenerationResult, RequestOutput
-from ..parsers import (
-    ReasoningStreamParser,
-    ToolCallStreamParser,
-    parse_tool_calls,
-    prompt_thinking,
-    split_reasoning,
-)
+from ..parsers import ReasoningStreamParser, prompt_thinking, split_reasoning
+from ..tool_xml import ToolFormat, tool_format
 from .call import open_call
 from .constraints import chat_constraint, tool_specs, with_tools_in_system
 from .errors import bad_request
@@ -41,6 +36,7 @@ class ChatPrompt:
     thinking: bool  # False: the prompt closed an empty <think> block (thinking disabled)
     starts_in_reasoning: bool  # the prompt already opened <think>
     single_tool_call: bool = False  # parallel_tool_calls=false: only the first call counts
+    tools: ToolFormat = field(default_factory=ToolFormat)  # how the prompt asked for calls
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -65,7 +61,8 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest, use_tools: bool) -
         # The template has no tools section: describe them as Qwen3's template would.
         ids = _render(tokenizer, with_tools_in_system(messages, tools), None, kwargs)
     single = use_tools and req.parallel_tool_calls is False
-    return ChatPrompt(ids, *prompt_thinking(tokenizer, ids), single_tool_call=single)
+    return ChatPrompt(ids, *prompt_thinking(tokenizer, ids), single_tool_call=single,
+                      tools=tool_format(tokenizer, tools))
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -124,7 +121,7 @@ def _split(text: str, prompt: ChatPrompt, use_tools: bool) -> tuple[str | None, 
     )
     calls: list[dict[str, Any]] = []
     if use_tools:
-        content, calls = parse_tool_calls(content)
+        content, calls = prompt.tools.parse(content)
     return reasoning, content, calls[:1] if prompt.single_tool_call else calls
 
 
@@ -185,7 +182,7 @@ class _ChoiceStream:
     def __init__(self, index: int, prompt: ChatPrompt, use_tools: bool, logprobs: bool) -> None:
         self.index = index
         self.reasoning = ReasoningStreamParser(prompt.starts_in_reasoning, enabled=prompt.thinking)
-        self.tools = ToolCallStreamParser() if use_tools else None
+        self.tools = prompt.tools.stream_parser() if use_tools else None
         self.logprobs = logprobs
         self.single_tool_call = prompt.single_tool_call
 

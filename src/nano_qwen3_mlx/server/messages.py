@@ -16,6 +16,7 @@ from aiohttp import web
 from ..errors import NanoQwen3Error
 from ..sampling_params import SamplingParams
 from ..structured import ToolSpec, tool_call_grammar
+from ..tool_xml import tool_format
 from .anthropic_protocol import (
     CountTokensRequest,
     MessagesRequest,
@@ -46,9 +47,9 @@ def render(tokenizer: Any, req: CountTokensRequest) -> TurnPrompt:
             raise bad_request("thinking cannot continue a prefilled assistant turn", "thinking")
     ids = render_turn(tokenizer, messages, tools, enable_thinking=thinking)
     if prefill is None:
-        return turn_prompt(tokenizer, ids, open_thinking=thinking)
+        return turn_prompt(tokenizer, ids, open_thinking=thinking, tools=tools)
     ids += tokenizer.encode(prefill, add_special_tokens=False)
-    return TurnPrompt(ids, False, False)
+    return TurnPrompt(ids, False, False, tool_format(tokenizer, tools))
 
 
 def constraint(tokenizer: Any, req: MessagesRequest, thinking: bool) -> dict[str, Any]:

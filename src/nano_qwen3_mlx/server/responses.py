@@ -42,8 +42,9 @@ from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_pro
 def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
     thinking = thinking_enabled(req)
     kwargs = {} if thinking is None else {"enable_thinking": thinking}
-    ids = render_turn(tokenizer, chat_messages(req), chat_tools(req), **kwargs)
-    return turn_prompt(tokenizer, ids)
+    tools = chat_tools(req)
+    ids = render_turn(tokenizer, chat_messages(req), tools, **kwargs)
+    return turn_prompt(tokenizer, ids, tools=tools)
 
 
 def constraint(tokenizer: Any, req: ResponsesRequest, thinking: bool) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..outputs import GenerationResult, RequestOutput
@@ -25,10 +25,11 @@ from ..parsers import (
     THINK_CLOSE,
     THINK_OPEN,
     ReasoningStreamParser,
-    ToolCallStreamParser,
+    prompt_opens_thinking,
     prompt_thinking,
 )
 from ..sampling_params import SamplingParams
+from ..tool_xml import ToolFormat, tool_format
 from .call import ApiCall
 from .constraints import with_tools_in_system
 from .errors import bad_request
@@ -41,11 +42,13 @@ FORCED_CLOSE = f"\n{THINK_CLOSE}\n\n"
 
 @dataclass(slots=True)
 class TurnPrompt:
-    """A rendered chat prompt: ids, whether thinking is on, whether it opened ``<think>``."""
+    """A rendered chat prompt: ids, whether thinking is on, whether it opened ``<think>``,
+    and how it asked for tool calls."""
 
     token_ids: list[int]
     thinking: bool
     starts_in_reasoning: bool
+    tools: ToolFormat = field(default_factory=ToolFormat)
 
 
 class TurnRun:
@@ -204,7 +207,7 @@ class TurnParser:
     def __init__(self, prompt: TurnPrompt, use_tools: bool) -> None:
         self.reasoning = ReasoningStreamParser(prompt.starts_in_reasoning,
                                                enabled=prompt.thinking)
-        self.tools = ToolCallStreamParser() if use_tools else None
+        self.tools = prompt.tools.stream_parser() if use_tools else None
         self.reasoning_tokens = 0
 
     def feed(self, out: RequestOutput | str) -> list[tuple[str, str]]:
@@ -254,10 +257,14 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str
     return list(ids)
 
 
-def turn_prompt(tokenizer: Any, ids: list[int], *, open_thinking: bool = False) -> TurnPrompt:
-    """A :class:`TurnPrompt`; ``open_thinking`` appends ``<think>\\n`` so the reply starts
+def turn_prompt(tokenizer: Any, ids: list[int], *, open_thinking: bool = False,
+                tools: list[dict[str, Any]] | None = None) -> TurnPrompt:
+    """A :class:`TurnPrompt` for a prompt rendered with ``tools``; ``open_thinking`` appends
+    ``<think>\\n`` (unless the template opened it, as Qwen3.5's does) so the reply starts
     inside the thinking block (how a thinking turn is made to reason first)."""
+    calls = tool_format(tokenizer, tools)
     if open_thinking:
-        ids = ids + tokenizer.encode(f"{THINK_OPEN}\n", add_special_tokens=False)
-        return TurnPrompt(ids, True, True)
-    return TurnPrompt(ids, *prompt_thinking(tokenizer, ids))
+        if not prompt_opens_thinking(tokenizer, ids):
+            ids = ids + tokenizer.encode(f"{THINK_OPEN}\n", add_special_tokens=False)
+        return TurnPrompt(ids, True, True, calls)
+    return TurnPrompt(ids, *prompt_thinking(tokenizer, ids), calls)
