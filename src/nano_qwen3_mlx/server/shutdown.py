@@ -7,7 +7,8 @@ What ``nano-qwen3 serve`` does on SIGTERM or SIGINT (``server/launch.py``):
    client that still reaches this replica is told why instead of being refused.
 2. :func:`drain` waits until no request is left, at most the grace (a second signal ends the
    wait at once).
-3. :meth:`Drain.halt`: each generation still running ends now with ``ShuttingDownError``: a
+3. :meth:`Drain.halt`: each generation still running (and each wait in
+   :meth:`Drain.until_halt`: embeddings) ends now with ``ShuttingDownError``: a
    stream with its API's own terminal error event (OpenAI chat/completions: a last chunk with
    ``finish_reason: "abort"`` and an ``error`` object, then ``data: [DONE]``; Anthropic: an
    ``error`` event; Responses: ``error`` then ``response.failed``), a JSON request with a 503
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
 
 from ..errors import ShuttingDownError
 
 log = logging.getLogger("nano_qwen3_mlx.server")
+
+T = TypeVar("T")
 
 # Seconds the requests halted at the end of the grace get to write their terminal events.
 HALT_S = 2.0
@@ -69,6 +73,28 @@ class Drain:
     def discard(self, run: Haltable) -> None:
         self._runs.discard(run)
 
+    async def until_halt(self, work: Awaitable[T]) -> T:
+        """Await ``work`` (a handler's wait that is no ``GenerationRun``: embeddings); when
+        the grace ends first, cancel it and raise ``ShuttingDownError``."""
+        task = asyncio.ensure_future(work)
+        guard = _Guard(task)
+        try:
+            self.add(guard)
+        except ShuttingDownError:
+            task.cancel()
+            raise
+        try:
+            return await task
+        except asyncio.CancelledError:
+            # The halt cancelled the work, not whoever cancels this handler (the client leaving);
+            # Task.cancelling() is Python 3.11+, before it a halt wins.
+            cancelling = getattr(asyncio.current_task(), "cancelling", lambda: 0)()
+            if guard.error is not None and not cancelling:
+                raise guard.error from None
+            raise
+        finally:
+            self.discard(guard)
+
     def begin(self) -> None:
         """Refuse new requests from now on."""
         self.draining = True
@@ -95,6 +121,18 @@ class Drain:
             for task in waits:
                 task.cancel()
         return self._idle.is_set()
+
+
+class _Guard:
+    """What :meth:`Drain.until_halt` registers: halting cancels the task it waits on."""
+
+    def __init__(self, task: asyncio.Future) -> None:
+        self.task = task
+        self.error: ShuttingDownError | None = None
+
+    def halt(self, err: ShuttingDownError) -> None:
+        self.error = err
+        self.task.cancel()
 
 
 async def drain(state_drain: Drain, grace_s: float, hurry: asyncio.Event | None = None) -> None:
