@@ -18,6 +18,8 @@ import urllib.request
 import pytest
 
 from nano_qwen3_mlx.bench.servers import free_port
+from nano_qwen3_mlx.config import ServerConfig
+from nano_qwen3_mlx.server import launch
 from nano_qwen3_mlx.server.shutdown import drain
 from nano_qwen3_mlx.server.state import STATE_KEY
 from tests.server_client import make_client, wait_inactive
@@ -171,6 +173,21 @@ async def test_a_second_signal_ends_the_grace_at_once(slow):
     assert_terminal_shutdown_event("/v1/responses", await resp.text())
     await task
     assert time.monotonic() - start < 3
+
+
+def test_the_first_signal_drains_and_a_second_hurries():
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    launch._on_signal(stop, hurry)
+    assert stop.is_set() and not hurry.is_set()
+    launch._on_signal(stop, hurry)
+    assert hurry.is_set()
+
+
+def test_shutdown_grace_setting():
+    assert ServerConfig.load(None).shutdown_grace == 30.0
+    assert ServerConfig.load(None, shutdown_grace=2.5).shutdown_grace == 2.5
+    with pytest.raises(ValueError, match="shutdown_grace"):
+        ServerConfig.load(None, shutdown_grace=-1)
 
 
 # ---- a real `nano-qwen3 serve` process (the demo model) --------------------------------------

@@ -33,10 +33,12 @@ T = TypeVar("T")
 
 # Seconds the requests halted at the end of the grace get to write their terminal events.
 HALT_S = 2.0
+HALTED = "the server shut down before the reply was complete; retry the request"
 
 
 class Haltable(Protocol):
-    """A running generation that can be ended early (``GenerationRun``)."""
+    """A running generation that can be ended early (``GenerationRun``, or the wait of
+    :meth:`Drain.until_halt`)."""
 
     def halt(self, err: ShuttingDownError) -> None: ...
 
@@ -46,7 +48,7 @@ class Drain:
 
     def __init__(self) -> None:
         self.draining = False  # new requests are refused with 503
-        self.halted: ShuttingDownError | None = None  # running generations were ended
+        self.halted = False  # running generations were ended; no new one may start
         self.in_flight = 0  # HTTP requests inside a handler
         self._idle = asyncio.Event()
         self._idle.set()
@@ -66,8 +68,8 @@ class Drain:
     def add(self, run: Haltable) -> None:
         """Track a generation that starts; once halted, none may start (a turn's second
         phase, a request that was parsed just before the halt)."""
-        if self.halted is not None:
-            raise self.halted
+        if self.halted:
+            raise ShuttingDownError(HALTED)
         self._runs.add(run)
 
     def discard(self, run: Haltable) -> None:
@@ -101,11 +103,10 @@ class Drain:
 
     def halt(self) -> int:
         """End every running generation with ``ShuttingDownError``; how many there were."""
-        self.halted = ShuttingDownError(
-            "the server shut down before the reply was complete; retry the request")
+        self.halted = True
         runs = list(self._runs)
         for run in runs:
-            run.halt(self.halted)
+            run.halt(ShuttingDownError(HALTED))  # one each: an exception raised in one task
         return len(runs)
 
     async def wait_idle(self, timeout_s: float, hurry: asyncio.Event | None = None) -> bool:
@@ -135,14 +136,14 @@ class _Guard:
         self.task.cancel()
 
 
-async def drain(state_drain: Drain, grace_s: float, hurry: asyncio.Event | None = None) -> None:
+async def drain(app_drain: Drain, grace_s: float, hurry: asyncio.Event | None = None) -> None:
     """Steps 1 to 3 above: refuse new requests, wait up to ``grace_s``, halt the rest."""
-    state_drain.begin()
-    if state_drain.in_flight:
+    app_drain.begin()
+    if app_drain.in_flight:
         log.info("shutting down: waiting up to %g s for %d request(s)", grace_s,
-                 state_drain.in_flight)
-    if await state_drain.wait_idle(grace_s, hurry):
+                 app_drain.in_flight)
+    if await app_drain.wait_idle(grace_s, hurry):
         return
-    halted = state_drain.halt()
+    halted = app_drain.halt()
     log.warning("shutdown grace over: %d running generation(s) ended with an error", halted)
-    await state_drain.wait_idle(HALT_S)
+    await app_drain.wait_idle(HALT_S)
