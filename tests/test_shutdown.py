@@ -15,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 
+import anthropic
+import openai
 import pytest
 
 from nano_qwen3_mlx.bench.servers import free_port
@@ -173,6 +175,32 @@ async def test_a_second_signal_ends_the_grace_at_once(slow):
     assert_terminal_shutdown_event("/v1/responses", await resp.text())
     await task
     assert time.monotonic() - start < 3
+
+
+async def test_the_sdks_see_the_shutdown(slow):
+    """What a client library makes of the terminal events: openai raises ``APIError``
+    (chat), yields ``response.failed`` (Responses); anthropic raises the overloaded error."""
+    engine, client = slow
+    base = str(client.make_url(""))
+    oai = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    claude = anthropic.AsyncAnthropic(base_url=base, api_key="x", max_retries=0)
+    chat = await oai.chat.completions.create(model="fake-qwen3", stream=True, **BODIES[
+        "/v1/chat/completions"])
+    responses = await oai.responses.create(model="fake-qwen3", stream=True, **BODIES["/v1/responses"])
+    messages = await claude.messages.create(model="fake-qwen3", stream=True, **BODIES["/v1/messages"])
+    firsts = [await anext(stream) for stream in (chat, responses, messages)]
+    assert len(firsts) == 3
+    asyncio.create_task(drain(client.app[STATE_KEY].drain, 0.2))
+    with pytest.raises(openai.APIError) as info:
+        async for _ in chat:
+            pass
+    assert info.value.body["code"] == "shutting_down"
+    kinds = [event.type async for event in responses]
+    assert kinds[-1] == "response.failed"
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        async for _ in messages:
+            pass
+    assert "overloaded_error" in str(refused.value)
 
 
 def test_the_first_signal_drains_and_a_second_hurries():
