@@ -134,6 +134,8 @@ class ServerConfig(_Settings):
     workers: int = Field(1, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     request_timeout: float | None = Field(600.0, gt=0)
+    # Seconds a shutdown (SIGTERM/SIGINT) lets running requests finish (server/shutdown.py).
+    shutdown_grace: float = Field(30.0, ge=0)
     cors_origins: list[str] = Field(default_factory=list)
     log_prompts: bool = False
 

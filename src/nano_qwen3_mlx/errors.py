@@ -62,6 +62,16 @@ class ModelLoadingError(NanoQwen3Error):
         super().__init__(message)
 
 
+class ShuttingDownError(NanoQwen3Error):
+    """The server is shutting down: a new request is refused, or the grace ran out before a
+    running request finished (it was aborted). Another replica, or a restart, can serve it."""
+
+    status, code, retry_after = 503, "shutting_down", 1
+
+    def __init__(self, message: str = "the server is shutting down") -> None:
+        super().__init__(message)
+
+
 class ModelNotFoundError(NanoQwen3Error):
     """A request names a model this server does not serve."""
 

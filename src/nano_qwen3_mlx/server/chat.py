@@ -9,13 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import NanoQwen3Error
 from ..outputs import GenerationResult, RequestOutput
 from ..parsers import ReasoningStreamParser, prompt_thinking, split_reasoning
 from ..tool_xml import ToolFormat, tool_format
 from .call import open_call
 from .constraints import chat_constraint, tool_specs, with_tools_in_system
 from .errors import bad_request
-from .formatter import Formatter, Payload
+from .formatter import Formatter, Payload, error_chunk
 from .logprobs import chat_logprobs
 from .params import new_id, openai_request
 from .protocol import ChatCompletionRequest, ChatMessage
@@ -137,6 +138,7 @@ class ChatFormatter(Formatter):
         self.include_usage = gen.include_usage
         self.choices = [_ChoiceStream(i, prompt, use_tools, self.wants_logprobs)
                         for i in range(gen.n)]
+        self.finished: set[int] = set()  # choices whose stream sent its finish_reason
 
     def response(self, result: RunResult) -> dict[str, Any]:
         choices = [self._choice(index, r) for index, r in sorted(result.results.items())]
@@ -166,8 +168,15 @@ class ChatFormatter(Formatter):
                               "finish_reason": None}]) for c in self.choices]
 
     def stream_output(self, index: int, out: RequestOutput) -> list[Payload]:
+        if out.finished:
+            self.finished.add(index)
         choice = self.choices[index].on_output(out)
         return [] if choice is None else [self._chunk([choice])]
+
+    def stream_error(self, err: NanoQwen3Error) -> list[Payload]:
+        ends = [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": "abort"}
+                for c in self.choices if c.index not in self.finished]
+        return [error_chunk(self._chunk(ends), err)]
 
     def stream_end(self, result: RunResult) -> list[Payload]:
         if not self.include_usage:

@@ -8,11 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import NanoQwen3Error
 from ..outputs import GenerationResult, RequestOutput
 from .call import open_call
 from .constraints import check, request_constraint
 from .errors import bad_request
-from .formatter import Formatter, Payload
+from .formatter import Formatter, Payload, error_chunk
 from .logprobs import completion_logprobs
 from .params import new_id, openai_request, vocab_size
 from .protocol import CompletionRequest
@@ -70,6 +71,7 @@ class CompletionFormatter(Formatter):
         # Choice index -> its prompt's echo (choice p * n + i belongs to prompt p).
         self.echoes = {p * gen.n + i: text for p, text in enumerate(echoes) for i in range(gen.n)}
         self.offsets = {index: len(text) for index, text in self.echoes.items()}
+        self.finished: set[int] = set()  # choices whose stream sent its finish_reason
 
     def response(self, result: RunResult) -> dict[str, Any]:
         choices = [self._choice(index, r) for index, r in sorted(result.results.items())]
@@ -98,6 +100,8 @@ class CompletionFormatter(Formatter):
             lp = completion_logprobs(out.logprobs or [], self.offsets[index])
         self.offsets[index] += len(out.text)
         finish = out.finish_reason if out.finished else None
+        if out.finished:
+            self.finished.add(index)
         if not out.text and finish is None and lp is None:
             return []
         return [self._chunk(index, out.text, lp, finish)]
@@ -106,3 +110,9 @@ class CompletionFormatter(Formatter):
         if not self.include_usage:
             return []
         return [{**self.head, "choices": [], "usage": result.usage.as_openai()}]
+
+    def stream_error(self, err: NanoQwen3Error) -> list[Payload]:
+        ends = [{"index": i, "text": "", "logprobs": None, "finish_reason": "abort"}
+                for i in self.echoes if i not in self.finished]
+        extra = {"usage": None} if self.include_usage else {}
+        return [error_chunk({**self.head, "choices": ends, **extra}, err)]

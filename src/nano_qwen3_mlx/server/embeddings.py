@@ -101,7 +101,8 @@ async def embeddings(request: web.Request) -> web.Response:
     timeout = min((t for t in (req.timeout, state.config.request_timeout) if t), default=None)
     rid = new_id("embd")
     try:
-        results = await asyncio.wait_for(_embed_all(engine, ids, rid, req.priority), timeout)
+        results = await asyncio.wait_for(
+            state.drain.until_halt(_embed_all(engine, ids, rid, req.priority)), timeout)
     except asyncio.TimeoutError:
         raise RequestTimeoutError(f"the request timed out after {timeout:g} s") from None
     data = [{"object": "embedding", "index": i,

@@ -52,3 +52,10 @@ class Formatter:
     def stream_error(self, err: NanoQwen3Error) -> list[Payload]:
         """Events for an error after the stream began (it ends the stream)."""
         return [error_json(err)]
+
+
+def error_chunk(chunk: dict[str, Any], err: NanoQwen3Error) -> dict[str, Any]:
+    """The last chunk of an OpenAI stream that an error ends: ``chunk`` (its choices carry
+    ``finish_reason: "abort"``) with the error object beside them, so a client can tell a
+    cut reply from a network fault; the OpenAI SDKs raise on the ``error`` key."""
+    return {**chunk, **error_json(err)}

@@ -16,12 +16,13 @@ from ..config import EngineConfig, ServerConfig
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
+from .shutdown import drain
 from .state import STATE_KEY, ServerState
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
-# Seconds in-flight requests get to finish on shutdown before they are aborted.
-SHUTDOWN_GRACE_S = 30.0
+# After the drain (server/shutdown.py) only closing is left: what aiohttp still waits for.
+CLOSE_TIMEOUT_S = 1.0
 WORKERS_REFUSED = (
     "--workers above 1 is not supported: one engine batches all requests on the accelerator; "
     "to scale out, run replicas behind a load balancer"
@@ -51,6 +52,7 @@ def serve(
     log_prompts: Annotated[bool | None, Opt("--log-prompts/--no-log-prompts", help="log prompt text")] = None,
     cors_origin: Annotated[list[str] | None, Opt("--cors-origin", help="allowed CORS origin (repeatable)")] = None,
     request_timeout: Annotated[float | None, Opt(help="server-wide request deadline, seconds")] = None,
+    shutdown_grace: Annotated[float | None, Opt(help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error (default 30)")] = None,
     workers: Annotated[int | None, Opt(help="must be 1: one engine serves all requests")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, health, stats, metrics)."""
@@ -64,7 +66,8 @@ def serve(
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           served_model_name=served_model_name, log_level=log_level,
                           log_prompts=log_prompts, cors_origins=cors_origin or None,
-                          request_timeout=request_timeout, workers=workers)
+                          request_timeout=request_timeout, workers=workers,
+                          shutdown_grace=shutdown_grace)
     if server_config.workers > 1:
         exit_with_error(WORKERS_REFUSED)
     _setup_logging(server_config.log_level)
@@ -141,8 +144,10 @@ def _defaults_line(defaults: dict[str, Any]) -> str:
 
 
 async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Serve until a signal; 1 if the engine failed to start. Shutdown lets in-flight
-    requests finish for up to ``SHUTDOWN_GRACE_S`` seconds, then aborts them."""
+    """Serve until a signal; 1 if the engine failed to start, else 0. A signal starts the
+    drain (``server/shutdown.py``): new requests get 503, running ones have
+    ``shutdown_grace`` seconds to finish, then end with their API's error event; a second
+    signal ends the wait at once."""
     try:
         # Bind before the engine starts loading, so a busy port fails fast and cleanly.
         family = socket.AF_INET6 if ":" in server_config.host else socket.AF_INET
@@ -151,10 +156,10 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -
         typer.echo(f"error: cannot listen on {server_config.host}:{server_config.port}: "
                    f"{exc.strerror or exc}", err=True)
         return 2
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal, stop, hurry)
     url = _url(server_config, sock.getsockname()[1])
     spinner = Spinner(f"loading {engine_config.model} ...", plain=True)
 
@@ -163,16 +168,26 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -
         _banner(state, url)
 
     app = create_app(engine_config, server_config, on_ready=on_ready)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=CLOSE_TIMEOUT_S)
     await runner.setup()
     try:
-        await web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE_S).start()
+        await web.SockSite(runner, sock).start()
         spinner.start()
-        return await _wait(app, stop)
+        code = await _wait(app, stop)
+        spinner.stop()
+        if code == 0:
+            typer.echo(f"shutting down: running requests get {server_config.shutdown_grace:g} s "
+                       "(a second signal ends them now) ...", err=True)
+            await drain(app[STATE_KEY].drain, server_config.shutdown_grace, hurry)
+        return code
     finally:
         spinner.stop()
-        typer.echo("shutting down ...", err=True)
-        await runner.cleanup()
+        await runner.cleanup()  # stops listening, closes connections, stops the engine
+
+
+def _on_signal(stop: asyncio.Event, hurry: asyncio.Event) -> None:
+    (hurry if stop.is_set() else stop).set()
 
 
 async def _wait(app: web.Application, stop: asyncio.Event) -> int:

@@ -62,6 +62,17 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
+async def in_flight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count the requests inside a handler: shutdown waits for them (server/shutdown.py)."""
+    drain = request.app[STATE_KEY].drain
+    drain.enter()
+    try:
+        return await handler(request)
+    finally:
+        drain.leave()
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as OpenAI error JSON, with no traceback or path in it."""
     try:
@@ -156,8 +167,9 @@ def response_headers(origins: list[str]) -> Callable[..., Awaitable[None]]:
 
 
 def build_middlewares(config: ServerConfig) -> list:
-    """Outermost first: logging sees final statuses, errors are JSON, CORS precedes auth."""
-    chain: list = [access_middleware, error_middleware]
+    """Outermost first: logging sees final statuses, errors are JSON, shutdown counts what
+    runs, CORS precedes auth."""
+    chain: list = [access_middleware, error_middleware, in_flight_middleware]
     if config.cors_origins:
         chain.append(cors_middleware(config.cors_origins))
     if config.api_key:

@@ -6,7 +6,8 @@ Streams send the typed events (``response.created``, ``response.in_progress``,
 ``response.output_item.added``, ``response.content_part.added``,
 ``response.reasoning_text.delta``/``response.output_text.delta``, their ``.done``,
 ``response.function_call_arguments.delta``/``.done``, ``response.output_item.done``, then
-``response.completed`` or ``response.incomplete``), each with a ``sequence_number``.
+``response.completed`` or ``response.incomplete``), each with a ``sequence_number``; an
+error after the stream began sends ``error`` and ``response.failed``.
 """
 
 from __future__ import annotations
@@ -181,8 +182,15 @@ class ResponseFormatter(TurnFormatter):
                 self._event("response.in_progress", response=self.head)]
 
     def stream_error(self, err: NanoQwen3Error) -> list[Payload]:
-        return [self._event("error", code=err.code or str(err.status), message=client_message(err),
-                            param=err.field)]
+        """The ``error`` event, then ``response.failed`` (the stream's terminal event) with the
+        output so far, unfinished items marked ``incomplete``."""
+        code, message = err.code or str(err.status), client_message(err)
+        items = [{**item, "status": "incomplete"} if item.get("status") == "in_progress"
+                 else item for item in self.items]
+        failed = {**self.head, "status": "failed", "output": items,
+                  "error": {"code": code, "message": message}}
+        return [self._event("error", code=code, message=message, param=err.field),
+                self._event("response.failed", response=failed)]
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..errors import EngineDeadError, ModelLoadingError
+from ..errors import EngineDeadError, ModelLoadingError, ShuttingDownError
 from .chat import chat_completions
 from .completions import completions
 from .embeddings import embeddings
@@ -52,7 +52,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """200 when ready; 503 while loading or after the engine died."""
+    """200 when ready; 503 while loading, after the engine died or while shutting down."""
     state = request.app[STATE_KEY]
     body = {"status": "ok", "model": state.model_name, "uptime_s": round(state.uptime_s, 3)}
     error = state.not_ready()
@@ -60,7 +60,7 @@ async def health(request: web.Request) -> web.Response:
         # The exception class only (the message of a dead engine): messages may carry paths.
         body.update(status="error", error=error.message)
     elif error is not None:
-        body["status"] = "loading"
+        body["status"] = "shutting_down" if isinstance(error, ShuttingDownError) else "loading"
     if error is None:
         return web.json_response(body)
     return web.json_response(body, status=error.status, headers=error.headers)

@@ -15,7 +15,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import GenerationFailedError, RequestTimeoutError, SlowReaderError
+from ..errors import (
+    GenerationFailedError,
+    RequestTimeoutError,
+    ShuttingDownError,
+    SlowReaderError,
+)
 from ..outputs import GenerationResult, RequestOutput, Usage
 from .call import RUN_KEY, ApiCall, ClientGone, RunRecord
 from .errors import to_api_error
@@ -44,12 +49,15 @@ class GenerationRun:
     cancelled when the client went away) aborts every unfinished stream, freeing its blocks.
     """
 
-    def __init__(self, call: ApiCall, request: GenerationRequest) -> None:
+    def __init__(self, call: ApiCall, request: GenerationRequest,
+                 record: RunRecord | None = None) -> None:
         self.call = call
         self.request = request
         self.choices = request.choices(call.engine.max_model_len,
                                        getattr(call.engine, "sampling_defaults", None))
-        self.record = RunRecord(self.choices[0].params.summary() if self.choices else "")
+        # One record per API request: a turn's phases pass theirs, so tokens add up.
+        self.record = record or RunRecord(self.choices[0].params.summary() if self.choices
+                                          else "")
         call.http[RUN_KEY] = self.record
         limits = [t for t in (request.timeout, call.state.config.request_timeout) if t]
         self.timeout = min(limits) if limits else None
@@ -60,15 +68,18 @@ class GenerationRun:
             call.state.max_buffered_chunks)
         self._tasks: list[asyncio.Task[None]] = []
         self._overflow = False
+        self._halted: ShuttingDownError | None = None
         self._last_output_at: dict[int, float] = {}
         self._t0 = time.monotonic()
 
     async def __aenter__(self) -> GenerationRun:
+        self.call.state.drain.add(self)  # ShuttingDownError once shutdown ended generations
         self.call.state.metrics.prompt_tokens.inc(self.request.num_prompt_tokens)
         self._tasks = [asyncio.create_task(self._pump(c)) for c in self.choices]
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self.call.state.drain.discard(self)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -113,6 +124,14 @@ class GenerationRun:
             return False
         return True
 
+    def halt(self, err: ShuttingDownError) -> None:
+        """End the run at its next event with ``err`` (the shutdown grace is over)."""
+        self._halted = err
+        try:
+            self._queue.put_nowait((-1, err))  # wakes a reader waiting for output
+        except asyncio.QueueFull:
+            pass  # the reader is not waiting: _next sees the halt first
+
     @property
     def finished(self) -> bool:
         return all(r.finished for r in self.results.values())
@@ -154,6 +173,8 @@ class GenerationRun:
         return wait
 
     async def _next(self, wait: float) -> tuple[int, Any] | None:
+        if self._halted is not None:
+            raise self._halted
         if self._overflow:
             raise SlowReaderError("the client read too slowly; the request was aborted")
         try:

@@ -11,10 +11,11 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from ..config import ServerConfig
-from ..errors import EngineDeadError, ModelLoadingError, ModelNotFoundError
+from ..errors import EngineDeadError, ModelLoadingError, ModelNotFoundError, ShuttingDownError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
+from .shutdown import Drain
 
 
 class AsyncLLMLike(Protocol):
@@ -67,6 +68,8 @@ class ServerState:
     started_at: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
     model_aliases: set[str] = field(default_factory=set)
+    # Shutdown: requests in flight, running generations, refusing new ones (server/shutdown.py).
+    drain: Drain = field(default_factory=Drain)
 
     @property
     def uptime_s(self) -> float:
@@ -85,10 +88,12 @@ class ServerState:
             return self.config.served_model_name
         return None if self.engine is None else self.engine.model_name
 
-    def not_ready(self) -> EngineDeadError | ModelLoadingError | None:
+    def not_ready(self) -> EngineDeadError | ModelLoadingError | ShuttingDownError | None:
         """The readiness rule (``/health`` and every handler): why no request can run, or None."""
         if self.failure is not None:
             return EngineDeadError(f"{type(self.failure).__name__}")
+        if self.drain.draining:
+            return ShuttingDownError()
         if self.engine is None or not self.engine.is_ready:
             return ModelLoadingError()
         return None

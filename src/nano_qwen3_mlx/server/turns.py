@@ -30,7 +30,7 @@ from ..parsers import (
 )
 from ..sampling_params import SamplingParams
 from ..tool_xml import ToolFormat, tool_format
-from .call import ApiCall
+from .call import RUN_KEY, ApiCall, RunRecord
 from .constraints import with_tools_in_system
 from .errors import bad_request
 from .request import Choice, GenerationRequest
@@ -69,6 +69,9 @@ class TurnRun:
         self.timeout = min(limits) if limits else None
         self.deadline = time.monotonic() + self.timeout if self.timeout else None
         self.merged = GenerationResult(f"{request.response_id}-0")
+        # The access log's record of the whole turn (``stream_run`` marks a client that left).
+        self.record = RunRecord(self.params.summary())
+        call.http[RUN_KEY] = self.record
         self.outputs: list[RequestOutput] = []  # every output of the turn, in order
         self._run: GenerationRun | None = None
 
@@ -94,7 +97,7 @@ class TurnRun:
         left = None if self.deadline is None else max(self.deadline - time.monotonic(), 1e-3)
         request = replace(self.request, response_id=f"{self.request.response_id}-{suffix}",
                           prompts=[ids], params=params, n=1, timeout=left)
-        self._run = GenerationRun(self.call, request)
+        self._run = GenerationRun(self.call, request, self.record)
         return self._run
 
     async def _events(self, run: GenerationRun) -> AsyncIterator[Event]:
