@@ -71,16 +71,26 @@ def gated_delta_rule(
 
 
 def _recurrent(q, k, v, log_g, beta, state):
-    """Token by token; the decode path (l = 1 is one step of a handful of ops)."""
+    """Token by token; the decode path (l = 1 is one step)."""
     g = mx.exp(log_g)
     ys = []
     for t in range(q.shape[1]):
-        kt = k[:, t, :, :, None].astype(mx.float32)  # (b, H, Dk, 1)
-        state = state * g[:, t, :, None, None]
-        delta = (v[:, t].astype(mx.float32) - (state @ kt)[..., 0]) * beta[:, t, :, None]
-        state = state + delta[..., None] * kt.swapaxes(-1, -2)
-        ys.append((state @ q[:, t, :, :, None].astype(mx.float32))[..., 0])
+        y, state = _step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        ys.append(y)
     return mx.stack(ys, axis=1), state
+
+
+@mx.compile  # fuses the elementwise work; one trace per shape (slices are not shapeless)
+def _step(q, k, v, g, beta, state):
+    """One token, rearranged so the state is read twice and written once (the naive order
+    reads it five times): with ``S k`` and ``S q`` from one product,
+    ``S' = g S + d k^T`` and ``y = S' q = g S q + d (k . q)``, ``d = beta (v - g S k)``."""
+    q, k = q.astype(mx.float32), k.astype(mx.float32)  # (b, H, Dk)
+    g = g[..., None]  # (b, H, 1)
+    sk_sq = state @ mx.stack([k, q], axis=-1)  # (b, H, Dv, 2)
+    delta = (v.astype(mx.float32) - g * sk_sq[..., 0]) * beta[..., None]
+    y = g * sk_sq[..., 1] + delta * (k * q).sum(-1, keepdims=True)
+    return y, g[..., None] * state + delta[..., None] * k[..., None, :]
 
 
 def _chunked(q, k, v, log_g, beta, state):
