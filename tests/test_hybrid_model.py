@@ -14,6 +14,7 @@ from mlx_lm.models import cache as lm_cache
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model as mlx_lm_quantize
 
+from nano_qwen3_mlx.bench.shapes import SHAPES, parameter_counts, random_checkpoint
 from nano_qwen3_mlx.models import MODEL_TYPES
 from nano_qwen3_mlx.models import gated_delta as gd
 from nano_qwen3_mlx.models.base import DenseCache, count_parameters
@@ -281,3 +282,17 @@ def test_bad_hybrid_configs_fail_with_the_field(tmp_path, qwen_tokenizer_dir):
 
 def test_registered_model_types():
     assert {f: MODEL_TYPES[f].__name__.rsplit(".", 1)[1] for f in FAMILIES} == {f: f for f in FAMILIES}
+
+
+def test_bench_hybrid_shape_writes_a_checkpoint_both_engines_load(tmp_path, monkeypatch):
+    """The ``hybrid`` bench row (flat Qwen3.5 config, our module paths), at tiny widths."""
+    tiny = {**SHAPES["hybrid"], "hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "linear_key_head_dim": 32, "linear_value_head_dim": 16}
+    monkeypatch.setitem(SHAPES, "hybrid-test", tiny)
+    path = random_checkpoint("hybrid-test", "float32", tmp_path)
+    mine, ref = ours(path), oracle(path)
+    assert_parity(mine, ref)
+    assert parameter_counts(path) == mine.num_parameters()
+    assert len(mine.kv_layers) == 2 and len(mine.state_layers) == 6
