@@ -30,11 +30,11 @@ def causal_conv1d(x: mx.array, state: mx.array, weight: mx.array) -> tuple[mx.ar
     kernel = weight.shape[1]
     full = mx.concatenate([state.astype(x.dtype), x], axis=1)  # (b, l + K - 1, C)
     length = x.shape[1]
-    w = weight[:, :, 0].T  # (K, C)
+    w = weight[:, :, 0].T.astype(mx.float32)  # (K, C); sums in float32, as a conv does
     out = full[:, 0:length] * w[0]
     for i in range(1, kernel):  # K is 4: four shifted multiply-adds beat a grouped conv
         out = out + full[:, i:i + length] * w[i]
-    return out, full[:, -(kernel - 1):]
+    return out.astype(x.dtype), full[:, -(kernel - 1):]
 
 
 def l2_normalize_qk(q: mx.array, k: mx.array, eps: float = 1e-6) -> tuple[mx.array, mx.array]:
