@@ -201,6 +201,53 @@ def test_chunked_rule_equals_step_by_step_and_conv_carries_its_state():
     np.testing.assert_allclose(np.array(whole), np.array(reference), atol=1e-5)
 
 
+class PackedCache:
+    """The engine's packed step in miniature: the model sees ``(T, 1)`` one-token rows,
+    sequence after sequence; the context regroups them per sequence (each its own
+    ``DenseCache``) for attention and for ``recur``."""
+
+    def __init__(self, caches, lengths):
+        self.caches, self.lengths = caches, lengths
+        ends = np.cumsum(lengths).tolist()
+        self.runs = list(zip([0, *ends[:-1]], ends))
+        self.offsets = mx.concatenate([c.offsets + mx.arange(n) for c, n in zip(caches, lengths)])
+
+    def attend(self, layer_idx, queries, keys, values, scale):
+        per_seq = lambda x, s, e: x[s:e].transpose(2, 1, 0, 3)  # noqa: E731 - (l,H,1,D) -> (1,H,l,D)
+        outs = [c.attend(layer_idx, per_seq(queries, s, e), per_seq(keys, s, e),
+                         per_seq(values, s, e), scale).transpose(2, 1, 0, 3)
+                for c, (s, e) in zip(self.caches, self.runs)]
+        return mx.concatenate(outs)
+
+    def recur(self, layer_idx, inputs, fn):
+        outs = [c.recur(layer_idx, tuple(x[s:e].swapaxes(0, 1) for x in inputs), fn).swapaxes(0, 1)
+                for c, (s, e) in zip(self.caches, self.runs)]
+        return mx.concatenate(outs)
+
+    def output_rows(self, layer_idx):
+        return None
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+def test_packed_one_token_rows_equal_separate_runs(hybrid_dirs, family):
+    """A prefill chunk beside another sequence's chunk, then a chunk beside a one-token
+    decode row: every row's logits equal that sequence's own run."""
+    model = ours(hybrid_dirs(family))
+    a, b = PROMPT[:45], [t + 3 for t in PROMPT[:21]]
+    steps = [(a[:33], b[:20]), (a[33:45], b[20:21])]
+    caches = [dense_cache(model), dense_cache(model)]
+    packed = []
+    for ids_a, ids_b in steps:
+        ctx = PackedCache(caches, [len(ids_a), len(ids_b)])
+        rows = model(mx.array(ids_a + ids_b)[:, None], ctx)  # (T, 1, vocab)
+        for c, n in zip(caches, ctx.lengths):
+            c.advance(n)
+        packed.append(np.array(rows[:, 0]))
+    alone_a, alone_b = trace(model, [a[:33], a[33:45]]), trace(model, [b[:20], b[20:21]])
+    for step, (x, y) in enumerate(zip(alone_a, alone_b)):
+        np.testing.assert_allclose(packed[step], np.concatenate([x, y]), atol=1e-4, rtol=1e-4)
+
+
 class PrunedCache(DenseCache):
     """A context that asks the last attention layer for only ``rows`` (as the engine does)."""
 
