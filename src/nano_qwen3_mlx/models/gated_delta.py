@@ -23,6 +23,37 @@ CHUNK = 64
 CHUNKED_FROM = 32
 
 
+def gated_delta_net(
+    qkv: mx.array, a: mx.array, b: mx.array, conv_state: mx.array, state: mx.array,
+    conv_weight: mx.array, A_log: mx.array, dt_bias: mx.array, heads: tuple[int, int, int, int],
+) -> tuple[mx.array, mx.array, mx.array]:
+    """A Gated DeltaNet layer's recurrent part for one group of sequences (b, l): the
+    convolution from ``conv_state``, silu, the q/k/v split (``heads`` = key heads, key head
+    dim, value heads, value head dim), L2 norms, gates, and the delta rule from ``state``.
+    Returns ``y`` (b, l, Hv, Dv) and the new convolution and recurrent states.
+
+    One-token steps (decode) run as one compiled function: a dozen elementwise ops fuse
+    into a few kernels, which is what a decode step's time is made of."""
+    fn = _decode if qkv.shape[1] == 1 else _forward
+    return fn(qkv, a, b, conv_state, state, conv_weight, A_log, dt_bias, heads)
+
+
+def _forward(qkv, a, b, conv_state, state, conv_weight, A_log, dt_bias, heads):
+    nk, dk, nv, dv = heads
+    bsz, length, _ = qkv.shape
+    conv, new_conv_state = causal_conv1d(qkv, conv_state, conv_weight)
+    q, k, v = mx.split(nn.silu(conv), [nk * dk, 2 * nk * dk], axis=-1)
+    q, k = l2_normalize_qk(q.reshape(bsz, length, nk, dk), k.reshape(bsz, length, nk, dk))
+    v = v.reshape(bsz, length, nv, dv)
+    beta = mx.sigmoid(b.astype(mx.float32))
+    y, state = gated_delta_rule(q, k, v, log_decay(A_log, a, dt_bias), beta, state)
+    return y, new_conv_state.astype(conv_state.dtype), state
+
+
+# Traced once per batch size (and dtype); longer chunks are compute-bound and run as they are.
+_decode = mx.compile(_forward)
+
+
 def causal_conv1d(x: mx.array, state: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
     """Depthwise causal convolution over ``x`` (b, l, C) preceded by ``state`` (b, K-1, C)
     (the previous inputs); ``weight`` is ``nn.Conv1d``'s (C, K, 1). Returns the output
