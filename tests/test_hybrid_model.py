@@ -363,3 +363,13 @@ def test_bench_hybrid_shape_writes_a_checkpoint_both_engines_load(tmp_path, monk
     assert_parity(mine, ref)
     assert parameter_counts(path) == mine.num_parameters()
     assert len(mine.kv_layers) == 2 and len(mine.state_layers) == 6
+
+
+def test_aliases_for_the_published_hybrid_models():
+    from nano_qwen3_mlx.models.loader import MODEL_ALIASES
+
+    assert MODEL_ALIASES["qwen3.5-0.8b"] == "Qwen/Qwen3.5-0.8B"
+    assert MODEL_ALIASES["qwen3.5-0.8b-4bit"] == "mlx-community/Qwen3.5-0.8B-4bit"
+    assert MODEL_ALIASES["qwen3.5-397b-a17b"] == "Qwen/Qwen3.5-397B-A17B"
+    assert MODEL_ALIASES["qwen3-next-80b-a3b-thinking-4bit"] == "mlx-community/Qwen3-Next-80B-A3B-Thinking-4bit"
+    assert sum(k.startswith(("qwen3.5-", "qwen3-next-")) for k in MODEL_ALIASES) == 8 * 2 + 2 * 2
