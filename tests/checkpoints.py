@@ -228,18 +228,22 @@ def build_tiny_hybrid(config: dict[str, Any], seed: int = 0) -> nn.Module:
 def write_hybrid_checkpoint(
     path: Path, tokenizer_dir: Path, family: str = "qwen3_5", layout: str = "hf",
     config_overrides: dict[str, Any] | None = None, seed: int = 0, bits: int | None = None,
-    group_size: int = 64,
+    group_size: int = 64, dtype: str = "float32",
 ) -> Path:
     """A tiny random hybrid checkpoint (``family``: qwen3_5, qwen3_5_moe, qwen3_next) with the
     real Qwen3 tokenizer, in the Hugging Face layout (``layout="hf"``: Qwen3.5 under
     ``model.language_model.``, conv1d ``(C, 1, K)``, zero-centred norms, experts fused
     (Qwen3.5) or one by one (Qwen3-Next), plus ``mtp.*`` and vision tensors) or as mlx-lm
     saves it (``layout="mlx"``; ``bits`` 4/8 quantizes it, router and shared-expert gate at
-    8 bits recorded per layer). ``config_overrides`` go into the text config."""
+    8 bits recorded per layer). ``config_overrides`` go into the text config; ``dtype``
+    (float32, bfloat16, float16) is the weights' (``A_log`` stays float32, as published)."""
     config = json.loads(json.dumps(HYBRID_CONFIGS[family]))
     text = config.get("text_config", config)
     text.update(config_overrides or {})
+    config["torch_dtype"] = dtype
     model = build_tiny_hybrid(config, seed)
+    model.load_weights([(k, v if k.endswith("A_log") else v.astype(getattr(mx, dtype)))
+                        for k, v in tree_flatten(model.parameters())])
     if layout == "hf":
         assert bits is None, "Hugging Face checkpoints are not MLX-quantized"
         weights = _hf_layout(dict(tree_flatten(model.parameters())), family)

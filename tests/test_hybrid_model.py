@@ -14,6 +14,7 @@ from mlx_lm.models import cache as lm_cache
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model as mlx_lm_quantize
 
+from nano_qwen3_mlx.bench.shapes import SHAPES, parameter_counts, random_checkpoint
 from nano_qwen3_mlx.models import MODEL_TYPES
 from nano_qwen3_mlx.models import gated_delta as gd
 from nano_qwen3_mlx.models.base import DenseCache, count_parameters
@@ -111,6 +112,26 @@ def test_4bit_mlx_community_checkpoint_matches_mlx_lm(hybrid_dirs, family):
         assert (mlp.gate.bits, mlp.shared_expert_gate.bits, mlp.switch_mlp.up_proj.bits) == (8, 8, 4)
 
 
+def test_8bit_mlx_community_checkpoint_matches_mlx_lm(hybrid_dirs):
+    path = hybrid_dirs("qwen3_5_moe", "mlx", 8)
+    mine, ref = ours(path), oracle(path)
+    assert_parity(mine, ref, atol=5e-4)
+    assert mine.layers[0].linear_attn.in_proj_qkv.bits == 8
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_is_as_accurate_as_mlx_lm(tmp_path, qwen_tokenizer_dir, dtype):
+    """Half-precision logits differ from float32 ones by rounding (much amplified by random
+    weights); ours stay as close to the float32 logits of the same weights as mlx-lm's."""
+    path = write_hybrid_checkpoint(tmp_path / "m", qwen_tokenizer_dir, "qwen3_5", dtype=dtype)
+    model = ours(path)
+    assert (model.dtype, model.layers[0].linear_attn.A_log.dtype) == (getattr(mx, dtype), mx.float32)
+    truth = trace(ours(path, dtype="float32"), PIECES)
+    mine, ref = trace(model, PIECES), trace(oracle(path), PIECES, False)
+    error = lambda logits: np.mean([np.abs(x - t).max() for x, t in zip(logits, truth)])  # noqa: E731
+    assert error(mine) <= 1.5 * error(ref)
+
+
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
 def test_quantize_on_load_matches_mlx_lm_quantizing_the_same_weights(hybrid_dirs, family):
     path = hybrid_dirs(family, "hf")
@@ -178,6 +199,53 @@ def test_chunked_rule_equals_step_by_step_and_conv_carries_its_state():
     np.testing.assert_allclose(np.array(end2), np.array(end))
     reference = mx.conv1d(mx.pad(x, [(0, 0), (3, 0), (0, 0)]), weight, groups=8)
     np.testing.assert_allclose(np.array(whole), np.array(reference), atol=1e-5)
+
+
+class PackedCache:
+    """The engine's packed step in miniature: the model sees ``(T, 1)`` one-token rows,
+    sequence after sequence; the context regroups them per sequence (each its own
+    ``DenseCache``) for attention and for ``recur``."""
+
+    def __init__(self, caches, lengths):
+        self.caches, self.lengths = caches, lengths
+        ends = np.cumsum(lengths).tolist()
+        self.runs = list(zip([0, *ends[:-1]], ends))
+        self.offsets = mx.concatenate([c.offsets + mx.arange(n) for c, n in zip(caches, lengths)])
+
+    def attend(self, layer_idx, queries, keys, values, scale):
+        per_seq = lambda x, s, e: x[s:e].transpose(2, 1, 0, 3)  # noqa: E731 - (l,H,1,D) -> (1,H,l,D)
+        outs = [c.attend(layer_idx, per_seq(queries, s, e), per_seq(keys, s, e),
+                         per_seq(values, s, e), scale).transpose(2, 1, 0, 3)
+                for c, (s, e) in zip(self.caches, self.runs)]
+        return mx.concatenate(outs)
+
+    def recur(self, layer_idx, inputs, fn):
+        outs = [c.recur(layer_idx, tuple(x[s:e].swapaxes(0, 1) for x in inputs), fn).swapaxes(0, 1)
+                for c, (s, e) in zip(self.caches, self.runs)]
+        return mx.concatenate(outs)
+
+    def output_rows(self, layer_idx):
+        return None
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+def test_packed_one_token_rows_equal_separate_runs(hybrid_dirs, family):
+    """A prefill chunk beside another sequence's chunk, then a chunk beside a one-token
+    decode row: every row's logits equal that sequence's own run."""
+    model = ours(hybrid_dirs(family))
+    a, b = PROMPT[:45], [t + 3 for t in PROMPT[:21]]
+    steps = [(a[:33], b[:20]), (a[33:45], b[20:21])]
+    caches = [dense_cache(model), dense_cache(model)]
+    packed = []
+    for ids_a, ids_b in steps:
+        ctx = PackedCache(caches, [len(ids_a), len(ids_b)])
+        rows = model(mx.array(ids_a + ids_b)[:, None], ctx)  # (T, 1, vocab)
+        for c, n in zip(caches, ctx.lengths):
+            c.advance(n)
+        packed.append(np.array(rows[:, 0]))
+    alone_a, alone_b = trace(model, [a[:33], a[33:45]]), trace(model, [b[:20], b[20:21]])
+    for step, (x, y) in enumerate(zip(alone_a, alone_b)):
+        np.testing.assert_allclose(packed[step], np.concatenate([x, y]), atol=1e-4, rtol=1e-4)
 
 
 class PrunedCache(DenseCache):
@@ -281,3 +349,27 @@ def test_bad_hybrid_configs_fail_with_the_field(tmp_path, qwen_tokenizer_dir):
 
 def test_registered_model_types():
     assert {f: MODEL_TYPES[f].__name__.rsplit(".", 1)[1] for f in FAMILIES} == {f: f for f in FAMILIES}
+
+
+def test_bench_hybrid_shape_writes_a_checkpoint_both_engines_load(tmp_path, monkeypatch):
+    """The ``hybrid`` bench row (flat Qwen3.5 config, our module paths), at tiny widths."""
+    tiny = {**SHAPES["hybrid"], "hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "linear_key_head_dim": 32, "linear_value_head_dim": 16}
+    monkeypatch.setitem(SHAPES, "hybrid-test", tiny)
+    path = random_checkpoint("hybrid-test", "float32", tmp_path)
+    mine, ref = ours(path), oracle(path)
+    assert_parity(mine, ref)
+    assert parameter_counts(path) == mine.num_parameters()
+    assert len(mine.kv_layers) == 2 and len(mine.state_layers) == 6
+
+
+def test_aliases_for_the_published_hybrid_models():
+    from nano_qwen3_mlx.models.loader import MODEL_ALIASES
+
+    assert MODEL_ALIASES["qwen3.5-0.8b"] == "Qwen/Qwen3.5-0.8B"
+    assert MODEL_ALIASES["qwen3.5-0.8b-4bit"] == "mlx-community/Qwen3.5-0.8B-4bit"
+    assert MODEL_ALIASES["qwen3.5-397b-a17b"] == "Qwen/Qwen3.5-397B-A17B"
+    assert MODEL_ALIASES["qwen3-next-80b-a3b-thinking-4bit"] == "mlx-community/Qwen3-Next-80B-A3B-Thinking-4bit"
+    assert sum(k.startswith(("qwen3.5-", "qwen3-next-")) for k in MODEL_ALIASES) == 8 * 2 + 2 * 2

@@ -173,7 +173,7 @@ app.command("serve")(serve)
 @app.command()
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="local checkpoint dir both engines load (default: random weights of --shape)")] = None,
-    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, kv (Qwen3-0.6B's attention on 4 thin layers), qwen3-0.6b, moe-small")] = "small",
+    shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, kv (Qwen3-0.6B's attention on 4 thin layers), qwen3-0.6b, moe-small, hybrid (Qwen3.5 layout)")] = "small",
     dtype: Annotated[str, typer.Option(help="dtype of the random checkpoint")] = "float32",
     suite: Annotated[str, typer.Option(help="comma-separated: lengths (prompt lengths x batch sizes), mixed (long prompts arriving while streams decode), chat (multi-turn and shared system prompt, against mlx_lm.server)")] = "lengths",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="comma-separated prompt lengths (lengths suite)")] = "128",

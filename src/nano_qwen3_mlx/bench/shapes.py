@@ -1,4 +1,4 @@
-"""Random-weight Qwen3 checkpoints of named shapes, and random prompts.
+"""Random-weight Qwen3 (dense, MoE, hybrid) checkpoints of named shapes, and random prompts.
 
 Speed does not depend on the weights' values, so a random checkpoint with a real shape (and
 the real Qwen3 tokenizer, for chat templates) measures what a real one would.
@@ -30,11 +30,22 @@ SHAPES: dict[str, dict[str, Any]] = {
                   "head_dim": 64, "num_experts": 32, "num_experts_per_tok": 4,
                   "moe_intermediate_size": 256, "decoder_sparse_step": 1,
                   "mlp_only_layers": [], "norm_topk_prob": True},
+    # Qwen3.5's hybrid layout scaled down (6 Gated DeltaNet layers, full attention every 4th:
+    # 2) with Qwen3-0.6B's attention geometry. A flat config and our module paths, which
+    # mlx-lm's qwen3_5 loads too (it prefixes ``language_model.``).
+    "hybrid": {"model_type": "qwen3_5", "hidden_size": 1024, "num_hidden_layers": 8,
+               "intermediate_size": 3072, "num_attention_heads": 16, "num_key_value_heads": 8,
+               "head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+               "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+               "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                   "partial_rotary_factor": 0.25}},
 }
 
 
 def random_checkpoint(shape: str, dtype: str, folder: Path) -> Path:
-    """A checkpoint (Qwen3 or Qwen3-MoE) with random weights and the real Qwen3 tokenizer files."""
+    """A checkpoint (Qwen3, Qwen3-MoE or Qwen3.5) with random weights and the real Qwen3
+    tokenizer files."""
     from mlx.utils import tree_flatten
 
     from ..models.fetch import fetch

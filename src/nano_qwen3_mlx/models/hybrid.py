@@ -68,6 +68,8 @@ class HybridArgs(DecoderArgs):
                                 for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {LINEAR, FULL}:
             raise ValueError(f"layer_types must be {self.num_hidden_layers} of {LINEAR!r}/{FULL!r}")
+        if self.extra.get("attn_output_gate", True) is not True:
+            raise ValueError("attn_output_gate=false is not supported (every Qwen3.5/Next gates)")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                              f"1..num_experts={self.num_experts}")

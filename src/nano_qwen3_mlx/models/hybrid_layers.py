@@ -131,15 +131,10 @@ class GatedDeltaNet(nn.Module):
     def recurrence(self, inputs: tuple[mx.array, ...], states: list[mx.array]):
         """``base.RecurrentFn``: one group of sequences (b, l) from their states."""
         qkv, a, b = inputs
-        bsz, length, _ = qkv.shape
-        conv, conv_state = gd.causal_conv1d(qkv, states[0], self.conv1d.weight)
-        q, k, v = mx.split(nn.silu(conv), [self.key_dim, 2 * self.key_dim], axis=-1)
-        q, k = gd.l2_normalize_qk(q.reshape(bsz, length, self.num_k_heads, self.head_k_dim),
-                                  k.reshape(bsz, length, self.num_k_heads, self.head_k_dim))
-        v = v.reshape(bsz, length, self.num_v_heads, self.head_v_dim)
-        log_g = gd.log_decay(self.A_log, a, self.dt_bias)
-        y, state = gd.gated_delta_rule(q, k, v, log_g, mx.sigmoid(b.astype(mx.float32)), states[1])
-        return y, [conv_state.astype(states[0].dtype), state]
+        heads = (self.num_k_heads, self.head_k_dim, self.num_v_heads, self.head_v_dim)
+        y, conv_state, state = gd.gated_delta_net(
+            qkv, a, b, states[0], states[1], self.conv1d.weight, self.A_log, self.dt_bias, heads)
+        return y, [conv_state, state]
 
 
 class SharedExpertMoeBlock(SparseMoeBlock):
