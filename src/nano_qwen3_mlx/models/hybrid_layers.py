@@ -49,7 +49,7 @@ class GatedAttention(nn.Module):
         out = ctx.attend(self.kv_idx, q, k, v.transpose(0, 2, 1, 3), self.scale)
         if rows is not None:  # ``attend`` returned only these rows
             gate = gate[rows]
-        gate = gate.reshape(gate.shape[0], L, -1)
+        gate = gate.reshape(gate.shape[0], L, self.n_heads * self.head_dim)  # may be 0 rows
         out = out.transpose(0, 2, 1, 3).reshape(gate.shape)
         return self.o_proj(out * mx.sigmoid(gate))
 
