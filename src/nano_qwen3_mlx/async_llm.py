@@ -21,7 +21,6 @@ from .engine.llm_engine import LLMEngine
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError
 from .outputs import GenerationResult, RequestOutput, add_reasoning
 from .sampling_params import SamplingParams
-from .structured import chat_params
 
 log = logging.getLogger(__name__)
 Prompt = str | list[int]
@@ -182,7 +181,7 @@ class AsyncLLM:
                    **chat_template_kwargs: Any) -> dict[str, Any]:
         """Chat; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=True, **chat_template_kwargs)
-        result = await self.generate(prompt, chat_params(self.tokenizer, prompt, sampling_params))
+        result = await self.generate(prompt, sampling_params)
         return add_reasoning(result, self.tokenizer, prompt)
 
     async def submit(self, prompt: Prompt, sampling_params: SamplingParams | None = None,

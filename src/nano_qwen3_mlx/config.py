@@ -19,6 +19,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+# Default thinking budgets (tokens) per reasoning effort level.
+EFFORT_BUDGETS = {"minimal": 128, "low": 512, "medium": 2048, "high": 8192, "xhigh": 16384}
 
 
 def preset_names() -> list[str]:
@@ -129,6 +131,19 @@ class ServerConfig(_Settings):
     request_timeout: float | None = Field(600.0, gt=0)
     cors_origins: list[str] = Field(default_factory=list)
     log_prompts: bool = False
+    # Thinking tokens per reasoning effort (chat reasoning_effort, Responses reasoning.effort),
+    # capped at half of a request's max_tokens; "none" is always 0.
+    reasoning_effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS))
+
+    @field_validator("reasoning_effort_budgets")
+    @classmethod
+    def _known_efforts(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(EFFORT_BUDGETS))
+        if unknown:
+            raise ValueError(f"unknown effort {unknown[0]!r} (allowed: {', '.join(EFFORT_BUDGETS)})")
+        if any(v < 0 for v in value.values()):
+            raise ValueError("budgets must be >= 0")
+        return {**EFFORT_BUDGETS, **value}
 
     @field_validator("log_level", mode="before")
     @classmethod

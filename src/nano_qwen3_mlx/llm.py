@@ -10,7 +10,6 @@ from .engine.llm_engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import GenerationResult, add_reasoning
 from .sampling_params import SamplingParams
-from .structured import chat_params
 
 Prompt = str | list[int]
 
@@ -79,7 +78,7 @@ class LLM:
              **chat_template_kwargs: Any) -> dict[str, Any]:
         """Chat with the model; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self._render(messages, chat_template_kwargs)
-        result = self.generate([prompt], chat_params(self.tokenizer, prompt, sampling_params))[0]
+        result = self.generate([prompt], sampling_params)[0]
         return add_reasoning(result, self.tokenizer, prompt)
 
     def embed(self, prompts: Prompt | list[Prompt]) -> list[list[float]]:

@@ -18,7 +18,7 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
-from .grammar import GrammarCompiler
+from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import PagedKVCache
 from .kv_pool import size_pool
 from .model_runner import ModelRunner, StepOutput
@@ -151,7 +151,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use",
                                       field="request_id")
-        grammar = self.grammars.new_state(params)
+        grammar = self.grammars.new_state(params, token_ids)
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority,
                        pooling=pooling)
         seq.grammar = grammar
@@ -339,7 +339,8 @@ class LLMEngine:
             # The token just sampled may never run (a step that reads its step in flight
             # first drops the rows of sequences that finished): keep no KV claim on it.
             self._finish(seq, reason, num_kv_tokens=len(seq.token_ids) - 1)
-        return self._output(seq, text, [token], logprobs)
+        error = GRAMMAR_FAILED + seq.grammar.failed if reason == "error" else None
+        return self._output(seq, text, [token], logprobs, error=error)
 
     def _record_timing(self, seq: Sequence, now: float) -> None:
         if seq.first_token_time is None:

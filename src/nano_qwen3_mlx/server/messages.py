@@ -24,7 +24,7 @@ from .anthropic_protocol import (
     tool_use_block,
 )
 from .call import open_call
-from .constraints import gated
+from .constraints import check
 from .errors import anthropic_error_json, bad_request
 from .formatter import Payload, SSEEvent
 from .runner import RunResult
@@ -51,7 +51,7 @@ def render(tokenizer: Any, req: CountTokensRequest) -> TurnPrompt:
     return TurnPrompt(ids, False, False)
 
 
-def constraint(tokenizer: Any, req: MessagesRequest, thinking: bool) -> dict[str, Any]:
+def constraint(tokenizer: Any, req: MessagesRequest) -> dict[str, Any]:
     """``tool_choice`` ``any`` / ``tool``: a grammar that forces a Qwen3 tool call (to any
     offered tool, or the named one) whose input matches the tool's ``input_schema``."""
     choice = req.tool_choice
@@ -60,7 +60,7 @@ def constraint(tokenizer: Any, req: MessagesRequest, thinking: bool) -> dict[str
     specs = [ToolSpec(t["function"]["name"], t["function"]["parameters"])
              for t in chat_tools(req) or []]
     grammar = tool_call_grammar(tokenizer, specs, parallel=not choice.disable_parallel_tool_use)
-    return gated(tokenizer, {"grammar": grammar}, "tool_choice", thinking)
+    return check({"grammar": grammar}, "tool_choice")
 
 
 def sampling_params(req: MessagesRequest, constrained: dict[str, Any]) -> SamplingParams:
@@ -89,7 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     budget = thinking_budget(req)
     tokenizer = call.engine.tokenizer
     prompt = render(tokenizer, req)
-    params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
+    params = sampling_params(req, constraint(tokenizer, req))
     run = TurnRun.for_call(call, prompt, params, "msg", budget)
     single = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)
     use_tools = chat_tools(req) is not None

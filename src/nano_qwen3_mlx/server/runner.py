@@ -15,7 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import GenerationFailedError, RequestTimeoutError, SlowReaderError
+from ..engine.grammar import GRAMMAR_FAILED
+from ..errors import (
+    GenerationFailedError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    SlowReaderError,
+)
 from ..outputs import GenerationResult, RequestOutput, Usage
 from .call import RUN_KEY, ApiCall, ClientGone, RunRecord
 from .errors import to_api_error
@@ -166,6 +172,9 @@ class GenerationRun:
     def _check(self, out: RequestOutput | BaseException) -> None:
         if isinstance(out, BaseException):
             raise to_api_error(out, engine_dead=self.call.engine.error is not None)
+        if out.finish_reason == "error" and (out.error or "").startswith(GRAMMAR_FAILED):
+            # The request's own grammar could not go on (llguidance gave up): the client's.
+            raise InvalidRequestError(f"{out.error} (the output so far does not complete it)")
         if out.finish_reason == "error":
             log.error("generation %s failed: %s", out.request_id, out.error)
             raise GenerationFailedError("generation failed inside the engine")
