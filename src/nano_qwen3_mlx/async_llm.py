@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .config import EngineConfig
+from .config import EngineConfig, engine_config
 from .engine.llm_engine import LLMEngine
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError
 from .outputs import GenerationResult, RequestOutput, add_reasoning
@@ -38,7 +38,7 @@ class AsyncLLM:
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  **engine_options: Any) -> None:
-        self.config = config or EngineConfig.load(model=model, **engine_options)
+        self.config = engine_config(config, model, engine_options)
         self.engine: LLMEngine | None = None
         self.error: BaseException | None = None
         self._inbox: queue.Queue = queue.Queue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .config import EngineConfig
+from .config import EngineConfig, engine_config
 from .engine.llm_engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import GenerationResult, add_reasoning
@@ -26,7 +26,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  **engine_options: Any) -> None:
-        self.config = config or EngineConfig.load(model=model, **engine_options)
+        self.config = engine_config(config, model, engine_options)
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
 

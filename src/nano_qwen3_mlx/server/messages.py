@@ -138,7 +138,7 @@ def message_json(rid: str, model: str, result: TurnResult, single: bool) -> dict
         content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
     tools, leftover = _tool_blocks(result.tool_calls, single)
     text = "\n".join(t for t in (result.text, leftover) if t)
-    if text or not tools:
+    if text or not content and not tools:  # as streamed: an empty text block only alone
         content.append({"type": "text", "text": text})
     content += tools
     reason, sequence = stop_reason(result.finish, bool(tools))
