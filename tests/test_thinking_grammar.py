@@ -31,6 +31,8 @@ def llm(tiny_qwen3_dir):
 
 def thinking_tokens(token_ids: list[int], opened_in_prompt: bool = False) -> int:
     """Tokens between the block's open (the prompt's, or the first generated) and close."""
+    if not opened_in_prompt and OPEN not in token_ids:
+        return 0
     start = 0 if opened_in_prompt else token_ids.index(OPEN) + 1
     end = token_ids.index(CLOSE) if CLOSE in token_ids else len(token_ids)
     return end - start
@@ -92,14 +94,20 @@ def test_forced_tool_calls_follow_the_thinking_block(llm):
 
 
 @pytest.mark.parametrize("opened", [False, True])
-def test_budget_alone_closes_the_thinking(llm, opened):
+def test_budget_alone_closes_the_thinking_exactly(llm, opened):
+    """Budgets 0..8 in one batch (the sampler reads the token in flight only near a budget's
+    end): each block holds exactly its budget, then </think>; no block opens once it is spent
+    (the bias pushes <think> at every step), so a zero budget outside a block means none."""
     ids = llm.tokenizer.apply_chat_template(USER, tokenize=True)
     if opened:
         ids += llm.tokenizer.encode("<think>\n", add_special_tokens=False)
-    params = SamplingParams(temperature=1.0, seed=5, max_tokens=30, thinking_budget=5,
-                            logit_bias={} if opened else {OPEN: 100.0})
-    r = llm.generate_single(ids, params)
-    assert CLOSE in r["token_ids"] and thinking_tokens(r["token_ids"], opened) == 5
+    params = [SamplingParams(temperature=1.0, seed=5 + b, max_tokens=30, thinking_budget=b,
+                             logit_bias={} if opened else {OPEN: 100.0}) for b in range(9)]
+    for budget, r in enumerate(llm.generate([ids] * 9, params)):
+        assert thinking_tokens(r["token_ids"], opened) == budget
+        ids_out = r["token_ids"]
+        assert ids_out.count(CLOSE) == (budget > 0 or opened)
+        assert OPEN not in (ids_out[ids_out.index(CLOSE) + 1:] if CLOSE in ids_out else ids_out)
 
 
 def test_thinking_text_never_spells_the_close_tag(llm):

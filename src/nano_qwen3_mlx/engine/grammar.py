@@ -69,11 +69,11 @@ def check_grammar(params: SamplingParams) -> None:
 
 @dataclass(slots=True)
 class ThinkingBudget:
-    """Counts one sequence's thinking tokens and says when ``</think>`` must come next.
+    """Counts one sequence's thinking tokens and restricts the next token once they are spent.
 
     ``inside``: the sequence is in a thinking block (the prompt opened it, or the model wrote
-    ``<think>``). Once ``budget`` tokens were thought (in all blocks of the reply together),
-    the only token allowed inside a block is ``close``.
+    ``<think>``). Once ``budget`` tokens were thought (all blocks of the reply together), the
+    only token allowed inside a block is ``close``, and outside ``open`` is no longer allowed.
     """
 
     open: int
@@ -94,6 +94,27 @@ class ThinkingBudget:
     def must_close(self) -> bool:
         return self.inside and self.spent >= self.budget
 
+    @property
+    def spent_out(self) -> bool:
+        """Outside a block with nothing left: no new block may open."""
+        return not self.inside and self.spent >= self.budget
+
+    @property
+    def may_bind_next(self) -> bool:
+        """Whether the token still in flight, whatever it is, could make :attr:`must_close`
+        true: only then does the sampler need to read it first. (Outside a block it cannot:
+        ``open`` was allowed only while budget was left.)"""
+        return self.inside and self.spent + 1 >= self.budget
+
+    def restrict(self, row: np.ndarray) -> None:
+        """Apply the budget to one bitmask row (``int32`` words, bit ``t % 32`` of word
+        ``t // 32`` for token ``t``)."""
+        if self.must_close:
+            row[:] = 0
+            _set_bit(row, self.close, True)
+        elif self.spent_out:
+            _set_bit(row, self.open, False)
+
 
 @dataclass(slots=True)
 class GrammarState:
@@ -107,7 +128,15 @@ class GrammarState:
     @property
     def active(self) -> bool:
         """Whether the next token is restricted at all (a mask must be computed)."""
-        return self.matcher is not None or (self.budget is not None and self.budget.must_close)
+        budget = self.budget
+        return self.matcher is not None or (budget is not None
+                                            and (budget.must_close or budget.spent_out))
+
+    @property
+    def needs_last_token(self) -> bool:
+        """Whether the next mask depends on the token still in flight (a grammar always; a
+        budget only near its end), so the sampler must read that token first."""
+        return self.matcher is not None or (self.budget is not None and self.budget.may_bind_next)
 
     def advance(self, token: int) -> bool:
         """Consume a sampled token; True when the grammar is complete or failed (the
@@ -247,18 +276,22 @@ GRAMMAR_FAILED = "grammar failed: "  # how RequestOutput.error starts when the g
 
 def token_bitmasks(states: list[GrammarState], vocab_size: int) -> np.ndarray:
     """``(len(states), ceil(vocab_size / 32))`` int32: bit ``t % 32`` of word ``t // 32`` is
-    set when the constraint allows token ``t`` next (a spent thinking budget: only
-    ``</think>``)."""
+    set when the constraint allows token ``t`` next (the grammar's mask, narrowed by a spent
+    thinking budget)."""
     width = llg_np.get_bitmask_shape(1, vocab_size)[1]
     bitmask = np.full((len(states), width), -1, np.int32)
     for row, state in enumerate(states):
-        if state.budget is not None and state.budget.must_close:
-            close = state.budget.close
-            bitmask[row] = 0
-            bitmask[row, close // 32] = np.array(1 << (close % 32), np.uint32).view(np.int32)
-        elif state.matcher is not None:
+        if state.matcher is not None:
             llg_np.fill_next_token_bitmask(state.matcher, bitmask, row)
+        if state.budget is not None:
+            state.budget.restrict(bitmask[row])
     return bitmask
+
+
+def _set_bit(row: np.ndarray, token: int, value: bool) -> None:
+    words = row.view(np.uint32)
+    bit = np.uint32(1 << (token % 32))
+    words[token // 32] = words[token // 32] | bit if value else words[token // 32] & ~bit
 
 
 def _first_lines(message: str, limit: int = 300) -> str:
