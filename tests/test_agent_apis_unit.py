@@ -61,29 +61,20 @@ async def test_messages_tool_use_json_and_stream(aiohttp_client, tokenizer):
     assert parsed[-2].delta.stop_reason == "tool_use"
 
 
-async def test_messages_thinking_natural_close_and_budget(aiohttp_client, tokenizer):
-    def reply(prompt, params):
-        tail = tokenizer.decode(prompt[-4:])
-        if tail.endswith("</think>\n\n"):  # the budget ran out: forced close
-            return "Sunny."
-        if tail.endswith("</think>"):  # the model closed its thinking itself
-            return "\n\nIt is sunny."
-        return "I should check the sky first.</think>\n\nIt is sunny."
-
-    engine = FakeEngine(tokenizer, reply)
+async def test_messages_thinking_budget_is_one_engine_request(aiohttp_client, tokenizer):
+    """The budget goes to the engine (which forces </think>: tests/test_thinking_server.py);
+    the turn is one request, its reasoning and answer split from one text."""
+    engine = FakeEngine(tokenizer, lambda prompt, params: "I should check the sky first."
+                        "</think>\n\nIt is sunny.")
     client = await make_client(aiohttp_client, engine)
     body = {"max_tokens": 100, "messages": USER,
             "thinking": {"type": "enabled", "budget_tokens": 50}}
     msg = Message.model_validate(await (await client.post("/v1/messages", json=body)).json())
     assert [(b.type, getattr(b, "thinking", None) or b.text) for b in msg.content] == [
         ("thinking", "I should check the sky first."), ("text", "It is sunny.")]
-    assert engine.calls[0]["params"].max_tokens == 50 and len(engine.calls) == 2
-    body["thinking"]["budget_tokens"] = 3
-    capped = Message.model_validate(await (await client.post("/v1/messages", json=body)).json())
-    first3 = tokenizer.decode(tokenizer.encode("I should check the sky")[:3])
-    assert capped.content[0].thinking == first3 and capped.content[1].text == "Sunny."
-    forced = len(tokenizer.encode("\n</think>\n\n"))
-    assert capped.usage.output_tokens == 3 + forced + len(tokenizer.encode("Sunny."))
+    (only,) = engine.calls
+    assert (only["params"].max_tokens, only["params"].thinking_budget) == (100, 50)
+    assert tokenizer.decode(only["prompt"][-2:]) == "<think>\n"  # the reply starts thinking
     body["thinking"]["budget_tokens"] = 100  # not below max_tokens
     resp = await client.post("/v1/messages", json=body)
     assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_request_error"

@@ -108,7 +108,7 @@ def test_grammar_that_cannot_finish_ends_with_length(llm):
     (dict(json_schema={"type": "string", "format": "nope"}), "Unknown format"),
     (dict(regex="[a-z"), "unclosed character class"),
     (dict(grammar="start: undefined_rule"), "invalid grammar"),
-    (dict(regex="a", grammar_after="two tokens"), "grammar_after must be a single token"),
+    (dict(regex="a", grammar_thinking="later"), "grammar_thinking must be one of"),
 ])
 def test_bad_grammars_raise_value_error_and_leave_the_engine_serving(llm, params, message):
     with pytest.raises(ValueError, match=message):
@@ -135,27 +135,6 @@ def test_sampling_params_reject_two_constraints_and_bad_types():
     with pytest.raises(ValueError, match="choice must be"):
         SamplingParams(choice=[])
     assert SamplingParams(json_schema='{"type": "integer"}').json_schema == {"type": "integer"}
-
-
-def test_thinking_stays_free_until_the_gate_token(llm):
-    think_close = llm.tokenizer.backend.token_to_id("</think>")
-    free = llm.generate_single("Q", SamplingParams(temperature=0, max_tokens=10))
-    gated = llm.generate_single("Q", SamplingParams(temperature=0, max_tokens=10, regex="ok",
-                                                    grammar_after="</think>"))
-    assert gated["token_ids"] == free["token_ids"]  # no </think>: nothing was constrained
-    forced = llm.generate_single("Q", SamplingParams(temperature=0, max_tokens=10, regex="ok",
-                                                     grammar_after="</think>",
-                                                     logit_bias={think_close: 100.0}))
-    assert forced["generated_text"] == "</think>ok" and forced["finish_reason"] == "stop"
-
-
-def test_chat_with_thinking_gates_the_grammar_after_think(llm):
-    user = [{"role": "user", "content": "Q"}]
-    params = SamplingParams(temperature=0, max_tokens=8, regex="ok")
-    thinking = llm.chat(user, params)  # Qwen3 thinks by default: the random model never closes
-    free = llm.chat(user, SamplingParams(temperature=0, max_tokens=8))
-    assert thinking["token_ids"] == free["token_ids"]
-    assert llm.chat(user, params, enable_thinking=False)["content"] == "ok"
 
 
 def test_forced_tool_calls_have_valid_arguments(llm):

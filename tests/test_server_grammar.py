@@ -64,15 +64,18 @@ async def test_response_format_json_schema_and_json_object(client):
         assert out["choices"][0]["message"]["content"].startswith("{")
 
 
-async def test_with_thinking_the_grammar_applies_after_think(client):
+async def test_with_thinking_on_the_structure_follows_the_thinking_block(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "Person", "schema": PERSON}}
     body = {"messages": USER, "temperature": 0, "max_tokens": 40, "response_format": fmt}
-    # Thinking on (Qwen3's default); the bias makes the random model close its thinking at once.
-    out = await post(client, "/v1/chat/completions", {**body, "logit_bias": {"151668": 100}})
+    # Thinking on (Qwen3's default). Kept out of the block, the random model answers at once;
+    # pushed into it, the budget closes it and the answer still validates.
+    out = await post(client, "/v1/chat/completions", {**body, "logit_bias": {"151667": -100}})
+    assert out["choices"][0]["message"]["reasoning_content"] is None
     jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), PERSON)
-    free = await post(client, "/v1/chat/completions", {**body, "max_tokens": 6})
-    # No </think> yet: the output is free (the random model's gibberish), not forced into JSON.
-    assert not free["choices"][0]["message"]["content"].startswith("{")
+    out = await post(client, "/v1/chat/completions",
+                     {**body, "logit_bias": {"151667": 100}, "thinking_budget": 5})
+    assert out["choices"][0]["message"]["reasoning_content"]
+    jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), PERSON)
 
 
 async def test_completions_guided_fields_and_streaming(client):
@@ -156,3 +159,14 @@ async def test_grammar_that_cannot_finish_is_length(client):
     out = await post(client, "/v1/completions", {"prompt": "x", "max_tokens": 3,
                                                   "guided_regex": "[0-9]{50}"})
     assert out["choices"][0]["finish_reason"] == "length"
+
+
+async def test_grammar_that_fails_mid_generation_is_an_error_never_stop(client):
+    body = {"prompt": "x", "max_tokens": 8, "guided_grammar": 'start: "a" start'}
+    out = await post(client, "/v1/completions", body, status=400)
+    assert out["error"]["message"].startswith("grammar failed: ")
+    out = await post(client, "/v1/completions", {**body, "max_tokens": 1})
+    assert out["choices"][0]["finish_reason"] == "length"
+    # It fails on the first token: a stream has sent nothing yet, so it is the same 400.
+    out = await post(client, "/v1/completions", {**body, "stream": True}, status=400)
+    assert out["error"]["message"].startswith("grammar failed: ")

@@ -16,12 +16,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .config import EngineConfig
+from .config import EngineConfig, engine_config
 from .engine.llm_engine import LLMEngine
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError
 from .outputs import GenerationResult, RequestOutput, add_reasoning
 from .sampling_params import SamplingParams
-from .structured import chat_params
 
 log = logging.getLogger(__name__)
 Prompt = str | list[int]
@@ -39,7 +38,7 @@ class AsyncLLM:
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  **engine_options: Any) -> None:
-        self.config = config or EngineConfig.load(model=model, **engine_options)
+        self.config = engine_config(config, model, engine_options)
         self.engine: LLMEngine | None = None
         self.error: BaseException | None = None
         self._inbox: queue.Queue = queue.Queue()
@@ -182,7 +181,7 @@ class AsyncLLM:
                    **chat_template_kwargs: Any) -> dict[str, Any]:
         """Chat; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=True, **chat_template_kwargs)
-        result = await self.generate(prompt, chat_params(self.tokenizer, prompt, sampling_params))
+        result = await self.generate(prompt, sampling_params)
         return add_reasoning(result, self.tokenizer, prompt)
 
     async def submit(self, prompt: Prompt, sampling_params: SamplingParams | None = None,

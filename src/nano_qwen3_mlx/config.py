@@ -6,6 +6,7 @@ The TOML presets (``default``, ``production``) ship inside the package (``config
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -13,12 +14,16 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
+from .errors import InvalidRequestError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+# Default thinking budgets (tokens) per reasoning effort level.
+EFFORT_BUDGETS = {"minimal": 128, "low": 512, "medium": 2048, "high": 8192, "xhigh": 16384}
 
 
 def preset_names() -> list[str]:
@@ -37,9 +42,33 @@ def read_toml(path: str | Path | None, section: str) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    _check_keys(data, path)
     flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
     flat.update(data.get(section, {}))
     return flat
+
+
+def _check_keys(data: dict[str, Any], path: Path) -> None:
+    """Raise ``InvalidRequestError`` naming the first key of a config file that is no engine
+    or server setting (a misspelt key would otherwise be ignored)."""
+    sections = {"engine": EngineConfig.option_names(), "server": ServerConfig.option_names()}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _check_name(key, set(sections), f"config file {path}: unknown section")
+            for name in value:
+                _check_name(name, sections[key], f"config file {path}: unknown key in [{key}]")
+        else:
+            _check_name(key, sections["engine"] | sections["server"],
+                        f"config file {path}: unknown key")
+
+
+def _check_name(name: str, known: set[str], what: str) -> None:
+    """``InvalidRequestError`` ``"<what> 'name'"`` (with the closest known name) unless known."""
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise InvalidRequestError(f"{what} {name!r}{hint}", field=name)
 
 
 class _Settings(BaseSettings):
@@ -52,6 +81,8 @@ class _Settings(BaseSettings):
         Raises ``ValueError`` with a one-line message for a bad value or config file.
         """
         given = {k: v for k, v in flags.items() if v is not None}
+        for name in given:
+            _check_name(name, cls.option_names(), f"unknown {cls.section} option")
         toml = read_toml(config_file, cls.section)
 
         class _WithToml(cls):  # type: ignore[valid-type, misc]
@@ -64,6 +95,16 @@ class _Settings(BaseSettings):
         except ValidationError as exc:  # one line a CLI can print as it is
             err = exc.errors()[0]
             raise ValueError(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Every name a setting may be given by (field names and their aliases)."""
+        names = set(cls.model_fields)
+        for info in cls.model_fields.values():
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices):
+                names |= {a for a in alias.choices if isinstance(a, str)}
+        return names
 
 
 class EngineConfig(_Settings):
@@ -121,6 +162,19 @@ class EngineConfig(_Settings):
         return "gpu" if isinstance(value, str) and value.lower() in ("mps", "metal", "cuda") else value
 
 
+def engine_config(config: EngineConfig | None, model: str | None,
+                  options: dict[str, Any]) -> EngineConfig:
+    """The ``EngineConfig`` of ``LLM(...)`` / ``AsyncLLM(...)``: ``config`` as given, or built
+    from ``model`` and ``options`` (an unknown option raises ``InvalidRequestError``)."""
+    if config is None:
+        return EngineConfig.load(model=model, **options)
+    if options or model is not None:
+        given = sorted(options) + (["model"] if model is not None else [])
+        raise InvalidRequestError(f"give config or engine options, not both (got config and "
+                                  f"{', '.join(given)})", field=given[0])
+    return config
+
+
 class ServerConfig(_Settings):
     """HTTP server settings."""
 
@@ -138,6 +192,19 @@ class ServerConfig(_Settings):
     shutdown_grace: float = Field(30.0, ge=0)
     cors_origins: list[str] = Field(default_factory=list)
     log_prompts: bool = False
+    # Thinking tokens per reasoning effort (chat reasoning_effort, Responses reasoning.effort),
+    # capped at half of a request's max_tokens; "none" is always 0.
+    reasoning_effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS))
+
+    @field_validator("reasoning_effort_budgets")
+    @classmethod
+    def _known_efforts(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(EFFORT_BUDGETS))
+        if unknown:
+            raise ValueError(f"unknown effort {unknown[0]!r} (allowed: {', '.join(EFFORT_BUDGETS)})")
+        if any(v < 0 for v in value.values()):
+            raise ValueError("budgets must be >= 0")
+        return {**EFFORT_BUDGETS, **value}
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .config import EngineConfig
+from .config import EngineConfig, engine_config
 from .engine.llm_engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import GenerationResult, add_reasoning
 from .sampling_params import SamplingParams
-from .structured import chat_params
 
 Prompt = str | list[int]
 
@@ -27,7 +26,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  **engine_options: Any) -> None:
-        self.config = config or EngineConfig.load(model=model, **engine_options)
+        self.config = engine_config(config, model, engine_options)
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
 
@@ -79,7 +78,7 @@ class LLM:
              **chat_template_kwargs: Any) -> dict[str, Any]:
         """Chat with the model; ``reasoning_content`` holds Qwen3 thinking when present."""
         prompt = self._render(messages, chat_template_kwargs)
-        result = self.generate([prompt], chat_params(self.tokenizer, prompt, sampling_params))[0]
+        result = self.generate([prompt], sampling_params)[0]
         return add_reasoning(result, self.tokenizer, prompt)
 
     def embed(self, prompts: Prompt | list[Prompt]) -> list[list[float]]:

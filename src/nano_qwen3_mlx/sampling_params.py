@@ -21,8 +21,14 @@ class SamplingParams:
     text), ``regex``, ``choice`` (one of these strings) or ``grammar`` (Lark, llguidance's
     dialect). The output then matches it; the request stops when the grammar is complete.
     ``strict=False`` ignores schema keywords the grammar engine does not implement (instead
-    of rejecting the schema). ``grammar_after`` is a token (e.g. ``"</think>"``) before which
-    output is free: Qwen3's reasoning stays unconstrained, its answer follows the grammar.
+    of rejecting the schema). The grammar also covers Qwen3's thinking: ``grammar_thinking``
+    says where the reply starts, ``"auto"`` (from the prompt: inside a ``<think>`` the prompt
+    opened, an optional block at the start of an assistant turn, none after a closed block or
+    in plain text), ``"optional"`` (a free ``<think>...</think>`` block may come first),
+    ``"inside"`` (free text until ``</think>``, then the structure) or ``"none"``.
+
+    ``thinking_budget`` caps the tokens of a thinking block: once spent, ``</think>`` is the
+    only token allowed, so the answer (and any structure) follows within ``max_tokens``.
 
     A field of :data:`MODEL_DEFAULT_FIELDS` left out (or given as None) takes the model's
     default when the engine runs the request (its ``generation_config.json``, then the
@@ -51,7 +57,8 @@ class SamplingParams:
     choice: list[str] | None = None
     grammar: str | None = None
     strict: bool = True
-    grammar_after: str | None = None
+    grammar_thinking: str = "auto"
+    thinking_budget: int | None = None
     defaulted: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +104,12 @@ class SamplingParams:
                 f"give at most one of json_schema, regex, choice, grammar (got {given})", field=given[1])
         _check(self, "json_schema", self.json_schema is None or isinstance(self.json_schema, dict),
                "a JSON Schema object")
-        for name in ("regex", "grammar", "grammar_after"):
+        _check(self, "grammar_thinking", self.grammar_thinking in GRAMMAR_THINKING,
+               f"one of {', '.join(GRAMMAR_THINKING)}")
+        ok_budget = self.thinking_budget is None or (
+            _int(self.thinking_budget) and self.thinking_budget >= 0)
+        _check(self, "thinking_budget", ok_budget, "an int >= 0")
+        for name in ("regex", "grammar"):
             value = getattr(self, name)
             _check(self, name, value is None or (isinstance(value, str) and value != ""),
                    "a non-empty string")
@@ -168,6 +180,8 @@ def _parse_schema(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise InvalidRequestError(f"json_schema is not valid JSON: {exc}", field="json_schema") from None
+# Where a reply starts relative to a thinking block (SamplingParams.grammar_thinking).
+GRAMMAR_THINKING = ("auto", "optional", "inside", "none")
 # Fields whose default comes from the model (generation_config.json) or the server.
 MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                         "max_tokens")

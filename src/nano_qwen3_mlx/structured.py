@@ -3,7 +3,8 @@
 constraint fields that the engine compiles (``engine/grammar.py``).
 
 Every endpoint (chat, completions, responses, messages) builds its constraint here, so the
-same request means the same grammar everywhere.
+same request means the same grammar everywhere. The engine puts each one behind Qwen3's
+optional thinking block (``engine/grammar.py``, ``thinking_grammar``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .parsers import THINK_CLOSE, TOOL_CLOSE, TOOL_OPEN, prompt_thinking
-from .sampling_params import SamplingParams
+from .parsers import TOOL_CLOSE, TOOL_OPEN
 from .tool_xml import tool_call_format
 from .tool_xml_grammar import xml_tool_call_grammar
 
@@ -87,23 +87,6 @@ def tool_call_grammar(tokenizer: Any, tools: list[ToolSpec], parallel: bool = Tr
         rules.append(f"call{i}: {open_} {_lark_str(head)} args{i} {tail} {close}")
         rules.append(f"args{i}: %json {json.dumps(_schema(tool), ensure_ascii=False)}")
     return "\n".join(rules)
-
-
-def thinking_gate(tokenizer: Any, thinking: bool) -> dict[str, Any]:
-    """``SamplingParams`` fields that keep Qwen3's reasoning free of the grammar: it applies
-    after ``</think>`` when the prompt lets the model think and the vocabulary has that token."""
-    backend = getattr(tokenizer, "backend", None)
-    has_close = backend is not None and backend.token_to_id(THINK_CLOSE) is not None
-    return {"grammar_after": THINK_CLOSE} if thinking and has_close else {}
-
-
-def chat_params(tokenizer: Any, prompt_ids: list[int],
-                params: SamplingParams | None) -> SamplingParams | None:
-    """``params`` for a rendered chat prompt: a grammar starts after the model's thinking."""
-    if params is None or not params.is_constrained or params.grammar_after is not None:
-        return params
-    gate = thinking_gate(tokenizer, prompt_thinking(tokenizer, prompt_ids)[0])
-    return params.clone(**gate) if gate else params
 
 
 def _schema(tool: ToolSpec) -> dict[str, Any]:

@@ -106,9 +106,7 @@ class MlxLm(Engine):
             raise SystemExit("mlx-lm is not installed: pip install -e '.[dev]'") from exc
         self.model, self.tokenizer = load(str(path))
         self.max_num_seqs, self.prefill_step_size = max_num_seqs, prefill_step_size
-        args = self.model.args
-        dtype_size = self.model.model.norm.weight.dtype.size
-        self.kv_bytes_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype_size
+        self.kv_bytes_per_token = _mlx_lm_kv_bytes_per_token(self.model)
         self.run([Req("warm-up", list(range(1000, 1016)), 4)])
         self.run([Req("warm-up-a", list(range(1000, 1016)), 4), Req("warm-up-b", list(range(1000, 1016)), 4)])
 
@@ -149,6 +147,20 @@ class MlxLm(Engine):
     def close(self) -> None:
         del self.model, self.tokenizer
         super().close()
+
+
+def _mlx_lm_kv_bytes_per_token(model) -> int:
+    """K and V bytes per token of an mlx-lm model's attention layers (a hybrid model's
+    recurrent layers keep a fixed-size state instead)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import KVCache
+
+    text = getattr(model, "language_model", model)  # Qwen3.5 nests the text model
+    args = text.args
+    num_attention = sum(isinstance(c, KVCache) for c in model.make_cache()) \
+        if hasattr(model, "make_cache") else args.num_hidden_layers
+    dtype = next(v.dtype for k, v in tree_flatten(text.parameters()) if k.endswith("norm.weight"))
+    return 2 * num_attention * args.num_key_value_heads * args.head_dim * dtype.size
 
 
 def measure(make, reqs: list[Req]) -> tuple[StreamTimes, Footprint]:

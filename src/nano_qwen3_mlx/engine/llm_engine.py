@@ -19,7 +19,7 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
-from .grammar import GrammarCompiler
+from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import PagedKVCache
 from .kv_pool import max_snapshots, memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
@@ -185,7 +185,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use",
                                       field="request_id")
-        grammar = self.grammars.new_state(params)
+        grammar = self.grammars.new_state(params, token_ids)
         seq = Sequence(next(self._seq_ids), request_id, token_ids, params, priority=priority,
                        pooling=pooling)
         seq.grammar = grammar
@@ -379,7 +379,8 @@ class LLMEngine:
             # hybrid sequence knows: its state (and KV) has every token of a queued step.
             kv = len(seq.token_ids) - 1 if seq.state_slot is None else seq.state_tokens
             self._finish(seq, reason, num_kv_tokens=kv)
-        return self._output(seq, text, [token], logprobs)
+        error = GRAMMAR_FAILED + seq.grammar.failed if reason == "error" else None
+        return self._output(seq, text, [token], logprobs, error=error)
 
     def _record_timing(self, seq: Sequence, now: float) -> None:
         if seq.first_token_time is None:

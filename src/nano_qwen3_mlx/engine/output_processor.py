@@ -47,7 +47,11 @@ class OutputProcessor:
             text, matched = state.stop_matcher.feed(state.detokenizer.add(token))
             state.matched, state.stop_reason = matched is not None, matched
             reason = "stop" if state.matched or complete else None
-        if reason is None and (seq.reached_max_tokens or seq.num_tokens >= max_model_len):
+        out_of_room = seq.reached_max_tokens or seq.num_tokens >= max_model_len
+        if seq.grammar is not None and seq.grammar.failed and not state.matched:
+            # A grammar that failed did not complete: say so, never "stop".
+            reason = "length" if out_of_room else "error"
+        if reason is None and out_of_room:
             reason = "length"
         if reason and not state.matched:  # flush what the detokenizer/matcher held back
             tail, _ = state.stop_matcher.feed(state.detokenizer.finalize())

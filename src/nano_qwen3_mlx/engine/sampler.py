@@ -26,8 +26,8 @@ class SamplerOutput:
 class Sampler:
     """Turns last-position logits ``(B, V)`` into next tokens for the sequences of a batch.
 
-    Rows whose sequence has a grammar (``seq.grammar``) sample from the tokens it allows;
-    the other rows are untouched. A grammar's mask needs the token of the step still in
+    Rows whose sequence has a constraint (``seq.grammar``: a grammar, or a thinking budget
+    once spent) sample from the tokens it allows; the other rows are untouched. A grammar's mask needs the token of the step still in
     flight: ``catch_up`` (set by the engine) reads those tokens and advances the grammars.
     The sampler calls it only after starting this step's logits on the device, so the
     device computes while the grammars do.
@@ -95,7 +95,8 @@ class Sampler:
         return logits
 
     def _catch_up_grammars(self, logits: mx.array, seqs: list[Sequence]) -> None:
-        behind = any(s.grammar is not None and s.pending_row is not None for s in seqs)
+        behind = any(s.grammar is not None and s.grammar.needs_last_token
+                     and s.pending_row is not None for s in seqs)
         if behind and self.catch_up is not None:
             mx.async_eval(logits)  # the forward pass runs while the grammars catch up
             self.catch_up()

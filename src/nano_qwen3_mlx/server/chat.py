@@ -22,6 +22,7 @@ from .params import new_id, openai_request
 from .protocol import ChatCompletionRequest, ChatMessage
 from .request import GenerationRequest
 from .runner import RunResult, serve
+from .thinking import budget_fields
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -109,7 +110,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     requested = req.max_completion_tokens or req.max_tokens
     top = (req.top_logprobs or 0) if req.logprobs else None
     tools = tool_specs(_offered_tools(req)) if use_tools else []
-    constraint = chat_constraint(tokenizer, req, tools, prompt.thinking)
+    constraint = {**chat_constraint(tokenizer, req, tools),
+                  **budget_fields(call, req.thinking_budget, requested, req.reasoning_effort)}
     gen = openai_request(req, call.engine, [prompt.token_ids], requested, top, new_id("chatcmpl"),
                          constraint)
     head = {"id": gen.response_id, "created": int(time.time()), "model": call.model}

@@ -20,6 +20,7 @@ from .protocol import CompletionRequest
 from .request import GenerationRequest
 from .runner import RunResult, serve
 from .state import AsyncLLMLike
+from .thinking import budget_fields
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -52,6 +53,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         log.info("completion prompts: %r", [text for text, _ in prompts])
     constraint, field = request_constraint(req)
     check(constraint, field)
+    constraint = {**constraint, **budget_fields(call, req.thinking_budget, req.max_tokens)}
     gen = openai_request(req, call.engine, [ids for _, ids in prompts],
                          req.max_tokens or 16,  # OpenAI's documented default for completions
                          req.logprobs, new_id("cmpl"), constraint)

@@ -17,7 +17,6 @@ from ..structured import (
     ToolSpec,
     guided_fields,
     response_format_fields,
-    thinking_gate,
     tool_call_grammar,
 )
 from .errors import bad_request
@@ -51,10 +50,10 @@ def request_constraint(req: SamplingFields) -> tuple[dict[str, Any], str | None]
         raise bad_request(str(exc), field) from None
 
 
-def chat_constraint(tokenizer: Any, req: ChatCompletionRequest, tools: list[ToolSpec],
-                    thinking: bool) -> dict[str, Any]:
-    """The constraint of a chat request: forced tool calls or the response format, applied
-    after Qwen3's ``</think>`` when the model thinks."""
+def chat_constraint(tokenizer: Any, req: ChatCompletionRequest,
+                    tools: list[ToolSpec]) -> dict[str, Any]:
+    """The constraint of a chat request: forced tool calls or the response format (the
+    engine lets a thinking block come first)."""
     fields, field = request_constraint(req)
     if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
         if not tools:
@@ -63,27 +62,18 @@ def chat_constraint(tokenizer: Any, req: ChatCompletionRequest, tools: list[Tool
             raise bad_request(f"{field} cannot be combined with a forced tool_choice", field)
         grammar = tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls is not False)
         fields, field = {"grammar": grammar}, "tools"
-    return gated(tokenizer, fields, field, thinking)
+    return check(fields, field)
 
 
-def gated(tokenizer: Any, fields: dict[str, Any], field: str | None,
-          thinking: bool) -> dict[str, Any]:
-    """Constraint ``fields`` applied after Qwen3's ``</think>`` when the model thinks, checked
-    up front (400 naming ``field`` when they cannot compile)."""
-    if fields:
-        fields = {**fields, **thinking_gate(tokenizer, thinking)}
-    check(fields, field)
-    return fields
-
-
-def check(fields: dict[str, Any], field: str | None) -> None:
-    """400 naming ``field`` when the constraint cannot compile."""
+def check(fields: dict[str, Any], field: str | None) -> dict[str, Any]:
+    """``fields``, checked up front: 400 naming ``field`` when the constraint cannot compile."""
     if not fields:
-        return
+        return fields
     try:
         check_grammar(SamplingParams(**fields))
     except ValueError as exc:
         raise bad_request(f"{field}: {exc}", field) from None
+    return fields
 
 
 def tool_specs(tools: list[Any]) -> list[ToolSpec]:

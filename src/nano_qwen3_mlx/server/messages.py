@@ -25,7 +25,7 @@ from .anthropic_protocol import (
     tool_use_block,
 )
 from .call import open_call
-from .constraints import gated
+from .constraints import check
 from .errors import anthropic_error_json, bad_request
 from .formatter import Payload, SSEEvent
 from .runner import RunResult
@@ -52,7 +52,7 @@ def render(tokenizer: Any, req: CountTokensRequest) -> TurnPrompt:
     return TurnPrompt(ids, False, False, tool_format(tokenizer, tools))
 
 
-def constraint(tokenizer: Any, req: MessagesRequest, thinking: bool) -> dict[str, Any]:
+def constraint(tokenizer: Any, req: MessagesRequest) -> dict[str, Any]:
     """``tool_choice`` ``any`` / ``tool``: a grammar that forces a Qwen3 tool call (to any
     offered tool, or the named one) whose input matches the tool's ``input_schema``."""
     choice = req.tool_choice
@@ -61,7 +61,7 @@ def constraint(tokenizer: Any, req: MessagesRequest, thinking: bool) -> dict[str
     specs = [ToolSpec(t["function"]["name"], t["function"]["parameters"])
              for t in chat_tools(req) or []]
     grammar = tool_call_grammar(tokenizer, specs, parallel=not choice.disable_parallel_tool_use)
-    return gated(tokenizer, {"grammar": grammar}, "tool_choice", thinking)
+    return check({"grammar": grammar}, "tool_choice")
 
 
 def sampling_params(req: MessagesRequest, constrained: dict[str, Any]) -> SamplingParams:
@@ -90,7 +90,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     budget = thinking_budget(req)
     tokenizer = call.engine.tokenizer
     prompt = render(tokenizer, req)
-    params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
+    params = sampling_params(req, constraint(tokenizer, req))
     run = TurnRun.for_call(call, prompt, params, "msg", budget)
     single = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)
     use_tools = chat_tools(req) is not None
@@ -139,7 +139,7 @@ def message_json(rid: str, model: str, result: TurnResult, single: bool) -> dict
         content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
     tools, leftover = _tool_blocks(result.tool_calls, single)
     text = "\n".join(t for t in (result.text, leftover) if t)
-    if text or not tools:
+    if text or not content and not tools:  # as streamed: an empty text block only alone
         content.append({"type": "text", "text": text})
     content += tools
     reason, sequence = stop_reason(result.finish, bool(tools))

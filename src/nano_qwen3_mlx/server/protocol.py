@@ -111,6 +111,8 @@ class SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Most tokens of a thinking block; then </think> is forced (server/thinking.py).
+    thinking_budget: int | None = Field(None, ge=0)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -124,6 +126,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class CompletionRequest(SamplingFields):

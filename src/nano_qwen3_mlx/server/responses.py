@@ -22,7 +22,7 @@ from ..errors import NanoQwen3Error, client_message
 from ..sampling_params import SamplingParams
 from ..structured import ToolSpec, response_format_fields, tool_call_grammar
 from .call import open_call
-from .constraints import gated
+from .constraints import check
 from .errors import bad_request
 from .formatter import Payload, SSEEvent
 from .responses_protocol import (
@@ -36,6 +36,7 @@ from .responses_protocol import (
     thinking_enabled,
 )
 from .runner import RunResult
+from .thinking import budget_fields
 from .turn_format import TurnFormatter, TurnResult, serve_turn
 from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
 
@@ -48,18 +49,26 @@ def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:
     return turn_prompt(tokenizer, ids, tools=tools)
 
 
-def constraint(tokenizer: Any, req: ResponsesRequest, thinking: bool) -> dict[str, Any]:
+def constraint(tokenizer: Any, req: ResponsesRequest) -> dict[str, Any]:
     """A forced tool call (``tool_choice`` required / a named function) or ``text.format``
-    (json_schema / json_object) as a grammar, applied after ``</think>`` when thinking."""
+    (json_schema / json_object) as a grammar (the engine lets a thinking block come first)."""
     if req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction):
         specs = [ToolSpec(t.name, t.parameters, t.strict) for t in offered_tools(req)]
         grammar = tool_call_grammar(tokenizer, specs, parallel=req.parallel_tool_calls is not False)
-        return gated(tokenizer, {"grammar": grammar}, "tool_choice", thinking)
+        return check({"grammar": grammar}, "tool_choice")
     try:
         fields = response_format_fields(response_format(req))
     except ValueError as exc:
         raise bad_request(str(exc), "text.format") from None
-    return gated(tokenizer, fields, "text.format", thinking)
+    return check(fields, "text.format")
+
+
+def think_budget(call: Any, req: ResponsesRequest) -> int | None:
+    """``reasoning.effort`` (``none`` turns thinking off instead) or ``thinking_budget``."""
+    effort = req.reasoning.effort if req.reasoning is not None else None
+    fields = budget_fields(call, req.thinking_budget, req.max_output_tokens,
+                           None if effort == "none" else effort, "reasoning.effort")
+    return fields.get("thinking_budget")
 
 
 def sampling_params(req: ResponsesRequest, constrained: dict[str, Any]) -> SamplingParams:
@@ -74,8 +83,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     check_supported(req)
     tokenizer = call.engine.tokenizer
     prompt = render(tokenizer, req)
-    params = sampling_params(req, constraint(tokenizer, req, prompt.thinking))
-    run = TurnRun.for_call(call, prompt, params, "resp")
+    params = sampling_params(req, constraint(tokenizer, req))
+    run = TurnRun.for_call(call, prompt, params, "resp", think_budget(call, req))
     head = response_head(run.request.response_id, call.model, req)
     formatter = ResponseFormatter(head, prompt, chat_tools(req) is not None, run.outputs)
     return await serve_turn(call, run, formatter)

@@ -104,6 +104,8 @@ class ResponsesRequest(_Request):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
+    # Extension: most tokens of a thinking block (server/thinking.py).
+    thinking_budget: int | None = Field(None, ge=0)
     stream: bool = False
     store: bool | None = None
     previous_response_id: str | None = None

@@ -15,8 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ..engine.grammar import GRAMMAR_FAILED
 from ..errors import (
     GenerationFailedError,
+    InvalidRequestError,
     RequestTimeoutError,
     ShuttingDownError,
     SlowReaderError,
@@ -187,6 +189,9 @@ class GenerationRun:
     def _check(self, out: RequestOutput | BaseException) -> None:
         if isinstance(out, BaseException):
             raise to_api_error(out, engine_dead=self.call.engine.error is not None)
+        if out.finish_reason == "error" and (out.error or "").startswith(GRAMMAR_FAILED):
+            # The request's own grammar could not go on (llguidance gave up): the client's.
+            raise InvalidRequestError(f"{out.error} (the output so far does not complete it)")
         if out.finish_reason == "error":
             log.error("generation %s failed: %s", out.request_id, out.error)
             raise GenerationFailedError("generation failed inside the engine")

@@ -5,11 +5,9 @@ why it stopped. :class:`TurnRun` drives the engine through the server's runner (
 on reasoning tokens) and :class:`TurnParser` splits the engine's text into those parts,
 incrementally, so each endpoint's formatter only formats them.
 
-The reasoning cap (Anthropic ``thinking.budget_tokens``) is budget forcing: the turn first
-runs with at most ``budget`` tokens and ``</think>`` as a stop string; if the model is still
-thinking then, ``\\n</think>\\n\\n`` is appended and a second engine request continues from
-prompt + reasoning (the prefix cache makes its prefill nearly free). Both requests go
-through the same runner: scheduler, KV pool, priority, deadline, abort on disconnect.
+The reasoning cap (Anthropic ``thinking.budget_tokens``, Responses ``reasoning.effort``) is
+``SamplingParams.thinking_budget``: the engine forces ``</think>`` once the budget is spent,
+and the answer follows in the same request, within ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from typing import Any
 
 from ..outputs import GenerationResult, RequestOutput
 from ..parsers import (
-    THINK_CLOSE,
     THINK_OPEN,
     ReasoningStreamParser,
     prompt_opens_thinking,
@@ -35,9 +32,6 @@ from .constraints import with_tools_in_system
 from .errors import bad_request
 from .request import Choice, GenerationRequest
 from .runner import Event, GenerationRun, RunResult, Usage
-
-# Text appended when the reasoning budget runs out while the model is still thinking.
-FORCED_CLOSE = f"\n{THINK_CLOSE}\n\n"
 
 
 @dataclass(slots=True)
@@ -53,18 +47,14 @@ class TurnPrompt:
 
 class TurnRun:
     """A :class:`~.runner.GenerationRun` look-alike for one turn (``stream_run`` and
-    ``collect`` drive it): one engine request, or two when a reasoning budget binds.
-
-    Its events and result present the turn as one choice (index 0) whatever the phases.
-    """
+    ``collect`` drive it): one engine request, presented as one choice (index 0)."""
 
     def __init__(self, call: ApiCall, request: GenerationRequest, prompt: TurnPrompt,
                  think_budget: int | None = None) -> None:
         self.call, self.request, self.prompt = call, request, prompt
         max_tokens = request.choices(call.engine.max_model_len)[0].params.max_tokens
-        self.params = request.params.clone(max_tokens=max_tokens)
-        self.budget = think_budget if prompt.thinking and think_budget is not None \
-            and think_budget < max_tokens else None
+        budget = think_budget if prompt.thinking else None
+        self.params = request.params.clone(max_tokens=max_tokens, thinking_budget=budget)
         limits = [t for t in (request.timeout, call.state.config.request_timeout) if t]
         self.timeout = min(limits) if limits else None
         self.deadline = time.monotonic() + self.timeout if self.timeout else None
@@ -109,49 +99,9 @@ class TurnRun:
 
     async def events(self) -> AsyncIterator[Event]:
         """``(0, output)`` per engine output of the turn; None on idle ticks."""
-        if self.budget is None:
-            run = self._phase("0", self.prompt.token_ids, self.params)
-            async for event in self._events(run):
-                yield self._add(event)
-            return
-        first = self.params.clone(max_tokens=self.budget,
-                                  stop_sequences=[*self.params.stop_sequences, THINK_CLOSE])
-        last = None
-        async for event in self._events(self._phase("think", self.prompt.token_ids, first)):
-            if event is not None and event[1].finished:
-                last = event[1]
-                if _continues(last):
-                    event = 0, replace(last, finished=False, finish_reason=None)
-            yield self._add(event)
-        if last is not None and _continues(last):
-            async for event in self._answer(last):
-                yield self._add(event)
-
-    async def _answer(self, thought: RequestOutput) -> AsyncIterator[Event]:
-        """The second phase: close the thinking (unless the model did) and answer."""
-        closed = thought.stop_reason == THINK_CLOSE
-        tokenizer = self.call.engine.tokenizer
-        forced = [] if closed else tokenizer.encode(FORCED_CLOSE, add_special_tokens=False)
-        reasoning_ids = list(self.merged.token_ids)  # a natural close left </think> in them
-        spent = len(reasoning_ids) + len(forced)
-        close = RequestOutput(self.merged.request_id, THINK_CLOSE if closed else FORCED_CLOSE,
-                              forced, False, None, len(self.prompt.token_ids), spent,
-                              num_cached_tokens=thought.num_cached_tokens)
-        yield 0, close
-        room = self.params.max_tokens - spent
-        if room < 1:
-            yield 0, replace(close, text="", token_ids=[], finished=True, finish_reason="length")
-            return
-        ids = self.prompt.token_ids + reasoning_ids + forced
-        # The answer starts after </think>: a grammar waiting for it applies from the start.
-        gate = {"grammar_after": None} if getattr(self.params, "grammar_after", None) else {}
-        run = self._phase("answer", ids, self.params.clone(max_tokens=room, **gate))
+        run = self._phase("0", self.prompt.token_ids, self.params)
         async for event in self._events(run):
-            if event is not None:  # one turn: the original prompt, every token generated
-                event = 0, replace(event[1], num_prompt_tokens=len(self.prompt.token_ids),
-                                   num_completion_tokens=spent + event[1].num_completion_tokens,
-                                   num_cached_tokens=thought.num_cached_tokens)
-            yield event
+            yield self._add(event)
 
     def _add(self, event: Event) -> Event:
         if event is None:
@@ -174,11 +124,6 @@ class TurnRun:
             async for _ in self.events():
                 pass
         return self.result()
-
-
-def _continues(thought: RequestOutput) -> bool:
-    """An answer phase follows: the model closed its thinking, or the budget ran out."""
-    return thought.stop_reason == THINK_CLOSE or thought.finish_reason == "length"
 
 
 @dataclass(slots=True)
