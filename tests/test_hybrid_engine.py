@@ -231,3 +231,19 @@ def test_an_attention_only_model_has_no_state_pool(tiny_qwen3_dir):
         assert llm.engine.states is None and llm.engine.runner.states is None
         llm.generate_single("Hello", PARAMS)
         assert "state_cache" not in llm.engine.get_stats()
+
+
+def test_an_idle_shrink_rebuilds_the_state_pool_and_keeps_serving(model, qwen_tokenizer_dir,
+                                                                  reference):
+    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=None, kv_cache_gb=0.001)
+    prompts = [list(range(1, 60)), list(range(70, 130))]
+    drive(engine, prompts)
+    grown = engine.cache.num_blocks
+    assert grown > engine.pool.initial_blocks and engine.get_stats()["state_cache"]["snapshots"]
+    assert engine.shrink_if_idle(now=0.0) is False  # the idle clock starts
+    assert engine.shrink_if_idle(now=1e9)
+    stats = engine.get_stats()["state_cache"]
+    assert stats["snapshots"] == 0 and stats["slots_free"] == stats["slots"]
+    assert engine.runner.states is engine.state_cache
+    assert computed(engine, prompts[0])[:2] == (reference(prompts[0]), len(prompts[0]))
+    assert_no_leaks(engine)

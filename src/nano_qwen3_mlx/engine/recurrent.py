@@ -50,7 +50,8 @@ class RecurrentStep:
             dst += [r.slot for r in decode] + [slot for _, slot in points]
         for chunk in chunks:
             dst += [slot for _, slot in sorted(chunk.points)] + [chunk.slot]
-        self._dst = mx.array(dst, mx.int32)  # the scatter's slots, in _run's order
+        self._dst = mx.array(dst, mx.int32)  # the scatter's slots, in __call__'s order
+        self._chunk_slots = [mx.array([c.slot], mx.int32) for c in chunks]
 
     def __call__(self, layer: int, inputs: tuple[mx.array, ...], fn: RecurrentFn) -> mx.array:
         """Run ``fn`` group by group; ``inputs`` and the result are ``(T, 1, ...)``."""
@@ -64,10 +65,10 @@ class RecurrentStep:
                 kept.append(state)
                 if self._decode_points is not None:
                     kept.append(state[self._decode_points])
-        for chunk in self.chunks:
+        for chunk, slot in zip(self.chunks, self._chunk_slots):
             x = tuple(a[row:row + chunk.num_tokens].swapaxes(0, 1) for a in inputs)  # (1, n, ...)
             row += chunk.num_tokens
-            out = self._run_chunk(layer, chunk, x, fn, new)
+            out = self._run_chunk(layer, chunk, slot, x, fn, new)
             outs.append(out.swapaxes(0, 1))
         self.cache.write(layer, self._dst, [mx.concatenate(k) if len(k) > 1 else k[0] for k in new])
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
@@ -79,14 +80,14 @@ class RecurrentStep:
         return [mx.where(self._decode_fresh.reshape(-1, *[1] * (s.ndim - 1)), mx.zeros_like(s), s)
                 for s in states]
 
-    def _run_chunk(self, layer: int, chunk: RecurrentRow, x: tuple[mx.array, ...],
+    def _run_chunk(self, layer: int, chunk: RecurrentRow, slot: mx.array, x: tuple[mx.array, ...],
                    fn: RecurrentFn, new: list[list[mx.array]]) -> mx.array:
         """``fn`` over the chunk's pieces between its snapshot points, state chained."""
         if chunk.fresh:
             spec = self.cache.layers[layer]
             states = [mx.zeros((1, *s), d) for s, d in zip(spec.shapes, spec.dtypes)]
         else:
-            states = self.cache.read(layer, mx.array([chunk.slot], mx.int32))
+            states = self.cache.read(layer, slot)
         pieces, at = [], 0
         for end, _ in [*sorted(chunk.points), (chunk.num_tokens, None)]:
             if end > at:

@@ -13,11 +13,15 @@ before the one holding its last token, and that block's tokens up to its positio
 as long as that KV block (``block_reset``: evicted with it) and while snapshots fit
 ``max_snapshots`` (least recently used first out).
 
-Why ``interval`` = 256 tokens by default: a snapshot costs one sequence's whole state
-(Qwen3.5-0.8B: 18 layers x (16 x 128 x 128 fp32 + conv) ~ 19 MB, as much as ~1,600 tokens of
-its KV), while a prompt prefills at thousands of tokens per second; a 2,000-token prompt
-keeps 8 of them (~150 MB) and a shared prefix is reused to within 256 tokens (mean loss
-128 tokens: a few ms of prefill). Halving the interval doubles the memory for a few ms.
+Why ``interval`` = 256 tokens by default (memory against recompute): a snapshot costs one
+sequence's whole state. Qwen3.5-0.8B (18 Gated DeltaNet layers: 16 x 128 x 128 fp32 plus the
+conv window each) takes 19.5 MB per snapshot, as much as the KV of 1,590 of its tokens (6
+attention layers, 2 x 256 bf16 K/V heads); Qwen3-Next-80B 75 MB, the KV of ~3,000 tokens. A
+snapshot every block (16 tokens) would cost ~100x the prompt's KV; every 256 tokens a
+2,000-token prompt keeps 8 (156 MB against its 25 MB of KV) and a shared prefix is reused
+to within 256 tokens: at most 256 tokens (mean 128) of prefill redone per hit, a fraction
+of the 2,000 it saves. 1,024 would cut the memory 4x but lose half of a 2,000-token
+prefix. Under pressure a prompt's earliest snapshots (least recently used) go first.
 """
 
 from __future__ import annotations
@@ -113,14 +117,15 @@ class StateManager:
         """Give an admitted sequence its slot, restoring the snapshot it resumes from (a copy
         queued now: before the step that reads it). False if no slot can be had."""
         source = self._sources.pop(seq, None)
-        slot = self._take_slot()
+        if source is not None:  # most recently used: the last a new slot would evict
+            self._snapshots.move_to_end(source.key)
+        slot = self._take_slot()  # if it evicts the source, it is the source's slot: no copy
         if slot is None:
             return False
         seq.state_slot, seq.state_tokens = slot, seq.num_computed_tokens
         self.num_seq_slots += 1
         if source is not None:
             self.device.copy_slots([source.slot], [slot])
-            self._snapshots.move_to_end(source.key)
             self.num_restores += 1
             self.num_restored_tokens += source.position
         return True
