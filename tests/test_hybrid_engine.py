@@ -247,3 +247,19 @@ def test_an_idle_shrink_rebuilds_the_state_pool_and_keeps_serving(model, qwen_to
     assert engine.runner.states is engine.state_cache
     assert computed(engine, prompts[0])[:2] == (reference(prompts[0]), len(prompts[0]))
     assert_no_leaks(engine)
+
+
+def test_a_chat_turn_resumes_before_the_previous_generation_prompt(model, qwen_tokenizer_dir,
+                                                                   reference):
+    """Qwen3.5 opens <think> in the generation prompt; the next turn renders the reply
+    without it, so the shared prefix ends inside the previous generation prompt."""
+    engine = make(model, qwen_tokenizer_dir, state_snapshot_interval=16)
+    im_start, assistant, newline, think = 250, 251, 252, 253  # toy ids for the template's
+    engine.states.turn_tokens = {im_start}
+    history = list(range(1, 23))  # 22 tokens: system + user messages
+    first = history + [im_start, assistant, newline, think]
+    computed(engine, first)
+    second = history + [im_start, assistant, newline, 40, 41, 42, im_start, 43, 44,
+                        im_start, assistant, newline, think]
+    assert computed(engine, second) == (reference(second), len(second) - 22, 22)
+    assert_no_leaks(engine)

@@ -89,7 +89,12 @@ class LLMEngine:
         if not self.model.state_layers:
             return None, None
         budget = memory_budget(self.config, self._block_bytes(), self.weights_nbytes)
-        return build_state_pool(self.model.state_layers, self.config, budget)
+        cache, states = build_state_pool(self.model.state_layers, self.config, budget)
+        # A chat turn starts with <|im_start|>: snapshot before the generation prompt too.
+        turn = self.tokenizer.backend.token_to_id("<|im_start|>") \
+            if hasattr(self.tokenizer, "backend") else None
+        states.turn_tokens = {turn} if turn is not None else set()
+        return cache, states
 
     @property
     def state_cap_bytes(self) -> int:

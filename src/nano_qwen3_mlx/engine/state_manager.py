@@ -6,7 +6,10 @@ first ``position`` tokens of some sequence, which let a later request with the s
 resume there (a recurrent state cannot be cut at an arbitrary token, unlike the KV cache).
 
 Snapshots are taken while a prompt is prefilled, every ``interval`` tokens (a multiple of
-the block size) and at the end of the prompt (``plan``), and when a sequence lets its slot go
+the block size), at the end of the prompt and before its generation prompt (``plan``: the
+last ``turn_tokens`` token, ``<|im_start|>``, among its last ``TURN_LOOKBACK`` tokens; a
+chat's next turn renders the previous reply after that point, not always after the
+generation prompt: Qwen3.5 opens ``<think>`` there), and when a sequence lets its slot go
 (``release``: the state after everything it computed, so a chat's next turn resumes after
 the previous one). A snapshot is keyed like the KV it needs: by the chain hash of the block
 before the one holding its last token, and that block's tokens up to its position; it lives
@@ -32,6 +35,7 @@ from typing import Any, Protocol
 
 from .block_manager import BlockManager, common_prefix
 
+TURN_LOOKBACK = 16  # how far before a prompt's end a turn start counts as its generation prompt
 Key = tuple[int | None, tuple[int, ...]]  # (parent chain hash, the anchor block's tokens)
 
 
@@ -80,6 +84,7 @@ class StateManager:
         self.num_restores = 0  # admissions that started from a snapshot
         self.num_restored_tokens = 0
         self.num_deferred = 0  # admissions that waited for a running prefill's snapshot
+        self.turn_tokens: set[int] = set()  # ids that open a chat turn (``<|im_start|>``)
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -157,8 +162,9 @@ class StateManager:
             return []
         end, s = start + num_tokens, self.interval
         positions = set(range((start // s + 1) * s, end + 1, s))
-        if start < seq.num_prompt_tokens <= end:
-            positions.add(seq.num_prompt_tokens)
+        for p in (seq.num_prompt_tokens, self._turn_start(seq)):
+            if p is not None and start < p <= end:
+                positions.add(p)
         points = []
         for p in sorted(positions):
             found = self._key(seq, bm, p)
@@ -262,6 +268,14 @@ class StateManager:
         return False
 
     # ---- internals ----------------------------------------------------------------------
+    def _turn_start(self, seq: Any) -> int | None:
+        """Where the prompt's generation prompt starts (its last turn token, near its end)."""
+        end = seq.num_prompt_tokens
+        for p in range(end - 1, max(end - TURN_LOOKBACK, 0) - 1, -1):
+            if seq.token_ids[p] in self.turn_tokens:
+                return p or None
+        return None
+
     def _key(self, seq: Any, bm: BlockManager, position: int) -> tuple[Key, int] | None:
         """(key, anchor block) of ``seq``'s state after ``position`` tokens; None where it
         cannot be keyed (no tokens, tokens not all known yet, an unsealed block before)."""
