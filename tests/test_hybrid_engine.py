@@ -263,3 +263,15 @@ def test_a_chat_turn_resumes_before_the_previous_generation_prompt(model, qwen_t
                         im_start, assistant, newline, think]
     assert computed(engine, second) == (reference(second), len(second) - 22, 22)
     assert_no_leaks(engine)
+
+
+def test_the_state_pool_counts_in_the_memory_cap(model, qwen_tokenizer_dir, caplog):
+    budget = 40_000  # bytes: room for 17 of the toy's 1,152-byte states in half of it
+    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=None, kv_cache_gb=budget / 1e9,
+                  max_num_seqs=32)
+    states = engine.get_stats()["state_cache"]
+    assert states["bytes_per_slot"] == 1152
+    assert engine.scheduler.max_num_seqs == 17 and "max_num_seqs 32 lowered to 17" in caplog.text
+    assert states["cap_slots"] == 17 + states["max_snapshots"]
+    assert engine.kv_cap_bytes + engine.state_cap_bytes <= budget
+    assert engine.pool.cap_blocks >= 2

@@ -55,7 +55,8 @@ class LLMEngine:
             on_reset=self.states.block_reset if self.states else None,
         )
         self.pacer = PrefillPacer(config.max_itl_ratio)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+        max_num_seqs = self.states.max_num_seqs if self.states else config.max_num_seqs
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
                                    config.max_num_batched_tokens,
                                    self._grow_pool if self.pool.grows else None,
                                    self.pacer.prefill_limit, self.states)

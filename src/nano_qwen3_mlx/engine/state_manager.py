@@ -71,6 +71,7 @@ class StateManager:
                              f"of block_size ({block_size})")
         self.device = device
         self.max_snapshots, self.interval, self.block_size = max_snapshots, interval, block_size
+        self.max_num_seqs = max_num_seqs  # running sequences (one slot each) at most
         self.cap_slots = max_num_seqs + max_snapshots
         self.bytes_per_slot = bytes_per_slot
         self.initial_slots = self.num_slots = device.num_slots
