@@ -136,15 +136,43 @@ def test_a_prefix_hit_resumes_from_the_last_snapshot_and_keeps_the_cold_tokens(
 
 
 def test_clients_sharing_a_prefix_compute_it_once(model, qwen_tokenizer_dir, reference):
+    """The shared prefix fits one step: the others start from its snapshot in that step
+    (the one-token rest of a prompt too, in the step's group of one-token rows)."""
     engine = make(model, qwen_tokenizer_dir, max_num_batched_tokens=64)
     shared = list(range(1, 41))  # 40 tokens: a snapshot at 40
-    prompts = [shared + [150 + i, 160 + i, 170 + i] for i in range(4)]
-    before = engine.stats.num_computed_prompt_tokens
-    got = drive(engine, prompts)
+    tails = [[150, 160, 170], [151, 161, 171], [152], [153, 163]]
+    prompts = [shared + tail for tail in tails]
+    before, first_step, step = engine.stats.num_computed_prompt_tokens, {}, 0
+    ids = {engine.add_request(p, PARAMS): i for i, p in enumerate(prompts)}
+    got = {i: [] for i in range(4)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[ids[out.request_id]] += out.token_ids
+            first_step.setdefault(ids[out.request_id], step)
+        step += 1
     assert [got[i] for i in range(4)] == [reference(p) for p in prompts]
-    # The first computes all 43 tokens; the others wait one step, then run their 3 tokens.
-    assert engine.stats.num_computed_prompt_tokens - before == 43 + 3 * 3
-    assert engine.get_stats()["state_cache"]["deferred_admissions"] >= 1
+    # The first computes all 43 tokens, the others only their tails, all in the first step.
+    assert engine.stats.num_computed_prompt_tokens - before == 43 + 3 + 1 + 2
+    assert len(set(first_step.values())) == 1
+    stats = engine.get_stats()["state_cache"]
+    assert stats["restores"] == 3 and stats["restored_tokens"] == 3 * 40
+    assert stats["deferred_admissions"] == 0
+    assert_no_leaks(engine)
+
+
+def test_a_request_waits_a_step_for_the_snapshot_of_a_running_prefill(model, qwen_tokenizer_dir,
+                                                                      reference):
+    """The first prompt's last token runs alone (a one-token row: its snapshot at 48 is
+    usable from the next step on): the second waits for it instead of resuming at 40."""
+    engine = make(model, qwen_tokenizer_dir, max_num_batched_tokens=47)
+    first = list(range(1, 49))
+    second = first + [150, 160, 170]
+    before = engine.stats.num_computed_prompt_tokens
+    got = drive(engine, [first, second])
+    assert [got[0], got[1]] == [reference(first), reference(second)]
+    assert engine.stats.num_computed_prompt_tokens - before == 48 + 3
+    stats = engine.get_stats()["state_cache"]
+    assert stats["deferred_admissions"] >= 1 and stats["restored_tokens"] == 48
     assert_no_leaks(engine)
 
 

@@ -46,6 +46,9 @@ class Snapshot:
     key: Key
     anchor: int  # the KV block holding token ``position - 1``; the snapshot dies with it
     seq: Any = None  # the sequence whose queued step writes it; None once written
+    # Block-aligned and from a chunk of several tokens: a request admitted in the step that
+    # takes it may start from it there and then (``RecurrentRow.source``).
+    in_step: bool = False
 
 
 class SlotDevice(Protocol):
@@ -81,6 +84,7 @@ class StateManager:
         self._by_anchor: dict[int, list[Snapshot]] = {}
         self._planned: list[Snapshot] = []  # taken by the step being scheduled
         self._sources: dict[Any, Snapshot] = {}  # admitted this pass -> snapshot to start from
+        self._in_step: dict[Any, int] = {}  # ... one this step takes: its slot
         self.num_seq_slots = 0
         self.num_restores = 0  # admissions that started from a snapshot
         self.num_restored_tokens = 0
@@ -130,7 +134,11 @@ class StateManager:
             return False
         seq.state_slot, seq.state_tokens = slot, seq.num_computed_tokens
         self.num_seq_slots += 1
-        if source is not None:
+        if source is not None and source.seq is not None:  # written by this very step
+            self._in_step[seq] = source.slot
+            self.num_restores += 1
+            self.num_restored_tokens += source.position
+        elif source is not None:
             self.device.copy_slots([source.slot], [slot])
             self.num_restores += 1
             self.num_restored_tokens += source.position
@@ -141,6 +149,7 @@ class StateManager:
         (after ``seq.state_tokens`` tokens, all run) becomes a snapshot. Call before the
         block manager frees its blocks."""
         self._sources.pop(seq, None)
+        self._in_step.pop(seq, None)
         slot, seq.state_slot = seq.state_slot, None
         if slot is None:
             return
@@ -177,11 +186,15 @@ class StateManager:
             slot = self._snapshot_slot()
             if slot is None:
                 break
-            snap = Snapshot(slot, p, *found, seq=seq)
+            snap = Snapshot(slot, p, *found, seq=seq, in_step=num_tokens > 1 and p % self.block_size == 0)
             self._add(snap)
             self._planned.append(snap)
             points.append((p - start, slot))
         return points
+
+    def take_source(self, seq: Any) -> int | None:
+        """The snapshot slot of this step that ``seq``'s first chunk starts from, if any."""
+        return self._in_step.pop(seq, None)
 
     def commit(self, batch: Any | None) -> None:
         """The step was queued (``batch``, or None: nothing ran): its rows' states are on
@@ -208,6 +221,7 @@ class StateManager:
             self._drop(snap)
         self._planned.clear()
         self._sources.clear()
+        self._in_step.clear()
 
     def reset(self, device: SlotDevice) -> None:
         """The state pool was rebuilt as ``device`` (nothing running)."""
@@ -246,7 +260,7 @@ class StateManager:
         for start in range(0, max_tokens, bs):
             tokens = tuple(seq.token_ids[start:min(start + bs, max_tokens)])
             for tail, snap in self._by_parent.get(parent, {}).items():
-                if snap.seq is None and tokens[:len(tail)] == tail:
+                if (snap.seq is None or snap.in_step) and tokens[:len(tail)] == tail:
                     found.append(snap)
             if len(tokens) < bs or (parent := bm.cached_hash(parent, tokens)) is None:
                 break
@@ -254,17 +268,23 @@ class StateManager:
 
     def _should_wait(self, seq: Any, best: int, max_tokens: int, running: list) -> bool:
         """Is a running sequence prefilling a prompt that shares at least one more block
-        with ``seq`` than ``best``, and will it snapshot there later (or in this step)?"""
+        with ``seq`` than ``best``, and will it snapshot there in a later step (or in this
+        one, but where ``seq`` cannot start from it in this step)?"""
         for other in running:
             end = other.num_prompt_tokens
             if other.state_slot is None or other.state_tokens >= end:
                 continue  # its prompt's snapshots are all taken already
             shared = common_prefix(seq.token_ids[:max_tokens], other.token_ids[:end])
-            q = end if shared == end else shared // self.interval * self.interval
+            # Its next snapshots inside the shared part that a later step could resume from:
+            # on the interval grid, or its prompt's end where that ends a block (inside a
+            # block, the KV up to it is not findable while the other sequence runs).
+            q = shared // self.interval * self.interval
+            if shared == end and end % self.block_size == 0:
+                q = end
             if q - best < self.block_size:
                 continue
-            if other.num_computed_tokens < q or any(
-                    s.seq is other and s.position == q for s in self._planned):
+            if other.num_computed_tokens < q or any(  # not this step, or not usable in it
+                    s.seq is other and s.position == q and not s.in_step for s in self._planned):
                 return True
         return False
 
