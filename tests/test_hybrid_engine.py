@@ -136,10 +136,11 @@ def test_a_prefix_hit_resumes_from_the_last_snapshot_and_keeps_the_cold_tokens(
 
 
 def test_clients_sharing_a_prefix_compute_it_once(model, qwen_tokenizer_dir, reference):
-    """The shared prefix fits one step: the others start from its snapshot in that step
-    (the one-token rest of a prompt too, in the step's group of one-token rows)."""
+    """The shared prefix fits one step: the others start from its state where they leave
+    it (44: off the snapshot grid, on a block boundary) in that step, the one-token rest of
+    a prompt too (in the step's group of one-token rows)."""
     engine = make(model, qwen_tokenizer_dir, max_num_batched_tokens=64)
-    shared = list(range(1, 41))  # 40 tokens: a snapshot at 40
+    shared = list(range(1, 45))
     tails = [[150, 160, 170], [151, 161, 171], [152], [153, 163]]
     prompts = [shared + tail for tail in tails]
     before, first_step, step = engine.stats.num_computed_prompt_tokens, {}, 0
@@ -151,11 +152,11 @@ def test_clients_sharing_a_prefix_compute_it_once(model, qwen_tokenizer_dir, ref
             first_step.setdefault(ids[out.request_id], step)
         step += 1
     assert [got[i] for i in range(4)] == [reference(p) for p in prompts]
-    # The first computes all 43 tokens, the others only their tails, all in the first step.
-    assert engine.stats.num_computed_prompt_tokens - before == 43 + 3 + 1 + 2
+    # The first computes all 47 tokens, the others only their tails, all in the first step.
+    assert engine.stats.num_computed_prompt_tokens - before == 47 + 3 + 1 + 2
     assert len(set(first_step.values())) == 1
     stats = engine.get_stats()["state_cache"]
-    assert stats["restores"] == 3 and stats["restored_tokens"] == 3 * 40
+    assert stats["restores"] == 3 and stats["restored_tokens"] == 3 * 44
     assert stats["deferred_admissions"] == 0
     assert_no_leaks(engine)
 

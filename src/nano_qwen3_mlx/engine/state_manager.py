@@ -30,25 +30,12 @@ prefix. Under pressure a prompt's earliest snapshots (least recently used) go fi
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .block_manager import BlockManager, common_prefix
+from .block_manager import BlockManager
+from .state_prefix import Key, Snapshot, SnapshotReuse
 
 TURN_LOOKBACK = 16  # how far before a prompt's end a turn start counts as its generation prompt
-Key = tuple[int | None, tuple[int, ...]]  # (parent chain hash, the anchor block's tokens)
-
-
-@dataclass(slots=True, eq=False)
-class Snapshot:
-    slot: int
-    position: int  # tokens the state has absorbed
-    key: Key
-    anchor: int  # the KV block holding token ``position - 1``; the snapshot dies with it
-    seq: Any = None  # the sequence whose queued step writes it; None once written
-    # Block-aligned and from a chunk of several tokens: a request admitted in the step that
-    # takes it may start from it there and then (``RecurrentRow.source``).
-    in_step: bool = False
 
 
 class SlotDevice(Protocol):
@@ -63,9 +50,10 @@ class SlotDevice(Protocol):
         ...
 
 
-class StateManager:
+class StateManager(SnapshotReuse):
     """Slots of the state pool ``device``: sequences' and snapshots'. The pool starts
-    with ``device.num_slots`` slots and doubles on demand up to ``cap_slots``."""
+    with ``device.num_slots`` slots and doubles on demand up to ``cap_slots``. Admission
+    through the snapshots is ``state_prefix.SnapshotReuse``'s."""
 
     def __init__(self, device: SlotDevice, max_num_seqs: int, max_snapshots: int, interval: int,
                  block_size: int, bytes_per_slot: int) -> None:
@@ -85,6 +73,7 @@ class StateManager:
         self._planned: list[Snapshot] = []  # taken by the step being scheduled
         self._sources: dict[Any, Snapshot] = {}  # admitted this pass -> snapshot to start from
         self._in_step: dict[Any, int] = {}  # ... one this step takes: its slot
+        self._chunks: dict[Any, tuple[int, int, list]] = {}  # this step's (start, n, points)
         self.num_seq_slots = 0
         self.num_restores = 0  # admissions that started from a snapshot
         self.num_restored_tokens = 0
@@ -186,11 +175,17 @@ class StateManager:
             slot = self._snapshot_slot()
             if slot is None:
                 break
-            snap = Snapshot(slot, p, *found, seq=seq, in_step=num_tokens > 1 and p % self.block_size == 0)
-            self._add(snap)
-            self._planned.append(snap)
-            points.append((p - start, slot))
+            self._take(Snapshot(slot, p, *found, seq=seq,
+                                in_step=num_tokens > 1 and p % self.block_size == 0),
+                       points, start)
+        if num_tokens > 1:  # other rows of this step may start from more points of it
+            self._chunks[seq] = (start, num_tokens, points)
         return points
+
+    def _take(self, snap: Snapshot, points: list[tuple[int, int]], start: int) -> None:
+        self._add(snap)
+        self._planned.append(snap)
+        points.append((snap.position - start, snap.slot))
 
     def take_source(self, seq: Any) -> int | None:
         """The snapshot slot of this step that ``seq``'s first chunk starts from, if any."""
@@ -206,6 +201,7 @@ class StateManager:
             else:
                 self._drop(snap)
         self._planned.clear()
+        self._chunks.clear()
         if batch:
             for seq, start, n in zip(batch.seqs, batch.start_positions, batch.num_new_tokens):
                 seq.state_tokens = start + n
@@ -222,6 +218,7 @@ class StateManager:
         self._planned.clear()
         self._sources.clear()
         self._in_step.clear()
+        self._chunks.clear()
 
     def reset(self, device: SlotDevice) -> None:
         """The state pool was rebuilt as ``device`` (nothing running)."""
@@ -230,63 +227,6 @@ class StateManager:
         self.drop_snapshots()
         self.device, self.num_slots = device, device.num_slots
         self._free = list(range(self.num_slots))
-
-    # ---- prefix reuse ---------------------------------------------------------------------
-    def allocate_prefix(self, seq: Any, bm: BlockManager, max_tokens: int, running: list) -> bool:
-        """Take the cached KV of ``seq``'s start up to its last snapshot (so its state can
-        start there); False: a running prefill is about to snapshot further into this
-        sequence's prompt, so admitting it next step computes less (nothing is taken)."""
-        candidates = self._candidates(seq, bm, max_tokens)
-        best = candidates[0].position if candidates else 0
-        if self._should_wait(seq, best, max_tokens, running):
-            self.num_deferred += 1
-            return False
-        for snap in candidates:
-            if bm.allocate_prefix(seq, snap.position) == snap.position:
-                self._sources[seq] = snap
-                return True
-            bm.undo_allocate_prefix(seq)
-        return True
-
-    def undo_allocate_prefix(self, seq: Any) -> None:
-        self._sources.pop(seq, None)
-
-    def _candidates(self, seq: Any, bm: BlockManager, max_tokens: int) -> list[Snapshot]:
-        """Written snapshots of a prefix of ``seq``'s first ``max_tokens`` tokens whose KV
-        blocks before the last are cached, longest first."""
-        if not bm.enable_prefix_caching:
-            return []
-        found, parent, bs = [], None, self.block_size
-        for start in range(0, max_tokens, bs):
-            tokens = tuple(seq.token_ids[start:min(start + bs, max_tokens)])
-            for tail, snap in self._by_parent.get(parent, {}).items():
-                if (snap.seq is None or snap.in_step) and tokens[:len(tail)] == tail:
-                    found.append(snap)
-            if len(tokens) < bs or (parent := bm.cached_hash(parent, tokens)) is None:
-                break
-        return sorted(found, key=lambda s: s.position, reverse=True)
-
-    def _should_wait(self, seq: Any, best: int, max_tokens: int, running: list) -> bool:
-        """Is a running sequence prefilling a prompt that shares at least one more block
-        with ``seq`` than ``best``, and will it snapshot there in a later step (or in this
-        one, but where ``seq`` cannot start from it in this step)?"""
-        for other in running:
-            end = other.num_prompt_tokens
-            if other.state_slot is None or other.state_tokens >= end:
-                continue  # its prompt's snapshots are all taken already
-            shared = common_prefix(seq.token_ids[:max_tokens], other.token_ids[:end])
-            # Its next snapshots inside the shared part that a later step could resume from:
-            # on the interval grid, or its prompt's end where that ends a block (inside a
-            # block, the KV up to it is not findable while the other sequence runs).
-            q = shared // self.interval * self.interval
-            if shared == end and end % self.block_size == 0:
-                q = end
-            if q - best < self.block_size:
-                continue
-            if other.num_computed_tokens < q or any(  # not this step, or not usable in it
-                    s.seq is other and s.position == q and not s.in_step for s in self._planned):
-                return True
-        return False
 
     # ---- internals ----------------------------------------------------------------------
     def _turn_start(self, seq: Any) -> int | None:
