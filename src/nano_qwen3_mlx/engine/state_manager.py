@@ -72,7 +72,7 @@ class StateManager(SnapshotReuse):
         self._by_anchor: dict[int, list[Snapshot]] = {}
         self._planned: list[Snapshot] = []  # taken by the step being scheduled
         self._sources: dict[Any, Snapshot] = {}  # admitted this pass -> snapshot to start from
-        self._in_step: dict[Any, int] = {}  # ... one this step takes: its slot
+        self._in_step: dict[Any, Snapshot] = {}  # ... one this step takes
         self._chunks: dict[Any, tuple[int, int, list]] = {}  # this step's (start, n, points)
         self.num_seq_slots = 0
         self.num_restores = 0  # admissions that started from a snapshot
@@ -124,7 +124,7 @@ class StateManager(SnapshotReuse):
         seq.state_slot, seq.state_tokens = slot, seq.num_computed_tokens
         self.num_seq_slots += 1
         if source is not None and source.seq is not None:  # written by this very step
-            self._in_step[seq] = source.slot
+            self._in_step[seq] = source
             self.num_restores += 1
             self.num_restored_tokens += source.position
         elif source is not None:
@@ -189,7 +189,8 @@ class StateManager(SnapshotReuse):
 
     def take_source(self, seq: Any) -> int | None:
         """The snapshot slot of this step that ``seq``'s first chunk starts from, if any."""
-        return self._in_step.pop(seq, None)
+        source = self._in_step.pop(seq, None)
+        return None if source is None else source.slot
 
     def commit(self, batch: Any | None) -> None:
         """The step was queued (``batch``, or None: nothing ran): its rows' states are on
@@ -202,6 +203,12 @@ class StateManager(SnapshotReuse):
                 self._drop(snap)
         self._planned.clear()
         self._chunks.clear()
+        for seq, source in self._in_step.items():  # admitted, but no row of it ran
+            if self._snapshots.get(source.key) is not source:
+                raise RuntimeError(f"request {seq.request_id}: the state it resumes from was "
+                                   "never written")
+            self.device.copy_slots([source.slot], [seq.state_slot])  # after the step: written
+        self._in_step.clear()
         if batch:
             for seq, start, n in zip(batch.seqs, batch.start_positions, batch.num_new_tokens):
                 seq.state_tokens = start + n
