@@ -178,12 +178,13 @@ def test_a_request_waits_a_step_for_the_snapshot_of_a_running_prefill(model, qwe
 
 
 def test_preemption_and_abort_free_the_state_slot(model, qwen_tokenizer_dir, reference):
-    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=12)  # 48 token slots for 4 requests
+    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=14)  # 56 token slots for 4 x 22
     prompts = [list(range(10 * i + 1, 10 * i + 11)) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     got = drive(engine, prompts, params)
     assert engine.scheduler.num_preemptions > 0
     assert [got[i] for i in range(4)] == [reference(p, 12) for p in prompts]
+    assert engine.get_stats()["state_cache"]["restores"] > 0  # a rerun resumed its own state
     assert_no_leaks(engine)
 
     kept = engine.add_request(prompts[0], PARAMS)
