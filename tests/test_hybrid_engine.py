@@ -136,25 +136,55 @@ def test_a_prefix_hit_resumes_from_the_last_snapshot_and_keeps_the_cold_tokens(
 
 
 def test_clients_sharing_a_prefix_compute_it_once(model, qwen_tokenizer_dir, reference):
+    """The shared prefix fits one step: the others start from its state where they leave
+    it (44: off the snapshot grid, on a block boundary) in that step, the one-token rest of
+    a prompt too (in the step's group of one-token rows)."""
     engine = make(model, qwen_tokenizer_dir, max_num_batched_tokens=64)
-    shared = list(range(1, 41))  # 40 tokens: a snapshot at 40
-    prompts = [shared + [150 + i, 160 + i, 170 + i] for i in range(4)]
-    before = engine.stats.num_computed_prompt_tokens
-    got = drive(engine, prompts)
+    shared = list(range(1, 45))
+    tails = [[150, 160, 170], [151, 161, 171], [152], [153, 163]]
+    prompts = [shared + tail for tail in tails]
+    before, first_step, step = engine.stats.num_computed_prompt_tokens, {}, 0
+    ids = {engine.add_request(p, PARAMS): i for i, p in enumerate(prompts)}
+    got = {i: [] for i in range(4)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[ids[out.request_id]] += out.token_ids
+            first_step.setdefault(ids[out.request_id], step)
+        step += 1
     assert [got[i] for i in range(4)] == [reference(p) for p in prompts]
-    # The first computes all 43 tokens; the others wait one step, then run their 3 tokens.
-    assert engine.stats.num_computed_prompt_tokens - before == 43 + 3 * 3
-    assert engine.get_stats()["state_cache"]["deferred_admissions"] >= 1
+    # The first computes all 47 tokens, the others only their tails, all in the first step.
+    assert engine.stats.num_computed_prompt_tokens - before == 47 + 3 + 1 + 2
+    assert len(set(first_step.values())) == 1
+    stats = engine.get_stats()["state_cache"]
+    assert stats["restores"] == 3 and stats["restored_tokens"] == 3 * 44
+    assert stats["deferred_admissions"] == 0
+    assert_no_leaks(engine)
+
+
+def test_a_request_waits_a_step_for_the_snapshot_of_a_running_prefill(model, qwen_tokenizer_dir,
+                                                                      reference):
+    """The first prompt's last token runs alone (a one-token row: its snapshot at 48 is
+    usable from the next step on): the second waits for it instead of resuming at 40."""
+    engine = make(model, qwen_tokenizer_dir, max_num_batched_tokens=47)
+    first = list(range(1, 49))
+    second = first + [150, 160, 170]
+    before = engine.stats.num_computed_prompt_tokens
+    got = drive(engine, [first, second])
+    assert [got[0], got[1]] == [reference(first), reference(second)]
+    assert engine.stats.num_computed_prompt_tokens - before == 48 + 3
+    stats = engine.get_stats()["state_cache"]
+    assert stats["deferred_admissions"] >= 1 and stats["restored_tokens"] == 48
     assert_no_leaks(engine)
 
 
 def test_preemption_and_abort_free_the_state_slot(model, qwen_tokenizer_dir, reference):
-    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=12)  # 48 token slots for 4 requests
+    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=14)  # 56 token slots for 4 x 22
     prompts = [list(range(10 * i + 1, 10 * i + 11)) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     got = drive(engine, prompts, params)
     assert engine.scheduler.num_preemptions > 0
     assert [got[i] for i in range(4)] == [reference(p, 12) for p in prompts]
+    assert engine.get_stats()["state_cache"]["restores"] > 0  # a rerun resumed its own state
     assert_no_leaks(engine)
 
     kept = engine.add_request(prompts[0], PARAMS)
@@ -231,3 +261,47 @@ def test_an_attention_only_model_has_no_state_pool(tiny_qwen3_dir):
         assert llm.engine.states is None and llm.engine.runner.states is None
         llm.generate_single("Hello", PARAMS)
         assert "state_cache" not in llm.engine.get_stats()
+
+
+def test_an_idle_shrink_rebuilds_the_state_pool_and_keeps_serving(model, qwen_tokenizer_dir,
+                                                                  reference):
+    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=None, kv_cache_gb=0.001)
+    prompts = [list(range(1, 60)), list(range(70, 130))]
+    drive(engine, prompts)
+    grown = engine.cache.num_blocks
+    assert grown > engine.pool.initial_blocks and engine.get_stats()["state_cache"]["snapshots"]
+    assert engine.shrink_if_idle(now=0.0) is False  # the idle clock starts
+    assert engine.shrink_if_idle(now=1e9)
+    stats = engine.get_stats()["state_cache"]
+    assert stats["snapshots"] == 0 and stats["slots_free"] == stats["slots"]
+    assert engine.runner.states is engine.state_cache
+    assert computed(engine, prompts[0])[:2] == (reference(prompts[0]), len(prompts[0]))
+    assert_no_leaks(engine)
+
+
+def test_a_chat_turn_resumes_before_the_previous_generation_prompt(model, qwen_tokenizer_dir,
+                                                                   reference):
+    """Qwen3.5 opens <think> in the generation prompt; the next turn renders the reply
+    without it, so the shared prefix ends inside the previous generation prompt."""
+    engine = make(model, qwen_tokenizer_dir, state_snapshot_interval=16)
+    im_start, assistant, newline, think = 250, 251, 252, 253  # toy ids for the template's
+    engine.states.turn_tokens = {im_start}
+    history = list(range(1, 23))  # 22 tokens: system + user messages
+    first = history + [im_start, assistant, newline, think]
+    computed(engine, first)
+    second = history + [im_start, assistant, newline, 40, 41, 42, im_start, 43, 44,
+                        im_start, assistant, newline, think]
+    assert computed(engine, second) == (reference(second), len(second) - 22, 22)
+    assert_no_leaks(engine)
+
+
+def test_the_state_pool_counts_in_the_memory_cap(model, qwen_tokenizer_dir, caplog):
+    budget = 40_000  # bytes: room for 17 of the toy's 1,152-byte states in half of it
+    engine = make(model, qwen_tokenizer_dir, num_kv_blocks=None, kv_cache_gb=budget / 1e9,
+                  max_num_seqs=32)
+    states = engine.get_stats()["state_cache"]
+    assert states["bytes_per_slot"] == 1152
+    assert engine.scheduler.max_num_seqs == 17 and "max_num_seqs 32 lowered to 17" in caplog.text
+    assert states["cap_slots"] == 17 + states["max_snapshots"]
+    assert engine.kv_cap_bytes + engine.state_cap_bytes <= budget
+    assert engine.pool.cap_blocks >= 2

@@ -21,14 +21,14 @@ from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import PagedKVCache
-from .kv_pool import max_snapshots, memory_budget, size_pool
+from .kv_pool import memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
 from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .state_cache import StateCache
+from .state_cache import StateCache, build_state_pool
 from .state_manager import StateManager
 from .stats import EngineStats, memory_stats, percentiles
 
@@ -56,7 +56,8 @@ class LLMEngine:
             on_reset=self.states.block_reset if self.states else None,
         )
         self.pacer = PrefillPacer(config.max_itl_ratio)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+        max_num_seqs = self.states.max_num_seqs if self.states else config.max_num_seqs
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs,
                                    config.max_num_batched_tokens,
                                    self._grow_pool if self.pool.grows else None,
                                    self.pacer.prefill_limit, self.states)
@@ -87,21 +88,14 @@ class LLMEngine:
         return min(self.model_max_len, pool_tokens)
 
     def _make_states(self) -> tuple[StateCache | None, StateManager | None]:
-        """The state pool: it starts with a few slots and grows (doubling) up to one per
-        ``max_num_seqs`` plus the snapshots; all of that counts in the memory budget."""
-        layers = list(self.model.state_layers)
-        if not layers:
+        if not self.model.state_layers:
             return None, None
-        c = self.config
-        slot_bytes = sum(layer.nbytes for layer in layers)
-        budget = memory_budget(c, self._block_bytes(), self.weights_nbytes)
-        snapshots = max_snapshots(c, budget, slot_bytes)
-        cache = StateCache(layers, min(8, c.max_num_seqs + snapshots))
-        states = StateManager(cache, c.max_num_seqs, snapshots, c.state_snapshot_interval,
-                              c.block_size, slot_bytes)
-        log.info("state pool: %d slots x %.1f MB; cap %d slots (%d snapshots every %d tokens)",
-                 cache.num_slots, slot_bytes / 1e6, states.cap_slots, snapshots,
-                 c.state_snapshot_interval)
+        budget = memory_budget(self.config, self._block_bytes(), self.weights_nbytes)
+        cache, states = build_state_pool(self.model.state_layers, self.config, budget)
+        # A chat turn starts with <|im_start|>: snapshot before the generation prompt too.
+        turn = self.tokenizer.backend.token_to_id("<|im_start|>") \
+            if hasattr(self.tokenizer, "backend") else None
+        states.turn_tokens = {turn} if turn is not None else set()
         return cache, states
 
     @property

@@ -121,10 +121,21 @@ class ModelRunner:
         if self.states is None:
             return None
         rows = {i: RecurrentRow(batch.num_new_tokens[i], batch.seqs[i].state_slot,
-                                batch.start_positions[i] == 0, batch.state_points[i])
+                                batch.start_positions[i] == 0, sorted(batch.state_points[i]))
                 for i in order}
+        chunks = [rows[i] for i in order if rows[i].num_tokens > 1]
+        taken = {slot: (c, p) for c, chunk in enumerate(chunks)
+                 for p, (_, slot) in enumerate(chunk.points)}
+        for i in order:
+            source = batch.state_sources[i]
+            if source is not None:  # a snapshot an earlier chunk of this step takes
+                if source not in taken or (rows[i].num_tokens > 1 and
+                                           taken[source][0] >= chunks.index(rows[i])):
+                    raise RuntimeError(f"state snapshot slot {source} is not taken before "
+                                       "the row that starts from it in this step")
+                rows[i].source = taken[source]
         return RecurrentStep(self.states, [rows[i] for i in order if rows[i].num_tokens == 1],
-                             [rows[i] for i in order if rows[i].num_tokens > 1])
+                             chunks)
 
     @staticmethod
     def _block_ids(batch: ScheduledBatch, order: list[int], row_of: np.ndarray,

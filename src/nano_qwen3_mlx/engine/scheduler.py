@@ -28,6 +28,9 @@ class ScheduledBatch:
     # Hybrid models: per row, the recurrent-state snapshots it takes, as (tokens into the
     # row, snapshot slot) (``StateManager.plan``).
     state_points: list[list[tuple[int, int]]] = field(default_factory=list)
+    # Hybrid models: per row, the snapshot slot of this step its state starts from (a
+    # request admitted beside the prefill of its prefix), or None.
+    state_sources: list[int | None] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
@@ -36,6 +39,7 @@ class ScheduledBatch:
         self.start_positions.append(start)
         self.samples.append(start + num_new_tokens == seq.num_tokens)
         self.state_points.append([])
+        self.state_sources.append(None)
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +66,7 @@ class ScheduledBatch:
                 kept.start_positions.append(self.start_positions[i])
                 kept.samples.append(self.samples[i])
                 kept.state_points.append(self.state_points[i])
+                kept.state_sources.append(self.state_sources[i])
         return kept if kept.seqs else None
 
     def __len__(self) -> int:
@@ -199,6 +204,7 @@ class Scheduler:
         self.block_manager.seal_full_blocks(seq, min(seq.num_computed_tokens, len(seq.token_ids)),
                                             filling=True)
         if self.states is not None:
+            batch.state_sources[-1] = self.states.take_source(seq)
             batch.state_points[-1] = self.states.plan(seq, self.block_manager,
                                                       seq.num_computed_tokens - chunk, chunk)
         return budget - chunk

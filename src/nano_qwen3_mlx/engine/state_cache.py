@@ -11,11 +11,17 @@ decides which. Like the KV pools, each pool has exactly one reference (the list 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 
 from ..models.contract import LayerState
+from .kv_pool import max_snapshots
+from .state_manager import StateManager
+
+log = logging.getLogger(__name__)
 
 
 class StateCache:
@@ -73,3 +79,27 @@ class StateCache:
         """Store ``states[i]`` ``(n, *shape)`` at ``slots`` ``(n,)``, in place."""
         for pool, state in zip(self.pools[layer], states):
             pool[slots] = state.astype(pool.dtype)
+
+
+def build_state_pool(layers: Sequence[LayerState], config: Any, budget: float
+                     ) -> tuple[StateCache, StateManager]:
+    """The state pool of an ``EngineConfig``: a few slots at first, doubling on demand up to
+    one per running sequence plus the snapshots (``budget``: the caches' memory budget).
+
+    Running sequences' states may take half the budget: where ``max_num_seqs`` of them do
+    not fit (large hybrid models on small machines), fewer run at once
+    (``StateManager.max_num_seqs``) rather than the engine refusing to start."""
+    slot_bytes = sum(layer.nbytes for layer in layers)
+    snapshots = max_snapshots(config, budget, slot_bytes)
+    num_seqs = max(1, min(config.max_num_seqs, int(budget / 2 // slot_bytes)))
+    if num_seqs < config.max_num_seqs:
+        log.warning("max_num_seqs %d lowered to %d: that many recurrent states (%.1f MB each) "
+                    "take half the cache budget (%.2f GB)", config.max_num_seqs, num_seqs,
+                    slot_bytes / 1e6, budget / 1e9)
+    cache = StateCache(layers, min(8, num_seqs + snapshots))
+    states = StateManager(cache, num_seqs, snapshots, config.state_snapshot_interval,
+                          config.block_size, slot_bytes)
+    log.info("state pool: %d slots x %.1f MB; cap %d slots (%d snapshots every %d tokens)",
+             cache.num_slots, slot_bytes / 1e6, states.cap_slots, snapshots,
+             config.state_snapshot_interval)
+    return cache, states

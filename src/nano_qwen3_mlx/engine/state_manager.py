@@ -6,38 +6,36 @@ first ``position`` tokens of some sequence, which let a later request with the s
 resume there (a recurrent state cannot be cut at an arbitrary token, unlike the KV cache).
 
 Snapshots are taken while a prompt is prefilled, every ``interval`` tokens (a multiple of
-the block size) and at the end of the prompt (``plan``), and when a sequence lets its slot go
+the block size), at the end of the prompt and before its generation prompt (``plan``: the
+last ``turn_tokens`` token, ``<|im_start|>``, among its last ``TURN_LOOKBACK`` tokens; a
+chat's next turn renders the previous reply after that point, not always after the
+generation prompt: Qwen3.5 opens ``<think>`` there), and when a sequence lets its slot go
 (``release``: the state after everything it computed, so a chat's next turn resumes after
 the previous one). A snapshot is keyed like the KV it needs: by the chain hash of the block
 before the one holding its last token, and that block's tokens up to its position; it lives
 as long as that KV block (``block_reset``: evicted with it) and while snapshots fit
 ``max_snapshots`` (least recently used first out).
 
-Why ``interval`` = 256 tokens by default: a snapshot costs one sequence's whole state
-(Qwen3.5-0.8B: 18 layers x (16 x 128 x 128 fp32 + conv) ~ 19 MB, as much as ~1,600 tokens of
-its KV), while a prompt prefills at thousands of tokens per second; a 2,000-token prompt
-keeps 8 of them (~150 MB) and a shared prefix is reused to within 256 tokens (mean loss
-128 tokens: a few ms of prefill). Halving the interval doubles the memory for a few ms.
+Why ``interval`` = 256 tokens by default (memory against recompute): a snapshot costs one
+sequence's whole state. Qwen3.5-0.8B (18 Gated DeltaNet layers: 16 x 128 x 128 fp32 plus the
+conv window each) takes 19.5 MB per snapshot, as much as the KV of 1,590 of its tokens (6
+attention layers, 2 x 256 bf16 K/V heads); Qwen3-Next-80B 75 MB, the KV of ~3,000 tokens. A
+snapshot every block (16 tokens) would cost ~100x the prompt's KV; every 256 tokens a
+2,000-token prompt keeps 8 (156 MB against its 25 MB of KV) and a shared prefix is reused
+to within 256 tokens: at most 256 tokens (mean 128) of prefill redone per hit, a fraction
+of the 2,000 it saves. 1,024 would cut the memory 4x but lose half of a 2,000-token
+prefix. Under pressure a prompt's earliest snapshots (least recently used) go first.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .block_manager import BlockManager, common_prefix
+from .block_manager import BlockManager
+from .state_prefix import Key, Snapshot, SnapshotReuse
 
-Key = tuple[int | None, tuple[int, ...]]  # (parent chain hash, the anchor block's tokens)
-
-
-@dataclass(slots=True, eq=False)
-class Snapshot:
-    slot: int
-    position: int  # tokens the state has absorbed
-    key: Key
-    anchor: int  # the KV block holding token ``position - 1``; the snapshot dies with it
-    seq: Any = None  # the sequence whose queued step writes it; None once written
+TURN_LOOKBACK = 16  # how far before a prompt's end a turn start counts as its generation prompt
 
 
 class SlotDevice(Protocol):
@@ -52,9 +50,10 @@ class SlotDevice(Protocol):
         ...
 
 
-class StateManager:
+class StateManager(SnapshotReuse):
     """Slots of the state pool ``device``: sequences' and snapshots'. The pool starts
-    with ``device.num_slots`` slots and doubles on demand up to ``cap_slots``."""
+    with ``device.num_slots`` slots and doubles on demand up to ``cap_slots``. Admission
+    through the snapshots is ``state_prefix.SnapshotReuse``'s."""
 
     def __init__(self, device: SlotDevice, max_num_seqs: int, max_snapshots: int, interval: int,
                  block_size: int, bytes_per_slot: int) -> None:
@@ -63,6 +62,7 @@ class StateManager:
                              f"of block_size ({block_size})")
         self.device = device
         self.max_snapshots, self.interval, self.block_size = max_snapshots, interval, block_size
+        self.max_num_seqs = max_num_seqs  # running sequences (one slot each) at most
         self.cap_slots = max_num_seqs + max_snapshots
         self.bytes_per_slot = bytes_per_slot
         self.initial_slots = self.num_slots = device.num_slots
@@ -72,10 +72,13 @@ class StateManager:
         self._by_anchor: dict[int, list[Snapshot]] = {}
         self._planned: list[Snapshot] = []  # taken by the step being scheduled
         self._sources: dict[Any, Snapshot] = {}  # admitted this pass -> snapshot to start from
+        self._in_step: dict[Any, Snapshot] = {}  # ... one this step takes
+        self._chunks: dict[Any, tuple[int, int, list]] = {}  # this step's (start, n, points)
         self.num_seq_slots = 0
         self.num_restores = 0  # admissions that started from a snapshot
         self.num_restored_tokens = 0
         self.num_deferred = 0  # admissions that waited for a running prefill's snapshot
+        self.turn_tokens: set[int] = set()  # ids that open a chat turn (``<|im_start|>``)
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -113,14 +116,19 @@ class StateManager:
         """Give an admitted sequence its slot, restoring the snapshot it resumes from (a copy
         queued now: before the step that reads it). False if no slot can be had."""
         source = self._sources.pop(seq, None)
-        slot = self._take_slot()
+        if source is not None:  # most recently used: the last a new slot would evict
+            self._snapshots.move_to_end(source.key)
+        slot = self._take_slot()  # if it evicts the source, it is the source's slot: no copy
         if slot is None:
             return False
         seq.state_slot, seq.state_tokens = slot, seq.num_computed_tokens
         self.num_seq_slots += 1
-        if source is not None:
+        if source is not None and source.seq is not None:  # written by this very step
+            self._in_step[seq] = source
+            self.num_restores += 1
+            self.num_restored_tokens += source.position
+        elif source is not None:
             self.device.copy_slots([source.slot], [slot])
-            self._snapshots.move_to_end(source.key)
             self.num_restores += 1
             self.num_restored_tokens += source.position
         return True
@@ -130,6 +138,7 @@ class StateManager:
         (after ``seq.state_tokens`` tokens, all run) becomes a snapshot. Call before the
         block manager frees its blocks."""
         self._sources.pop(seq, None)
+        self._in_step.pop(seq, None)
         slot, seq.state_slot = seq.state_slot, None
         if slot is None:
             return
@@ -152,8 +161,9 @@ class StateManager:
             return []
         end, s = start + num_tokens, self.interval
         positions = set(range((start // s + 1) * s, end + 1, s))
-        if start < seq.num_prompt_tokens <= end:
-            positions.add(seq.num_prompt_tokens)
+        for p in (seq.num_prompt_tokens, self._turn_start(seq)):
+            if p is not None and start < p <= end:
+                positions.add(p)
         points = []
         for p in sorted(positions):
             found = self._key(seq, bm, p)
@@ -165,11 +175,22 @@ class StateManager:
             slot = self._snapshot_slot()
             if slot is None:
                 break
-            snap = Snapshot(slot, p, *found, seq=seq)
-            self._add(snap)
-            self._planned.append(snap)
-            points.append((p - start, slot))
+            self._take(Snapshot(slot, p, *found, seq=seq,
+                                in_step=num_tokens > 1 and p % self.block_size == 0),
+                       points, start)
+        if num_tokens > 1:  # other rows of this step may start from more points of it
+            self._chunks[seq] = (start, num_tokens, points)
         return points
+
+    def _take(self, snap: Snapshot, points: list[tuple[int, int]], start: int) -> None:
+        self._add(snap)
+        self._planned.append(snap)
+        points.append((snap.position - start, snap.slot))
+
+    def take_source(self, seq: Any) -> int | None:
+        """The snapshot slot of this step that ``seq``'s first chunk starts from, if any."""
+        source = self._in_step.pop(seq, None)
+        return None if source is None else source.slot
 
     def commit(self, batch: Any | None) -> None:
         """The step was queued (``batch``, or None: nothing ran): its rows' states are on
@@ -181,6 +202,13 @@ class StateManager:
             else:
                 self._drop(snap)
         self._planned.clear()
+        self._chunks.clear()
+        for seq, source in self._in_step.items():  # admitted, but no row of it ran
+            if self._snapshots.get(source.key) is not source:
+                raise RuntimeError(f"request {seq.request_id}: the state it resumes from was "
+                                   "never written")
+            self.device.copy_slots([source.slot], [seq.state_slot])  # after the step: written
+        self._in_step.clear()
         if batch:
             for seq, start, n in zip(batch.seqs, batch.start_positions, batch.num_new_tokens):
                 seq.state_tokens = start + n
@@ -196,6 +224,8 @@ class StateManager:
             self._drop(snap)
         self._planned.clear()
         self._sources.clear()
+        self._in_step.clear()
+        self._chunks.clear()
 
     def reset(self, device: SlotDevice) -> None:
         """The state pool was rebuilt as ``device`` (nothing running)."""
@@ -205,58 +235,15 @@ class StateManager:
         self.device, self.num_slots = device, device.num_slots
         self._free = list(range(self.num_slots))
 
-    # ---- prefix reuse ---------------------------------------------------------------------
-    def allocate_prefix(self, seq: Any, bm: BlockManager, max_tokens: int, running: list) -> bool:
-        """Take the cached KV of ``seq``'s start up to its last snapshot (so its state can
-        start there); False: a running prefill is about to snapshot further into this
-        sequence's prompt, so admitting it next step computes less (nothing is taken)."""
-        candidates = self._candidates(seq, bm, max_tokens)
-        best = candidates[0].position if candidates else 0
-        if self._should_wait(seq, best, max_tokens, running):
-            self.num_deferred += 1
-            return False
-        for snap in candidates:
-            if bm.allocate_prefix(seq, snap.position) == snap.position:
-                self._sources[seq] = snap
-                return True
-            bm.undo_allocate_prefix(seq)
-        return True
-
-    def undo_allocate_prefix(self, seq: Any) -> None:
-        self._sources.pop(seq, None)
-
-    def _candidates(self, seq: Any, bm: BlockManager, max_tokens: int) -> list[Snapshot]:
-        """Written snapshots of a prefix of ``seq``'s first ``max_tokens`` tokens whose KV
-        blocks before the last are cached, longest first."""
-        if not bm.enable_prefix_caching:
-            return []
-        found, parent, bs = [], None, self.block_size
-        for start in range(0, max_tokens, bs):
-            tokens = tuple(seq.token_ids[start:min(start + bs, max_tokens)])
-            for tail, snap in self._by_parent.get(parent, {}).items():
-                if snap.seq is None and tokens[:len(tail)] == tail:
-                    found.append(snap)
-            if len(tokens) < bs or (parent := bm.cached_hash(parent, tokens)) is None:
-                break
-        return sorted(found, key=lambda s: s.position, reverse=True)
-
-    def _should_wait(self, seq: Any, best: int, max_tokens: int, running: list) -> bool:
-        """Is a running sequence prefilling a prompt that shares at least one more block
-        with ``seq`` than ``best``, and will it snapshot there later (or in this step)?"""
-        for other in running:
-            end = other.num_prompt_tokens
-            if other.state_slot is None or other.state_tokens >= end:
-                continue  # its prompt's snapshots are all taken already
-            shared = common_prefix(seq.token_ids[:max_tokens], other.token_ids[:end])
-            q = end if shared == end else shared // self.interval * self.interval
-            if q - best < self.block_size:
-                continue
-            if other.num_computed_tokens < q or any(
-                    s.seq is other and s.position == q for s in self._planned):
-                return True
-        return False
-
     # ---- internals ----------------------------------------------------------------------
+    def _turn_start(self, seq: Any) -> int | None:
+        """Where the prompt's generation prompt starts (its last turn token, near its end)."""
+        end = seq.num_prompt_tokens
+        for p in range(end - 1, max(end - TURN_LOOKBACK, 0) - 1, -1):
+            if seq.token_ids[p] in self.turn_tokens:
+                return p or None
+        return None
+
     def _key(self, seq: Any, bm: BlockManager, position: int) -> tuple[Key, int] | None:
         """(key, anchor block) of ``seq``'s state after ``position`` tokens; None where it
         cannot be keyed (no tokens, tokens not all known yet, an unsealed block before)."""
