@@ -49,6 +49,15 @@ def test_model_from_env_when_no_flag(tiny_qwen3_dir):
     (["generate", "hi", "--model", "{tiny}", "--max-tokens", "-1"], "max_tokens"),
     (["generate", "hi", "--model", "{tiny}", "--temperature", "-2"], "temperature"),
     (["generate", "hi", "--model", "{broken}"], "config.json"),
+    (["generate", "word " * 5000, "--model", "{tiny}", "-n", "2"], "context length is 4096"),
+    (["generate", "hi", "--bogus"], "No such option: --bogus"),
+    (["generate"], "Missing argument 'prompt'"),
+    (["chat", "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["serve", "--model", "nosuchmodel", "--port", "0"], "unknown model 'nosuchmodel'"),
+    (["serve", "--model", "./no/such/dir", "--port", "0"], "no such model file or directory"),
+    (["download", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["bench", "--model", "nosuchmodel"], "--model must be a local checkpoint directory"),
+    (["models", "extra"], "unexpected extra argument"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_qwen3_dir, tmp_path, args, message):
     broken = tmp_path / "broken"
