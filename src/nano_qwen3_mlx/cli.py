@@ -140,15 +140,25 @@ def chat(
 def _start_async_llm(loop, config):
     """An ``AsyncLLM`` started on ``loop`` (its own thread runs the engine), or a one-line
     error as ``_load_llm`` gives."""
+    import contextlib
+
     from .async_llm import AsyncLLM
     from .errors import first_line
     from .models.loader import ModelLoadError
     from .progress import Spinner
 
     llm = AsyncLLM(config=config)
+    start = loop.create_task(llm.start())
     try:
         with Spinner(f"loading {config.model} ..."):
-            return loop.run_until_complete(llm.start())
+            return loop.run_until_complete(start)
+    except KeyboardInterrupt:
+        # The engine thread cannot be stopped inside MLX, and one still running at exit aborts
+        # the process: let it finish loading, then close it.
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(start)
+        loop.run_until_complete(llm.close())
+        raise
     except ModelLoadError as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
