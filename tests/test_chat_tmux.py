@@ -131,7 +131,6 @@ def test_chat_commands_over_context_paste_and_ctrl_c_during_prefill(smollm2_gguf
         while not _replying(session):
             assert time.monotonic() < deadline, "the long prompt was not submitted"
             time.sleep(0.02)
-        time.sleep(0.5)
         # Without an engine thread this waited for the whole prefill: minutes on a CPU.
         _tmux("send-keys", "-t", session, "C-c")
         _wait_for(session, lambda s: "(reply stopped)" in s and _at_prompt(s),

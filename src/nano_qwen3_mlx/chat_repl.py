@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -75,16 +76,29 @@ class ChatSession:
                 self.history.append({"role": "assistant", "content": "".join(pieces)})
 
     def wait(self, step: Awaitable[T]) -> T:
-        """Run ``step`` on the loop; on Ctrl-C cancel it (which aborts a running request) and
-        re-raise, so the caller stops at once."""
+        """Run ``step`` on the loop; Ctrl-C cancels it (which aborts a running request) and
+        raises ``KeyboardInterrupt`` here, so the caller stops at once."""
         task = asyncio.ensure_future(step, loop=self.loop)
-        try:
-            return self.loop.run_until_complete(task)
-        except KeyboardInterrupt:
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
             task.cancel()
-            with contextlib.suppress(BaseException):
-                self.loop.run_until_complete(task)
-            raise
+
+        # Through the loop's wakeup pipe: the signal may land on the engine thread (inside a
+        # long MLX call), which would not wake this thread's wait.
+        self.loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            result = self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+        finally:
+            self.loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
 
 
 def run(session: ChatSession, model_name: str) -> None:
