@@ -80,3 +80,63 @@ def test_chat_survives_ctrl_c_and_confirms_reset(smollm2_gguf, tmp_path):
             time.sleep(0.2)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def _paste(session: str, text: str, tmp_path, name: str) -> None:
+    """Paste ``text`` as a terminal paste (bracketed), then press Enter."""
+    path = tmp_path / name
+    path.write_text(text)
+    _tmux("load-buffer", "-b", name, str(path))
+    _tmux("paste-buffer", "-p", "-d", "-b", name, "-t", session)
+    _tmux("send-keys", "-t", session, "Enter")
+
+
+def _replying(session: str) -> bool:
+    """The chat has sent a request: echo off but line mode on (prompt_toolkit's raw mode,
+    at the prompt, has both off)."""
+    tty = _tmux("display", "-p", "-t", session, "#{pane_tty}").strip()
+    modes = subprocess.run(["stty", "-F", tty, "-a"], capture_output=True, text=True).stdout
+    modes = f" {modes} ".replace("\n", " ")
+    return " -echo " in modes and " icanon " in modes
+
+
+def test_chat_commands_over_context_paste_and_ctrl_c_during_prefill(smollm2_gguf, tmp_path):
+    """/help and unknown commands are answered, not sent; a paste over the context is one
+    error line and the session goes on; Ctrl-C while a long prompt prefills stops it at once
+    (on a slow machine that prefill takes minutes)."""
+    session = f"chat-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, "-m", "nano_qwen3_mlx.cli", "chat", "--model", str(smollm2_gguf),
+           "--max-tokens", "1000", "--temperature", "0"]
+    env = f"PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} TERM=xterm"
+    _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50",
+          f"env {env} {shlex.join(cmd)}; sleep 30")
+    try:
+        _wait_for(session, lambda s: _at_prompt(s) and "chatting with" in s, "the banner")
+        _tmux("send-keys", "-t", session, "/help", "Enter")
+        _wait_for(session, lambda s: "commands: " in s and _at_prompt(s), "/help")
+        _tmux("send-keys", "-t", session, "/foo", "Enter")
+        screen = _wait_for(session, lambda s: "unknown command /foo;" in s and _at_prompt(s),
+                           "/foo refused")
+        assert "/reset" in screen.split("unknown command /foo;")[1]
+        # Over the demo model's 8192-token context: refused in one line, the chat goes on.
+        _paste(session, "word " * 9000, tmp_path, "too-long")
+        screen = _wait_for(session, lambda s: "error: prompt has" in s and _at_prompt(s),
+                           "the over-context refusal", timeout=60)
+        error = next(line for line in screen.splitlines() if "error: prompt has" in line)
+        assert "context length is 8192" in error and "conversation so far is kept" in error
+        assert "Traceback" not in screen
+        # A long prompt within the context: Ctrl-C as soon as it is submitted.
+        _paste(session, "word " * 7000, tmp_path, "long")
+        deadline = time.monotonic() + 30
+        while not _replying(session):
+            assert time.monotonic() < deadline, "the long prompt was not submitted"
+            time.sleep(0.02)
+        # Without an engine thread this waited for the whole prefill: minutes on a CPU.
+        _tmux("send-keys", "-t", session, "C-c")
+        _wait_for(session, lambda s: "(reply stopped)" in s and _at_prompt(s),
+                  "Ctrl-C to stop the prefill", timeout=20)
+        _tmux("send-keys", "-t", session, "/help", "Enter")
+        _wait_for(session, lambda s: s.count("commands: ") == 2 and _at_prompt(s),
+                  "/help after the stop")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

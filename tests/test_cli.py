@@ -49,6 +49,15 @@ def test_model_from_env_when_no_flag(tiny_qwen3_dir):
     (["generate", "hi", "--model", "{tiny}", "--max-tokens", "-1"], "max_tokens"),
     (["generate", "hi", "--model", "{tiny}", "--temperature", "-2"], "temperature"),
     (["generate", "hi", "--model", "{broken}"], "config.json"),
+    (["generate", "word " * 5000, "--model", "{tiny}", "-n", "2"], "context length is 4096"),
+    (["generate", "hi", "--bogus"], "No such option: --bogus"),
+    (["generate"], "Missing argument 'prompt'"),
+    (["chat", "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["serve", "--model", "nosuchmodel", "--port", "0"], "unknown model 'nosuchmodel'"),
+    (["serve", "--model", "./no/such/dir", "--port", "0"], "no such model file or directory"),
+    (["download", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["bench", "--model", "nosuchmodel"], "--model must be a local checkpoint directory"),
+    (["models", "extra"], "unexpected extra argument"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_qwen3_dir, tmp_path, args, message):
     broken = tmp_path / "broken"
@@ -87,14 +96,20 @@ def test_chat_keeps_history_across_turns(tiny_qwen3_dir):
             ids = llm.tokenizer.apply_chat_template(history, tokenize=True, enable_thinking=False)
             replies.append(llm.generate_single(ids, params)["generated_text"])
             history.append({"role": "assistant", "content": replies[-1]})
+    # Between the turns: a message over the 4096-token context, /help and an unknown command.
+    # None reaches the model or the history; each is answered in one line on stderr.
+    lines = ["Hello", "word " * 5000, "/help", "/foo", "What did I just say?", "/exit", "never"]
     result = subprocess.run(
         [sys.executable, "-m", "nano_qwen3_mlx.cli", "chat", "--model", str(tiny_qwen3_dir),
          "-n", "5", "-t", "0"],
-        input="Hello\nWhat did I just say?\n/exit\nnever read\n", capture_output=True, text=True,
-        timeout=180,
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "".join(r + "\n" for r in replies)
+    notes = result.stderr.strip().splitlines()
+    assert len(notes) == 3 and "Traceback" not in result.stderr
+    assert notes[0].startswith("error: prompt has") and "conversation so far is kept" in notes[0]
+    assert notes[1].startswith("commands: ") and notes[2].startswith("unknown command /foo;")
 
 
 def test_download_offline_is_one_line_error(tmp_path):
@@ -109,3 +124,22 @@ def test_config_errors_are_one_line_values():
 
     with pytest.raises(ValueError, match=r"^invalid max_num_seqs: .*greater than or equal to 1$"):
         EngineConfig.load(max_num_seqs=0)
+
+
+@pytest.mark.parametrize("delay", [1.2, 1.6, 2.0])
+def test_chat_ctrl_c_while_loading_exits_130_without_abort(smollm2_gguf, delay):
+    """The engine thread loads the model; Ctrl-C then waits for it rather than leaving it
+    inside MLX at exit (which aborts the process). On a slow machine each delay lands in
+    another phase; without the wait most of them aborted here."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "nano_qwen3_mlx.cli", "chat", "--model",
+                             str(smollm2_gguf)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)  # while the model loads (or, on a fast machine, after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    # Whenever it lands (importing, loading, or after: then stdin's EOF ends the chat), never
+    # an abort.
+    assert proc.returncode not in (-signal.SIGABRT, 134) and "terminate called" not in err, err

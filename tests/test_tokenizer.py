@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import shutil
 from itertools import pairwise
@@ -274,7 +275,49 @@ def test_detokenizer_matches_full_decode(tok, tricky_ids, data, skip):
         so_far = tok.decode(ids[:fed], skip_special_tokens=skip)
         if not so_far.endswith("\ufffd"):
             assert out == so_far  # nothing is held back without need
-    assert out + detok.finalize() == full
+    # The end drops a character cut before its last byte (one U+FFFD), nothing else.
+    cut = full.endswith("\ufffd") and tok.ends_mid_character(ids)
+    assert out + detok.finalize() == (full[:-1] if cut else full)
+
+
+def _utf8_prefix(data: bytes) -> str:
+    """Reference: the text of ``data`` less an incomplete character at its end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return decoder.decode(data, final=False)
+
+
+def test_detokenizer_drops_a_character_cut_at_the_end(tok):
+    ids = tok.encode("ok 🎉")  # the emoji spans three byte-level tokens
+    assert [tok.token_bytes(i) for i in ids] == [b"ok", b" \xf0\x9f", b"\x8e", b"\x89"]
+    for cut, expected in ((2, "ok "), (3, "ok "), (4, "ok 🎉")):
+        detok = tok.detokenizer()
+        streamed = "".join(detok.add(i) for i in ids[:cut])
+        assert streamed + detok.finalize() == expected
+
+
+def test_detokenizer_keeps_a_replacement_char_the_model_wrote(tok):
+    for text in ("x\ufffd", "\ufffd", "a\ufffd\ufffd"):
+        ids = tok.encode(text)
+        detok = tok.detokenizer()
+        streamed = "".join(detok.add(i) for i in ids)
+        assert streamed + detok.finalize() == text
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(st.characters(codec="utf-8"), max_size=30), data=st.data())
+def test_streamed_text_is_the_reply_cut_at_any_token(tok, text, data):
+    """A reply cut after any token (max_tokens): the pieces streamed then the flush make the
+    text of the bytes so far, less a cut character; no U+FFFD the text did not have."""
+    ids = tok.encode(text)
+    cut = data.draw(st.integers(0, len(ids)), label="cut")
+    detok = tok.detokenizer()
+    pieces = [detok.add(i) for i in ids[:cut]]
+    final = "".join(pieces) + detok.finalize()
+    assert final == _utf8_prefix(b"".join(tok.token_bytes(i) for i in ids[:cut]))
+    assert tok.decode(ids).startswith(final)
+    assert ("\ufffd" in final) <= ("\ufffd" in text)
 
 
 # ---- stop matcher ---------------------------------------------------------------------------------
@@ -338,3 +381,16 @@ def test_stop_matcher_holds_partial_prefix():
     assert matcher.feed("ok</") == ("ok", None)
     assert matcher.feed("s>tail") == ("", "</s>")
     assert matcher.matched == "</s>"
+
+
+def test_reply_cut_by_max_tokens_mid_emoji_ends_clean(tiny_qwen3_dir):
+    """Through the engine: a regex forces "ok 🎉🎉" (the first emoji spans three tokens);
+    max_tokens cuts it after each token. Streamed and whole replies agree, with no U+FFFD."""
+    from nano_qwen3_mlx import LLM, SamplingParams
+
+    expected = ["ok", "ok ", "ok ", "ok 🎉", "ok 🎉🎉"]
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64) as llm:
+        for max_tokens, text in enumerate(expected, start=1):
+            params = SamplingParams(regex="ok 🎉🎉", max_tokens=max_tokens, temperature=0)
+            streamed = "".join(c["text"] for c in llm.generate_stream("Hi", params))
+            assert streamed == llm.generate_single("Hi", params)["generated_text"] == text

@@ -1,27 +1,43 @@
 """``nano-qwen3 chat``: a terminal chat that survives Ctrl-C and keeps its history.
 
-Ctrl-C during a reply stops that reply (the part said so far stays in the history); Ctrl-C
-at the prompt clears the line; Ctrl-D or ``/exit`` ends the session; ``/reset`` forgets the
-conversation. While a reply streams, what the user types is not echoed into it (it waits,
-as type-ahead, for the next prompt).
+Ctrl-C during a reply stops that reply (the part said so far stays in the history), also
+while a long prompt is still being read (prefilled); Ctrl-C at the prompt clears the line;
+Ctrl-D or ``/exit`` ends the session; ``/reset`` forgets the conversation; ``/help`` (or any
+other ``/word``) lists the commands. A message the context cannot hold is refused in one
+line and the conversation goes on. While a reply streams, what the user types is not echoed
+into it (it waits, as type-ahead, for the next prompt).
+
+The engine runs in ``AsyncLLM``'s thread, so the terminal's thread only waits on a queue:
+Ctrl-C reaches it at once even while the engine is inside one long prefill step, and the
+request is aborted (the engine frees it after that step).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-COMMANDS = "Ctrl-C stops a reply, /reset clears the history, /exit or Ctrl-D quits"
+from .errors import InvalidRequestError
+
+COMMANDS = "Ctrl-C stops a reply, /reset clears the history, /exit or Ctrl-D quits, /help lists these"
+# A command is one word after one slash; "/usr/bin/env ..." or "/ hello" is a message.
+COMMAND = re.compile(r"/[A-Za-z][\w-]*")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class ChatSession:
-    """One conversation with an ``LLM``: the history, and how each reply is sampled."""
+    """One conversation with a started ``AsyncLLM`` (driven on ``loop``): the history, and
+    how each reply is sampled."""
 
-    llm: Any
+    llm: Any  # AsyncLLM, started on `loop`
+    loop: asyncio.AbstractEventLoop
     params: Any  # SamplingParams
     system: str | None = None
     thinking: bool = False
@@ -34,42 +50,96 @@ class ChatSession:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the answer to ``text``; what was said is kept even if the caller stops."""
+        """Stream the answer to ``text``; what was said is kept even if the caller stops.
+
+        Raises ``InvalidRequestError`` (a prompt over the context) before any text, with the
+        history as it was before ``text``.
+        """
         self.history.append({"role": "user", "content": text})
         prompt = self.llm.tokenizer.apply_chat_template(self.history, tokenize=True,
                                                         enable_thinking=self.thinking)
+        stream = self.llm.generate_stream(prompt, self.params)
         pieces: list[str] = []
+        refused = False
         try:
-            for chunk in self.llm.generate_stream(prompt, self.params):
+            while (chunk := self.wait(anext(stream, None))) is not None:
                 pieces.append(chunk["text"])
                 yield chunk["text"]
+        except InvalidRequestError:
+            refused = True
+            raise
         finally:
-            self.history.append({"role": "assistant", "content": "".join(pieces)})
+            self.wait(stream.aclose())  # aborts the request if it is still running
+            if refused:
+                self.history.pop()
+            else:
+                self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+    def wait(self, step: Awaitable[T]) -> T:
+        """Run ``step`` on the loop; Ctrl-C cancels it (which aborts a running request) and
+        raises ``KeyboardInterrupt`` here, so the caller stops at once."""
+        task = asyncio.ensure_future(step, loop=self.loop)
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        # Through the loop's wakeup pipe: the signal may land on the engine thread (inside a
+        # long MLX call), which would not wake this thread's wait.
+        self.loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            result = self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+        finally:
+            self.loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
 
 
 def run(session: ChatSession, model_name: str) -> None:
     """The read-reply loop on this terminal (or on piped stdin, without prompts)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
-        print(f"chatting with {model_name} · {COMMANDS}", file=sys.stderr, flush=True)
+        _note(f"chatting with {model_name} · {COMMANDS}")
     for line in _lines(interactive):
-        if line == "/reset":
-            session.reset()
-            print("(history cleared)", file=sys.stderr, flush=True)
+        if COMMAND.fullmatch(line):
+            _command(session, line)
             continue
-        stream = session.reply(line)
         try:
+            stream = session.reply(line)
             with _no_echo(interactive):
                 for text in stream:
                     sys.stdout.write(text)
                     sys.stdout.flush()
+        except InvalidRequestError as exc:
+            _note(f"error: {exc.message}; not sent, the conversation so far is kept")
+            continue
         except KeyboardInterrupt:
             stream.close()  # aborts the request; the partial reply stays in the history
             sys.stdout.write("\n")
-            print("(reply stopped)", file=sys.stderr, flush=True)
+            _note("(reply stopped)")
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def _command(session: ChatSession, line: str) -> None:
+    if line == "/reset":
+        session.reset()
+        _note("(history cleared)")
+    elif line == "/help":
+        _note(f"commands: {COMMANDS}")
+    else:
+        _note(f"unknown command {line}; {COMMANDS}")
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _lines(interactive: bool) -> Iterator[str]:

@@ -83,15 +83,19 @@ def generate(
 
 def _run_generation(llm, prompt, params, stream: bool) -> None:
     from .engine.stats import StreamTimer
+    from .errors import InvalidRequestError
 
     timer, reason, pieces = StreamTimer(), None, []
-    for chunk in llm.generate_stream(prompt, params):
-        timer.tick(len(chunk["token_ids"]))
-        reason = chunk["finish_reason"] or reason
-        if stream:
-            sys.stdout.write(chunk["text"])
-            sys.stdout.flush()
-        pieces.append(chunk["text"])
+    try:
+        for chunk in llm.generate_stream(prompt, params):
+            timer.tick(len(chunk["token_ids"]))
+            reason = chunk["finish_reason"] or reason
+            if stream:
+                sys.stdout.write(chunk["text"])
+                sys.stdout.flush()
+            pieces.append(chunk["text"])
+    except InvalidRequestError as exc:  # refused before any text: a prompt over the context
+        fail(exc.message)
     if not stream:
         sys.stdout.write("".join(pieces))
     sys.stdout.write("\n")
@@ -110,7 +114,10 @@ def chat(
     thinking: Annotated[bool, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode")] = False,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file or preset")] = None,
 ) -> None:
-    """Chat in the terminal: history kept; Ctrl-C stops a reply, /reset clears, /exit ends."""
+    """Chat in the terminal: history kept; Ctrl-C stops a reply, /reset clears, /exit ends,
+    /help lists the commands."""
+    import asyncio
+
     from . import chat_repl
     from .sampling_params import SamplingParams
 
@@ -118,11 +125,44 @@ def chat(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     except ValueError as exc:
         fail(str(exc))
-    llm = _load_llm(_engine_config(model, config, max_num_seqs=1))
-    if not llm.tokenizer.has_chat_template:
-        fail("this model has no chat template; use `nano-qwen3 generate --no-chat`")
-    session = chat_repl.ChatSession(llm, params, system, thinking)
-    chat_repl.run(session, llm.config.model)
+    loop = asyncio.new_event_loop()
+    llm = _start_async_llm(loop, _engine_config(model, config, max_num_seqs=1))
+    try:
+        if not llm.tokenizer.has_chat_template:
+            fail("this model has no chat template; use `nano-qwen3 generate --no-chat`")
+        session = chat_repl.ChatSession(llm, loop, params, system, thinking)
+        chat_repl.run(session, llm.config.model)
+    finally:
+        loop.run_until_complete(llm.close())
+        loop.close()
+
+
+def _start_async_llm(loop, config):
+    """An ``AsyncLLM`` started on ``loop`` (its own thread runs the engine), or a one-line
+    error as ``_load_llm`` gives."""
+    import contextlib
+
+    from .async_llm import AsyncLLM
+    from .errors import first_line
+    from .models.loader import ModelLoadError
+    from .progress import Spinner
+
+    llm = AsyncLLM(config=config)
+    start = loop.create_task(llm.start())
+    try:
+        with Spinner(f"loading {config.model} ..."):
+            return loop.run_until_complete(start)
+    except KeyboardInterrupt:
+        # The engine thread cannot be stopped inside MLX, and one still running at exit aborts
+        # the process: let it finish loading, then close it.
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(start)
+        loop.run_until_complete(llm.close())
+        raise
+    except ModelLoadError as exc:
+        fail(str(exc))
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load model {config.model}: {first_line(exc)}")
 
 
 @app.command()
@@ -131,8 +171,12 @@ def download(
 ) -> None:
     """Fetch a model into the local cache (HF hub cache, or the weights folder for the demo
     model); says where it is, also when it was already there."""
-    from .models.loader import ModelLoadError, resolve_model
+    from .models.loader import ModelLoadError, check_model_name, resolve_model
 
+    try:
+        check_model_name(model)
+    except ModelLoadError as exc:  # a name nothing could fetch is bad input (2)
+        fail(str(exc))
     try:
         path = resolve_model(model, download=False)
         typer.echo(f"{model} is already downloaded: {path}", err=True)
@@ -140,7 +184,7 @@ def download(
         try:
             path = resolve_model(model)
         except ModelLoadError as exc:
-            fail(str(exc), code=1)
+            fail(str(exc), code=1)  # the fetch failed (network, hub): not the user's input
         typer.echo(f"downloaded {model} to {path}", err=True)
     typer.echo(str(path))
 
@@ -196,6 +240,8 @@ def bench(
     from .bench.chat import ChatPlan
     from .bench.report import SUITES, BenchPlan, markdown, run
 
+    if model is not None and not (Path(model) / "config.json").is_file():
+        fail(f"--model must be a local checkpoint directory with a config.json; got {model!r}")
     if shape not in SHAPES:
         fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     suites = [s.strip() for s in suite.split(",") if s.strip()]
@@ -225,11 +271,25 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def main() -> None:
+    """Run the app; a usage error (unknown option, bad value) is one ``error:`` line too."""
+    try:
+        from typer._click import exceptions as click  # typer 0.2x vendors its own click
+    except ImportError:
+        from click import exceptions as click
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:  # `nano-qwen3` alone: the help text
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        fail(" ".join(exc.format_message().split()), code=exc.exit_code)
+    except typer.Abort:  # EOF at a confirmation prompt
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

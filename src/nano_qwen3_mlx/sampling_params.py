@@ -9,12 +9,16 @@ from typing import Any
 
 from .errors import InvalidRequestError
 
+# The most stop strings one request may give: each is matched against every new piece of text.
+MAX_STOP_SEQUENCES = 64
+
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to sample one request. ``temperature=0`` means greedy.
 
-    ``stop`` is accepted as an alias of ``stop_sequences``. Invalid values raise
+    ``stop`` is accepted as an alias of ``stop_sequences`` (at most
+    :data:`MAX_STOP_SEQUENCES` of them). Invalid values raise
     ``InvalidRequestError`` (a ``ValueError``) whose ``field`` names the field.
 
     Structured output (at most one of them): ``json_schema`` (a JSON Schema, dict or JSON
@@ -94,6 +98,7 @@ class SamplingParams:
         _check(self, "min_tokens", _int(self.min_tokens) and self.min_tokens >= 0, ">= 0")
         ok_stop = all(isinstance(s, str) and s for s in self.stop_sequences)
         _check(self, "stop_sequences", ok_stop, "a list of non-empty strings")
+        check_stop_count(len(self.stop_sequences), "stop")
         ok_seed = self.seed is None or (_int(self.seed) and -(2**63) <= self.seed < 2**64)
         _check(self, "seed", ok_seed, "an int in [-2**63, 2**64)")
 
@@ -212,6 +217,13 @@ def _finite(value: Any) -> bool:
 
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_stop_count(count: int, field_name: str) -> None:
+    """``InvalidRequestError`` naming ``field_name`` past :data:`MAX_STOP_SEQUENCES`."""
+    if count > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(f"{field_name}: at most {MAX_STOP_SEQUENCES} stop sequences, "
+                                  f"got {count}", field=field_name)
 
 
 def _check(params: SamplingParams, name: str, ok: bool, expected: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +25,18 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet, reversed: each byte is written as one printable character
+    (printable Latin-1 bytes as themselves, the others as chr(256 + n) in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+BYTE_DECODER = _byte_decoder()
 
 
 class Tokenizer:
@@ -54,6 +68,7 @@ class Tokenizer:
         self._template = _compile_template(self.chat_template)
         # How the model writes tool calls: "xml" (Qwen3.5, Qwen3-Coder) or "json" (Qwen3).
         self.tool_call_format = template_tool_call_format(chat_template)
+        self._byte_level = isinstance(backend.decoder, tokenizers.decoders.ByteLevel)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -120,6 +135,24 @@ class Tokenizer:
             raise ValueError(f"chat template error: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: with byte-level BPE (Qwen3, GPT-2, Llama 3) or
+        byte-fallback tokens (``<0xE2>``) that may be part of a character."""
+        token = self.backend.id_to_token(token_id) or ""
+        if self._byte_level and all(c in BYTE_DECODER for c in token):
+            return bytes(BYTE_DECODER[c] for c in token)
+        if match := _BYTE_TOKEN.fullmatch(token):
+            return bytes([int(match[1], 16)])
+        return self.decode([token_id]).encode("utf-8")
+
+    def ends_mid_character(self, ids: Sequence[int]) -> bool:
+        """Whether the bytes of ``ids`` end in an incomplete UTF-8 sequence (a character cut
+        before its last byte), which decodes to one U+FFFD."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # A character has at most 4 bytes, so the last 4 tokens hold any cut one.
+        decoder.decode(b"".join(self.token_bytes(i) for i in ids[-4:]), final=False)
+        return bool(decoder.getstate()[0])
+
     def detokenizer(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer for one sequence."""
         return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
@@ -130,7 +163,9 @@ class IncrementalDetokenizer:
 
     Only the tokens since the last emitted piece are decoded, together with the tokens of that piece
     as context, so each step costs O(window), not O(sequence). Text is held back while it ends in
-    U+FFFD: the next token may complete the multi-byte character.
+    U+FFFD: the next token may complete the multi-byte character. At the end (``finalize``) a
+    character the stream cut in half is dropped rather than written as U+FFFD; a U+FFFD the
+    model wrote whole is kept.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
@@ -150,8 +185,10 @@ class IncrementalDetokenizer:
         return self._emit(text)
 
     def finalize(self) -> str:
-        """Flush the held-back tail, even if it ends in a broken character."""
+        """Flush the held-back tail, less a character cut before its last byte."""
         text = self._decode(self._ids)
+        if text.endswith("\ufffd") and self._tokenizer.ends_mid_character(self._ids):
+            text = text[:-1]
         return self._emit(text) if len(text) > self._prefix_len else ""
 
     def _emit(self, text: str) -> str:

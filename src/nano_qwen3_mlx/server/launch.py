@@ -63,6 +63,7 @@ def serve(
                           max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
                           device=device, dtype=dtype, quantize=quantize)
+    _check_model(engine_config.model)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           served_model_name=served_model_name, log_level=log_level,
                           log_prompts=log_prompts, cors_origins=cors_origin or None,
@@ -83,6 +84,16 @@ def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
     try:
         return cls.load(config_file, **flags)
     except ValueError as exc:
+        exit_with_error(str(exc))
+
+
+def _check_model(name: str) -> None:
+    """An unknown model is bad input: refused before the port opens or anything loads."""
+    from ..models.loader import ModelLoadError, check_model_name
+
+    try:
+        check_model_name(name)
+    except ModelLoadError as exc:
         exit_with_error(str(exc))
 
 
@@ -107,16 +118,11 @@ def _url(config: ServerConfig, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return f"{num_bytes:.1f} GiB"
-
-
 def _banner(state: ServerState, url: str) -> None:
-    """Model, memory (KV pool and its cap), sampling defaults and URL, once ready."""
+    """Model, memory (KV pool and its cap), sampling defaults and URL, once ready; sizes in
+    MiB, as the engine's log writes them."""
+    from ..engine.stats import mib
+
     engine = state.engine
     stats = engine.get_stats() if engine is not None else {}
     kv, mem = stats.get("kv_cache", {}), stats.get("memory", {})
@@ -125,9 +131,9 @@ def _banner(state: ServerState, url: str) -> None:
     lines = [
         f"model        {state.model_name} (context {engine.max_model_len} tokens, "
         f"{params['total'] / 1e9:.2f}B parameters{active})",
-        f"memory       {_size(mem.get('active_bytes', 0))} in use; KV pool {_size(kv.get('bytes', 0))} "
+        f"memory       {mib(mem.get('active_bytes', 0))} in use; KV pool {mib(kv.get('bytes', 0))} "
         f"({kv.get('num_blocks', '?')} blocks of {kv.get('block_size', '?')} tokens), "
-        + (f"grows on demand up to {_size(kv.get('cap_bytes', 0))} (--kv-cache-gb)"
+        + (f"grows on demand up to {mib(kv.get('cap_bytes', 0))} (--kv-cache-gb)"
            if kv.get("cap_blocks", 0) > kv.get("num_blocks", 0) else "fixed"),
         f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
         f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
@@ -199,6 +205,9 @@ async def _wait(app: web.Application, stop: asyncio.Event) -> int:
         task.cancel()
     if state.start_error is None:
         return 0
+    from ..models.loader import ModelLoadError  # the engine has imported it by now
+
     err = state.start_error
     typer.echo(f"error: the model failed to load: {first_line(err)}", err=True)
-    return 1
+    # A model that cannot be found or read is bad input (2); anything else failed here (1).
+    return 2 if isinstance(err, ModelLoadError) else 1

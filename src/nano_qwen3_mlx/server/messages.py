@@ -28,6 +28,7 @@ from .call import open_call
 from .constraints import check
 from .errors import anthropic_error_json, bad_request
 from .formatter import Payload, SSEEvent
+from .params import stop_list
 from .runner import RunResult
 from .turn_format import TurnFormatter, TurnResult, serve_turn
 from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
@@ -67,7 +68,7 @@ def constraint(tokenizer: Any, req: MessagesRequest) -> dict[str, Any]:
 def sampling_params(req: MessagesRequest, constrained: dict[str, Any]) -> SamplingParams:
     given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(req, k)) is not None}
     return SamplingParams(**given, **constrained, max_tokens=req.max_tokens,
-                          stop_sequences=list(req.stop_sequences or []))
+                          stop_sequences=stop_list(req.stop_sequences, "stop_sequences"))
 
 
 def thinking_budget(req: MessagesRequest) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, check_stop_count
 from .errors import bad_request, from_validation_error
 from .protocol import SamplingFields
 from .request import GenerationRequest
@@ -81,12 +81,20 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
     if req.stop_token_ids is not None:
         given["stop_token_ids"] = _token_ids(req.stop_token_ids, vocab)
     given.update(constraint or {})
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stop = stop_list(req.stop, "stop")
     bias = _logit_bias(req.logit_bias, vocab)
     return SamplingParams(
         **given, max_tokens=max_tokens, stop_sequences=stop, logprobs=logprobs,
         logit_bias=bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, seed=req.seed,
     )
+
+
+def stop_list(stop: str | list[str] | None, field_name: str) -> list[str]:
+    """A request's stop strings as a list; a 400 naming ``field_name`` when there are more
+    than ``MAX_STOP_SEQUENCES``."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    check_stop_count(len(stops), field_name)
+    return stops
 
 
 def _in_vocab(token_id: int, vocab: int | None) -> bool:
@@ -113,11 +121,13 @@ def _logit_bias(bias: dict[str, float] | None, vocab: int | None) -> dict[int, f
 
 def openai_request(req: SamplingFields, engine: AsyncLLMLike, prompts: list[list[int]],
                    max_tokens: int | None, logprobs: int | None, response_id: str,
-                   constraint: dict[str, Any] | None = None) -> GenerationRequest:
-    """The ``GenerationRequest`` of an OpenAI chat or text completion body."""
+                   constraint: dict[str, Any] | None = None,
+                   prompt_field: str = "messages") -> GenerationRequest:
+    """The ``GenerationRequest`` of an OpenAI chat or text completion body (whose prompt is
+    ``prompt_field``: ``messages`` or ``prompt``)."""
     params = sampling_params(req, max_tokens, logprobs, vocab_size(engine), constraint)
     return GenerationRequest(
         response_id, prompts, params, n=req.n, stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        priority=req.priority, timeout=req.timeout,
+        priority=req.priority, timeout=req.timeout, prompt_field=prompt_field,
     )

@@ -7,7 +7,7 @@ float or ``1.0`` for an int is a 400, not a silent coercion.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -88,7 +88,7 @@ class SamplingFields(_Request):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=64)
-    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
+    stop: str | list[str] | None = None  # at most MAX_STOP_SEQUENCES, checked in params.py
     stop_token_ids: list[int] | None = Field(None, max_length=256)
     # Non-negative and below 2**63 so seed + i still fits the sampler's 64-bit key.
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

@@ -39,6 +39,9 @@ class GenerationRequest:
     include_usage: bool = False  # streams: end with a usage event
     priority: int = 0  # lower runs first
     timeout: float | None = None  # seconds; the server's request_timeout caps it
+    # What the API calls the prompt and max_tokens, so a 400 names the client's own field.
+    prompt_field: str = "messages"
+    max_tokens_field: str = "max_tokens"
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -49,7 +52,8 @@ class GenerationRequest:
         the engine's ``defaults`` here, so what runs is known before the request starts."""
         out = []
         for p, ids in enumerate(self.prompts):
-            max_tokens = resolve_max_tokens(self.params.max_tokens, len(ids), max_model_len)
+            max_tokens = resolve_max_tokens(self.params.max_tokens, len(ids), max_model_len,
+                                            (self.prompt_field, self.max_tokens_field))
             for i in range(self.n):
                 index = p * self.n + i
                 seed = None if self.params.seed is None else self.params.seed + i
@@ -59,9 +63,11 @@ class GenerationRequest:
         return out
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int | None:
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,
+                       fields: tuple[str, str] = ("messages", "max_tokens")) -> int | None:
     """``max_tokens`` for a prompt (None: left out, the engine's default applies; the context
-    still ends it), or a 400 naming the lengths when it cannot fit."""
+    still ends it), or a 400 naming the lengths when it cannot fit; its ``param`` is the
+    prompt's field (``fields[0]``) when the prompt alone is too long, else ``fields[1]``."""
     room = max_model_len - prompt_len
     if room <= 0 or (requested is not None and requested > room):
         asked = prompt_len + (requested or 0)
@@ -69,6 +75,6 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {asked} tokens ({prompt_len} in the prompt, {requested or 0} for the "
             "completion). Please reduce the length of the prompt or of max_tokens.",
-            field="max_tokens" if room > 0 else "messages",
+            field=fields[1] if room > 0 else fields[0],
         )
     return requested

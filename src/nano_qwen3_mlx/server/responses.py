@@ -25,6 +25,7 @@ from .call import open_call
 from .constraints import check
 from .errors import bad_request
 from .formatter import Payload, SSEEvent
+from .params import stop_list
 from .responses_protocol import (
     NamedFunction,
     ResponsesRequest,
@@ -73,7 +74,8 @@ def think_budget(call: Any, req: ResponsesRequest) -> int | None:
 
 def sampling_params(req: ResponsesRequest, constrained: dict[str, Any]) -> SamplingParams:
     given = {k: v for k in ("temperature", "top_p") if (v := getattr(req, k)) is not None}
-    return SamplingParams(**given, **constrained, max_tokens=req.max_output_tokens)
+    return SamplingParams(**given, **constrained, max_tokens=req.max_output_tokens,
+                          stop_sequences=stop_list(req.stop, "stop"))
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -84,7 +86,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     tokenizer = call.engine.tokenizer
     prompt = render(tokenizer, req)
     params = sampling_params(req, constraint(tokenizer, req))
-    run = TurnRun.for_call(call, prompt, params, "resp", think_budget(call, req))
+    run = TurnRun.for_call(call, prompt, params, "resp", think_budget(call, req),
+                           fields=("input", "max_output_tokens"))
     head = response_head(run.request.response_id, call.model, req)
     formatter = ResponseFormatter(head, prompt, chat_tools(req) is not None, run.outputs)
     return await serve_turn(call, run, formatter)

@@ -113,7 +113,9 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
-    # Extensions shared with the other endpoints: lower runs first; seconds before giving up.
+    # Extensions shared with the other endpoints: stop strings (as chat's `stop`, at most
+    # MAX_STOP_SEQUENCES); lower runs first; seconds before giving up.
+    stop: str | list[str] | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     timeout: float | None = Field(None, gt=0)
 

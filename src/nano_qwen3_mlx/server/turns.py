@@ -67,13 +67,16 @@ class TurnRun:
 
     @classmethod
     def for_call(cls, call: ApiCall, prompt: TurnPrompt, params: SamplingParams, prefix: str,
-                 think_budget: int | None = None) -> TurnRun:
+                 think_budget: int | None = None,
+                 fields: tuple[str, str] = ("messages", "max_tokens")) -> TurnRun:
         """The turn of an API call whose body has ``stream``, ``priority`` and ``timeout``;
-        its response id is ``{prefix}_<hex>``."""
+        its response id is ``{prefix}_<hex>``; ``fields``: the API's names of the prompt and
+        of max_tokens (what a context-length 400 names)."""
         body = call.body
         request = GenerationRequest(f"{prefix}_{uuid.uuid4().hex}", [prompt.token_ids], params,
                                     stream=body.stream, priority=body.priority,
-                                    timeout=body.timeout)
+                                    timeout=body.timeout, prompt_field=fields[0],
+                                    max_tokens_field=fields[1])
         return cls(call, request, prompt, think_budget)
 
     async def __aenter__(self) -> TurnRun:
