@@ -10,7 +10,7 @@ import pytest
 from nano_qwen3_mlx import SamplingParams
 from nano_qwen3_mlx.errors import InvalidRequestError
 from nano_qwen3_mlx.sampling_params import MAX_STOP_SEQUENCES
-from tests.test_openai_client import serving
+from tests.test_openai_client import anthropic_sdk, openai_sdk, serving
 
 LONG = "word " * 200  # far over the 64-token context
 USER = [{"role": "user", "content": "Hi"}]
@@ -25,12 +25,12 @@ def server(tiny_qwen3_dir):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai_sdk(server)
 
 
 @pytest.fixture(scope="module")
 def claude(server):
-    return anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    return anthropic_sdk(server)
 
 
 def _bad_request(call) -> openai.BadRequestError:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import anthropic
 import jsonschema
 import openai
 import pytest
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 
 from nano_qwen3_mlx.tokenizer import Tokenizer
 from tests.test_grammar import SCHEMAS
-from tests.test_openai_client import serving
+from tests.test_openai_client import anthropic_sdk, openai_sdk, serving
 
 USER = [{"role": "user", "content": "Give me a city."}]
 CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
@@ -35,12 +34,12 @@ def server(tiny_qwen3_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai_sdk(server)
 
 
 @pytest.fixture(scope="module")
 def claude(server):
-    return anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    return anthropic_sdk(server)
 
 
 def thought_tokens(logprobs) -> int:

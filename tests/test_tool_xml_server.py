@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 
-import anthropic  # dev dependencies: a missing client must fail, not skip
 import jsonschema
-import openai
 import pytest
 
 from nano_qwen3_mlx.tokenizer import Tokenizer
 from tests.qwen35_template import write_qwen35_checkpoint
-from tests.test_openai_client import serving
+from tests.test_openai_client import anthropic_sdk, openai_sdk, serving
 
 pytestmark = pytest.mark.slow
 USER = [{"role": "user", "content": "Weather in Paris?"}]
@@ -40,12 +38,12 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai_sdk(server)
 
 
 @pytest.fixture(scope="module")
 def claude(server):
-    return anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    return anthropic_sdk(server)
 
 
 def _typed(args: dict) -> dict:

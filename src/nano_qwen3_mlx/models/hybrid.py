@@ -19,7 +19,7 @@ from .base import AttentionContext, count_parameters
 from .contract import LayerKV, LayerState
 from .decoder import MLP, DecoderArgs, DecoderLM
 from .hybrid_layers import GatedAttention, GatedDeltaNet, SharedExpertMoeBlock
-from .qwen3_moe import _stack_experts
+from .qwen3_moe import _stack_experts, check_experts, is_sparse_layer
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,11 @@ class HybridArgs(DecoderArgs):
             raise ValueError(f"layer_types must be {self.num_hidden_layers} of {LINEAR!r}/{FULL!r}")
         if self.extra.get("attn_output_gate", True) is not True:
             raise ValueError("attn_output_gate=false is not supported (every Qwen3.5/Next gates)")
-        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
-                             f"1..num_experts={self.num_experts}")
+        check_experts(self)
 
     def is_sparse(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` has experts (Hugging Face's rule)."""
-        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
-                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+        return is_sparse_layer(self, layer_idx)
 
 
 class HybridLayer(nn.Module):

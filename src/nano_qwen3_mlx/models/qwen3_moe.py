@@ -41,14 +41,24 @@ class ModelArgs(qwen3.ModelArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
-                             f"1..num_experts={self.num_experts}")
+        check_experts(self)
 
     def is_sparse(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` has experts (Hugging Face's rule)."""
-        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
-                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+        return is_sparse_layer(self, layer_idx)
+
+
+def check_experts(args: ModelArgs) -> None:
+    """A clear error for a top-k the experts cannot give (also the hybrid MoE families')."""
+    if args.num_experts and not 0 < args.num_experts_per_tok <= args.num_experts:
+        raise ValueError(f"num_experts_per_tok={args.num_experts_per_tok} must be in "
+                         f"1..num_experts={args.num_experts}")
+
+
+def is_sparse_layer(args: ModelArgs, layer_idx: int) -> bool:
+    """Hugging Face's rule for which layers have experts (Qwen3-MoE, Qwen3.5-MoE, Qwen3-Next)."""
+    return (layer_idx not in args.mlp_only_layers and args.num_experts > 0
+            and (layer_idx + 1) % args.decoder_sparse_step == 0)
 
 
 class SparseMoeBlock(nn.Module):
