@@ -21,13 +21,19 @@ class LLM:
     ``LLM(model=None, **engine_options)``: ``model`` is an alias (``qwen3-0.6b``,
     ``smollm2-135m``), a local directory or ``.gguf`` file, or a Hugging Face repo id;
     options are ``EngineConfig`` fields (``kv_cache_gb`` caps the KV pool, which starts small
-    and grows on demand; ``num_kv_blocks`` fixes it; ``max_tokens_default``, ...). Sampling
+    and grows on demand; ``num_kv_blocks`` fixes it; ``kv_cache_dtype="int8"`` quantizes it;
+    ``max_tokens_default``, ...); a bad one raises ``InvalidRequestError``. Sampling
     fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  **engine_options: Any) -> None:
-        self.config = config or EngineConfig.load(model=model, **engine_options)
+        if config is None:
+            try:
+                config = EngineConfig.load(model=model, **engine_options)
+            except ValueError as exc:  # a bad option: the same error a bad request gets
+                raise InvalidRequestError(str(exc)) from None
+        self.config = config
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
 
