@@ -124,15 +124,7 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
     def _attend_decode(self, layer: int, q: mx.array, scale: float) -> mx.array:
-        if self.cache.read_path == "gather_mm":
-            return decode_gather_mm(self.cache, layer, q, self.decode, scale)
-        if self.cache.read_path == "gather_qmm":
-            return decode_gather_qmm(self.cache, layer, q, self.decode, scale)
-        k, v = self.cache.gather(layer, self.decode.tables)
-        mask = self.decode.valid.reshape(len(self.decode), 1, 1, -1)
-        return mx.fast.scaled_dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask
-        )
+        return decode_attention(self.cache, layer, q, self.decode, scale)
 
     def _attend_chunk(self, layer: int, q: mx.array, chunk: PrefillChunk, scale: float) -> mx.array:
         """The chunk's last ``len(q)`` queries against its sequence's keys, causally.
@@ -156,6 +148,20 @@ class PagedAttention:
                 q[:, :, a:b], k[:, :, :end], v[:, :, :end], scale=scale, mask="causal"))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return out.transpose(2, 1, 0, 3)
+
+
+def decode_attention(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
+                     scale: float) -> mx.array:
+    """The decode rows' attention ``(B, H, 1, D)`` by the cache's ``read_path``."""
+    if cache.read_path == "gather_mm":
+        return decode_gather_mm(cache, layer, q, group, scale)
+    if cache.read_path == "gather_qmm":
+        return decode_gather_qmm(cache, layer, q, group, scale)
+    k, v = cache.gather(layer, group.tables)
+    mask = group.valid.reshape(len(group), 1, 1, -1)
+    return mx.fast.scaled_dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask
+    )
 
 
 def decode_gather_mm(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
