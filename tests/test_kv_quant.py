@@ -153,7 +153,7 @@ def test_grow_keeps_quantized_contents():
 @pytest.mark.parametrize(("name", "head_dim", "expected"), [
     # Qwen3 (head_dim 128, float32 model): int8 = 128 B + 2 groups x (scale + bias) x 4 B.
     ("int8", 128, 128 + 2 * 2 * 4),
-    ("int4", 128, 64 + 2 * 2 * 4),
+    ("int4", 128, 64 + 4 * 2 * 4),  # int4: groups of 32
     ("float16", 128, 256),
     (None, 128, 512),
     # A head_dim of 32: one group of 32.
