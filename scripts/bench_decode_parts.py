@@ -14,9 +14,10 @@ Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
   (``engine.paged_attention.decode_attention``), mlx-lm runs SDPA over its contiguous
   per-sequence cache (allocated in steps of 256 positions, read as a slice).
 
-It then adds them into a step per engine, and prints the most ours could gain if its
-attention took no time at all: on a machine where the output layer dominates, no attention
-design reaches a large decode ratio. Compare the step estimates with the lengths suite's
+It then adds them into a step per engine, prints the most ours could gain if its attention
+took no time at all (on a machine where the output layer dominates, no attention design
+reaches a large decode ratio), and our attention per layer as a fraction of the bandwidth
+limit: the time to read its K/V bytes once at the read bandwidth measured here. Compare the step estimates with the lengths suite's
 measured decode tok/s (``nano-qwen3 bench --shape kv --suite lengths``).
 """
 
@@ -46,6 +47,14 @@ def timed(f, repeats: int = 5) -> float:
     for _ in range(repeats):
         mx.eval(f())
     return (time.perf_counter() - start) / repeats * 1e3
+
+
+def read_bandwidth(num_bytes: int = 1 << 28) -> float:
+    """Bytes per second this device reads: a float32 sum over ``num_bytes`` (the bandwidth
+    limit decode attention is measured against; it reads each K/V byte once)."""
+    x = mx.random.normal((num_bytes // 4,))
+    mx.eval(x)
+    return num_bytes / timed(lambda: x.sum()) * 1e3
 
 
 def layer_rest(shape: dict, batch: int):
@@ -115,8 +124,11 @@ def main() -> None:
     print(f"| step (sum) | {step_ours:.1f} | {step_peer:.1f} |")
     print(f"\ndecode ratio from these parts: {step_peer / step_ours:.2f}x; with attention "
           f"free for us: at most {step_peer / (head + layers * rest):.2f}x. Output layer: "
-          f"{head / step_peer:.0%} of mlx-lm's step.\nOur attention reads {kv_bytes / 1e6:.0f} MB "
-          f"of K/V per layer: {kv_bytes / ours / 1e6:.1f} GB/s.")
+          f"{head / step_peer:.0%} of mlx-lm's step.")
+    limit = read_bandwidth()
+    print(f"\nDecode attention per layer reads {kv_bytes / 1e6:.0f} MB of K/V: at the {limit / 1e9:.1f} "
+          f"GB/s this device reads (a float32 sum), {kv_bytes / limit * 1e3:.1f} ms; ours takes "
+          f"{ours:.1f} ms, {kv_bytes / limit * 1e3 / ours:.0%} of the bandwidth limit.")
 
 
 if __name__ == "__main__":
