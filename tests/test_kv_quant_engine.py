@@ -111,3 +111,30 @@ def test_cli_generate_with_int8_kv(tiny_qwen3_dir):
                              "--kv-cache-dtype", "int8"], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "5 tokens" in result.stderr.strip().splitlines()[-1]
+
+
+def test_hybrid_model_with_int8_kv(qwen_tokenizer_dir):
+    """A hybrid model's attention layers on an int8 pool (head_dim 32), its recurrent states
+    beside it in the same budget: greedy tokens as with the float pool, for most tokens, and
+    a shared prompt reuses its snapshot and quantized blocks."""
+    from tests.toy_hybrid import ToyHybridLM, toy_engine
+
+    model = ToyHybridLM(dim=128)
+    prompts = [list(range(10, 19)), list(range(30, 53)), list(range(30, 53)) + [7, 8, 9]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for name in (None, "int8"):
+        engine = toy_engine(model, qwen_tokenizer_dir, block_size=4, state_snapshot_interval=8,
+                            num_kv_blocks=128, max_num_seqs=4, device="cpu", kv_cache_dtype=name)
+        got = []
+        for prompt in prompts:  # one after another: the third reuses the second's prefix
+            request_id = engine.add_request(prompt, params)
+            out = []
+            while engine.has_unfinished_requests():
+                out += [t for o in engine.step() if o.request_id == request_id for t in o.token_ids]
+            got.append(out)
+        tokens[name] = got
+        assert engine.get_stats()["kv_cache"]["dtype"] == (name or "float32")
+        assert engine.stats.num_computed_prompt_tokens < sum(map(len, prompts))  # reused
+    same = sum(a == b for r, g in zip(tokens[None], tokens["int8"]) for a, b in zip(r, g))
+    assert same >= 0.8 * sum(map(len, tokens[None]))
