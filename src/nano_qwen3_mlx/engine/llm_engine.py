@@ -414,7 +414,8 @@ class LLMEngine:
     # ---- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         s, bm = self.stats, self.block_manager
-        kv = bm.stats() | {"dtype": self.cache.kv_dtype, "bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
+        kv = bm.stats() | {"dtype": self.cache.kv_dtype,  # --kv-cache-dtype (default: the model's)
+                           "bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
                            "cap_bytes": self.kv_cap_bytes, "bytes_per_token": self.cache.bytes_per_token,
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
         return {
