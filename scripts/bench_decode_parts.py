@@ -1,6 +1,9 @@
 """Where one batched decode step's time goes, for this engine and for mlx-lm.
 
-usage: python scripts/bench_decode_parts.py [CONTEXT=2048] [BATCH=8] [SHAPE=kv]
+usage: python scripts/bench_decode_parts.py [CONTEXT=2048] [BATCH=8] [SHAPE=kv] [KV_DTYPE]
+
+``KV_DTYPE`` (``int8``, ``int4``): our attention reads a quantized pool
+(``decode_gather_qmm``, ``--kv-cache-dtype``); mlx-lm's stays float32.
 
 Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
 
@@ -8,12 +11,13 @@ Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
   same matmul in both engines (tied embeddings, logits only for the rows that sample);
 - the rest of a layer (q/k/v/o projections and the MLP): the same in both engines;
 - one layer's decode attention: ours reads the paged pool in place
-  (``engine.paged_attention.decode_gather_mm``), mlx-lm runs SDPA over its contiguous
+  (``engine.paged_attention.decode_attention``), mlx-lm runs SDPA over its contiguous
   per-sequence cache (allocated in steps of 256 positions, read as a slice).
 
-It then adds them into a step per engine, and prints the most ours could gain if its
-attention took no time at all: on a machine where the output layer dominates, no attention
-design reaches a large decode ratio. Compare the step estimates with the lengths suite's
+It then adds them into a step per engine, prints the most ours could gain if its attention
+took no time at all (on a machine where the output layer dominates, no attention design
+reaches a large decode ratio), and our attention per layer as a fraction of the bandwidth
+limit: the time to read its K/V bytes once at the read bandwidth measured here. Compare the step estimates with the lengths suite's
 measured decode tok/s (``nano-qwen3 bench --shape kv --suite lengths``).
 """
 
@@ -29,8 +33,8 @@ import mlx.core as mx
 import numpy as np
 
 from nano_qwen3_mlx.bench import SHAPES
-from nano_qwen3_mlx.engine.kv_cache import PagedKVCache
-from nano_qwen3_mlx.engine.paged_attention import DecodeGroup, decode_gather_mm
+from nano_qwen3_mlx.engine.kv_cache import KVLayout, PagedKVCache
+from nano_qwen3_mlx.engine.paged_attention import DecodeGroup, decode_attention
 
 VOCAB, BLOCK = 151936, 16
 
@@ -43,6 +47,23 @@ def timed(f, repeats: int = 5) -> float:
     for _ in range(repeats):
         mx.eval(f())
     return (time.perf_counter() - start) / repeats * 1e3
+
+
+def read_bandwidth(num_bytes: int = 1 << 28) -> float:
+    """Bytes per second this machine's memory delivers: the fastest of a few reads of
+    ``num_bytes`` by numpy (BLAS ``sdot``, a sum, a copy counted twice); MLX's own CPU
+    reductions are compute-bound here (a float32 sum reads ~3 GB/s). Decode attention must
+    read each K/V byte once, so this bounds it."""
+    x = np.random.default_rng(0).random(num_bytes // 4, dtype=np.float32)
+    y = np.empty_like(x)
+    best = 0.0
+    for f, moved in ((lambda: x @ x, 1), (lambda: x.sum(), 1), (lambda: np.copyto(y, x), 2)):
+        f()
+        start = time.perf_counter()
+        for _ in range(5):
+            f()
+        best = max(best, moved * num_bytes * 5 / (time.perf_counter() - start))
+    return best
 
 
 def layer_rest(shape: dict, batch: int):
@@ -62,17 +83,20 @@ def layer_rest(shape: dict, batch: int):
     return run
 
 
-def attention_ours(shape: dict, batch: int, context: int):
+def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str | None = None):
     n_kv, d, hq = shape["num_key_value_heads"], shape["head_dim"], shape["num_attention_heads"]
     nb = -(-context // BLOCK)
-    cache = PagedKVCache(1, batch * nb, BLOCK, n_kv, d, mx.float32)
-    cache.k_pools[0] = mx.random.normal(cache.k_pools[0].shape)
-    cache.v_pools[0] = mx.random.normal(cache.v_pools[0].shape)
+    layout = KVLayout.parse(kv_dtype, mx.float32, d)
+    cache = PagedKVCache(1, batch * nb, BLOCK, n_kv, d, mx.float32, bits=layout.bits,
+                         group_size=layout.group_size)
+    slots = mx.arange(batch * nb * BLOCK)
+    kv = mx.random.normal((2, batch * nb * BLOCK, n_kv, d))
+    cache.write(0, slots // BLOCK, slots % BLOCK, kv[0], kv[1])
     tables = np.arange(batch * nb, dtype=np.int32).reshape(batch, nb)  # as a fresh run lays them
     group = DecodeGroup.build(tables, np.full(batch, context, np.int32), cache)
     q = mx.random.normal((batch, hq, 1, d))
-    mx.eval(cache.k_pools, cache.v_pools, q)
-    return lambda: decode_gather_mm(cache, 0, q, group, d ** -0.5)
+    mx.eval(cache.k_parts, cache.v_parts, q)
+    return lambda: decode_attention(cache, 0, q, group, d ** -0.5), cache.bytes_per_token * context * batch
 
 
 def attention_mlx_lm(shape: dict, batch: int, context: int):
@@ -89,6 +113,7 @@ def main() -> None:
     context = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     name = sys.argv[3] if len(sys.argv) > 3 else "kv"
+    kv_dtype = sys.argv[4] if len(sys.argv) > 4 else None
     shape, mx_device = SHAPES[name], mx.default_device()
     layers = shape["num_hidden_layers"]
     embed = mx.random.normal((VOCAB, shape["hidden_size"])) * 0.02
@@ -96,9 +121,11 @@ def main() -> None:
     mx.eval(embed, x)
     head = timed(lambda: x @ embed.T)
     rest = timed(layer_rest(shape, batch))
-    ours, peer = timed(attention_ours(shape, batch, context)), timed(attention_mlx_lm(shape, batch, context))
+    attend, kv_bytes = attention_ours(shape, batch, context, kv_dtype)
+    ours, peer = timed(attend), timed(attention_mlx_lm(shape, batch, context))
     step_ours, step_peer = head + layers * (rest + ours), head + layers * (rest + peer)
-    print(f"shape {name}, batch {batch}, context {context}, float32, {mx_device}; ms per call\n")
+    print(f"shape {name}, batch {batch}, context {context}, float32, our KV "
+          f"{kv_dtype or 'float32'}, {mx_device}; ms per call\n")
     print("| part | ours | mlx-lm |\n|---|---:|---:|")
     print(f"| output layer (same matmul) | {head:.1f} | {head:.1f} |")
     print(f"| rest of a layer x {layers} (same matmuls) | {layers * rest:.1f} | {layers * rest:.1f} |")
@@ -107,6 +134,10 @@ def main() -> None:
     print(f"\ndecode ratio from these parts: {step_peer / step_ours:.2f}x; with attention "
           f"free for us: at most {step_peer / (head + layers * rest):.2f}x. Output layer: "
           f"{head / step_peer:.0%} of mlx-lm's step.")
+    limit = read_bandwidth()
+    print(f"\nDecode attention per layer reads {kv_bytes / 1e6:.0f} MB of K/V: at the {limit / 1e9:.1f} "
+          f"GB/s this machine reads, {kv_bytes / limit * 1e3:.1f} ms; ours takes "
+          f"{ours:.1f} ms, {kv_bytes / limit * 1e3 / ours:.0%} of the bandwidth limit.")
 
 
 if __name__ == "__main__":

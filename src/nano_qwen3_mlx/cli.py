@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .config import KV_DTYPE_HELP
 from .errors import exit_with_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -60,6 +61,7 @@ def generate(
     thinking: Annotated[bool, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode")] = False,
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     quantize: Annotated[int | None, typer.Option("--quantize", help="quantize on load: 4 or 8")] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=KV_DTYPE_HELP)] = None,
 ) -> None:
     """Generate text for one prompt; text on stdout, a one-line summary on stderr."""
     from .sampling_params import SamplingParams
@@ -71,7 +73,8 @@ def generate(
                                 top_k=top_k, seed=seed)
     except ValueError as exc:
         fail(str(exc))
-    llm = _load_llm(_engine_config(model, config, quantize=quantize, max_num_seqs=1))
+    llm = _load_llm(_engine_config(model, config, quantize=quantize, max_num_seqs=1,
+                                    kv_cache_dtype=kv_cache_dtype))
     use_chat = llm.tokenizer.has_chat_template if chat is None else chat
     if use_chat:
         messages = [{"role": "user", "content": prompt}]
@@ -225,6 +228,7 @@ def bench(
     batch: Annotated[str, typer.Option(help="comma-separated concurrent request counts; 1 = one stream")] = "1,8",
     max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
     max_itl_ratio: Annotated[float | None, typer.Option(help="our prefill pacing: a step with a prompt chunk takes at most this many decode steps (default: off)")] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=f"ours: {KV_DTYPE_HELP}; mlx-lm keeps the model's dtype")] = None,
     mixed_long_len: Annotated[int, typer.Option(help="mixed: length of the arriving prompts")] = 2048,
     mixed_running: Annotated[int, typer.Option(help="mixed: streams decoding meanwhile")] = 4,
     chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat (0: only the shared system prompt)")] = 10,
@@ -255,9 +259,17 @@ def bench(
     plan = BenchPlan(model, shape, dtype, suites, lens, sizes, gen_len, max_num_batched_tokens,
                      {"long_len": mixed_long_len, "running": mixed_running},
                      ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens),
-                     {"max_itl_ratio": max_itl_ratio} if max_itl_ratio else {})
+                     _bench_engine_options(max_itl_ratio, kv_cache_dtype))
     typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
+
+
+def _bench_engine_options(max_itl_ratio: float | None, kv_cache_dtype: str | None) -> dict[str, Any]:
+    """This engine's options for the bench, validated as the engine would (one error line)."""
+    options = {k: v for k, v in (("max_itl_ratio", max_itl_ratio), ("kv_cache_dtype", kv_cache_dtype))
+               if v is not None}
+    _engine_config(None, **options)
+    return options
 
 
 def _int_list(flag: str, text: str) -> list[int]:

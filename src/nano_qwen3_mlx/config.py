@@ -21,6 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+KV_DTYPE_HELP = ("KV cache storage: int8, int4 (group-wise quantized, read in place), float16, "
+                 "bfloat16, float32 (default: the model's dtype)")
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 # Default thinking budgets (tokens) per reasoning effort level.
 EFFORT_BUDGETS = {"minimal": 128, "low": 512, "medium": 2048, "high": 8192, "xhigh": 16384}
@@ -117,6 +119,9 @@ class EngineConfig(_Settings):
     quantize: Literal[4, 8] | None = None
     device: Literal["gpu", "cpu", "auto"] = "auto"
     block_size: int = Field(16, ge=1, le=1024)
+    # How the KV cache stores K/V: None = the model's dtype; int8/int4 = group-wise affine
+    # quantized (as mx.quantize, groups along head_dim), read in place by decode attention.
+    kv_cache_dtype: Literal["int8", "int4", "float16", "bfloat16", "float32"] | None = None
     # A fixed pool of this many blocks (no growth); None: the pool grows on demand up to a cap.
     num_kv_blocks: int | None = Field(None, ge=2)
     # Hard cap on the KV pool; it starts small and grows on demand up to here, never beyond.

@@ -20,7 +20,8 @@ class LLM:
     ``LLM(model=None, **engine_options)``: ``model`` is an alias (``qwen3-0.6b``,
     ``smollm2-135m``), a local directory or ``.gguf`` file, or a Hugging Face repo id;
     options are ``EngineConfig`` fields (``kv_cache_gb`` caps the KV pool, which starts small
-    and grows on demand; ``num_kv_blocks`` fixes it; ``max_tokens_default``, ...). Sampling
+    and grows on demand; ``num_kv_blocks`` fixes it; ``kv_cache_dtype="int8"`` quantizes it;
+    ``max_tokens_default``, ...); a bad one raises ``InvalidRequestError``. Sampling
     fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
     """
 

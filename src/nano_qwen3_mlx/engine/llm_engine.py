@@ -20,7 +20,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
-from .kv_cache import PagedKVCache
+from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
 from .output_processor import OutputProcessor
@@ -112,14 +112,20 @@ class LLMEngine:
         return cache
 
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
-        kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
+        kv, num_layers, layout = uniform_kv(self.model), len(self.model.kv_layers), self.kv_layout
         return PagedKVCache(num_layers, num_blocks, self.config.block_size, kv.num_kv_heads,
-                            kv.head_dim, self.model.dtype)
+                            kv.head_dim, layout.dtype, bits=layout.bits, group_size=layout.group_size)
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        """``--kv-cache-dtype`` (default: the model's dtype) for this model's head_dim."""
+        return KVLayout.parse(self.config.kv_cache_dtype, self.model.dtype,
+                              uniform_kv(self.model).head_dim)
 
     def _block_bytes(self) -> int:
         kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
-        per_token = 2 * num_layers * kv.num_kv_heads * kv.head_dim
-        return per_token * self.model.dtype.size * self.config.block_size
+        per_token = kv_bytes_per_token(self.kv_layout, num_layers, kv.num_kv_heads, kv.head_dim)
+        return per_token * self.config.block_size
 
     @property
     def kv_cap_bytes(self) -> int:
@@ -402,7 +408,8 @@ class LLMEngine:
     # ---- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         s, bm = self.stats, self.block_manager
-        kv = bm.stats() | {"bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
+        kv = bm.stats() | {"dtype": self.cache.kv_dtype,  # --kv-cache-dtype (default: the model's)
+                           "bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
                            "cap_bytes": self.kv_cap_bytes, "bytes_per_token": self.cache.bytes_per_token,
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
         return {

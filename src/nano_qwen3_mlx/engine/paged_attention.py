@@ -5,7 +5,8 @@ A packed step is a flat list of T tokens: the model sees them as T rows of lengt
 and RoPE gets one position per token. Attention then needs to know each token's sequence:
 
 - decode tokens (one per sequence) come first and attend together, reading the pool in
-  place with ``mx.gather_mm`` (per-block scores, one softmax across blocks, per-block values);
+  place with ``mx.gather_mm`` (per-block scores, one softmax across blocks, per-block values),
+  or ``mx.gather_qmm`` where the cache is quantized (``--kv-cache-dtype int8|int4``);
 - each prefill chunk (several tokens of one sequence) attends with SDPA over its sequence's
   blocks gathered into a contiguous ``(1, n_kv, S, D)`` copy, causal from its start.
 """
@@ -123,16 +124,15 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
     def _attend_decode(self, layer: int, q: mx.array, scale: float) -> mx.array:
-        if self.cache.read_path == "gather_mm":
-            return decode_gather_mm(self.cache, layer, q, self.decode, scale)
-        k, v = self.cache.gather(layer, self.decode.tables)
-        mask = self.decode.valid.reshape(len(self.decode), 1, 1, -1)
-        return mx.fast.scaled_dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask
-        )
+        return decode_attention(self.cache, layer, q, self.decode, scale)
 
     def _attend_chunk(self, layer: int, q: mx.array, chunk: PrefillChunk, scale: float) -> mx.array:
-        """The chunk's last ``len(q)`` queries against its sequence's keys, causally."""
+        """The chunk's last ``len(q)`` queries against its sequence's keys, causally.
+
+        A quantized cache dequantizes the gathered copy of this sequence's blocks (the copy
+        is made anyway); SDPA over it is one fused call, where quantized matmuls would need
+        the scores materialised.
+        """
         k, v = self.cache.gather(layer, chunk.table)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         n, q = q.shape[0], q.transpose(2, 1, 0, 3)  # (1, H, n, D)
@@ -148,6 +148,20 @@ class PagedAttention:
                 q[:, :, a:b], k[:, :, :end], v[:, :, :end], scale=scale, mask="causal"))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return out.transpose(2, 1, 0, 3)
+
+
+def decode_attention(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
+                     scale: float) -> mx.array:
+    """The decode rows' attention ``(B, H, 1, D)`` by the cache's ``read_path``."""
+    if cache.read_path == "gather_mm":
+        return decode_gather_mm(cache, layer, q, group, scale)
+    if cache.read_path == "gather_qmm":
+        return decode_gather_qmm(cache, layer, q, group, scale)
+    k, v = cache.gather(layer, group.tables)
+    mask = group.valid.reshape(len(group), 1, 1, -1)
+    return mx.fast.scaled_dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask
+    )
 
 
 def decode_gather_mm(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
@@ -171,5 +185,33 @@ def decode_gather_mm(cache: PagedKVCache, layer: int, q: mx.array, group: Decode
     p = s.astype(cache.dtype).reshape(-1, bs, G).swapaxes(-1, -2)  # (B*n_kv*nb, G, bs)
     rows = mx.arange(B * n_kv * nb, dtype=mx.uint32)
     o = mx.gather_mm(p, v_pool, rows, group.rhs)  # (B*n_kv*nb, G, D)
+    o = o.astype(mx.float32).reshape(B, n_kv, nb, G, D).sum(axis=2) / denom
+    return o.reshape(B, H, 1, D).astype(dtype)
+
+
+def decode_gather_qmm(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
+                      scale: float) -> mx.array:
+    """``decode_gather_mm`` over a quantized pool: ``mx.gather_qmm`` multiplies each block's
+    packed rows where they lie, dequantizing group by group inside the kernel.
+
+    Scores are ``q @ K_block^T`` (``transpose=True``: K rows are quantized along head_dim),
+    ``(B, n_kv, nb, G, bs)``; values are ``p @ V_block`` (``transpose=False``: V's
+    quantization groups run along the output axis, head_dim, as the kernel wants).
+    """
+    B, H, _, D = q.shape
+    dtype, n_kv, bs = q.dtype, cache.num_kv_heads, cache.block_size
+    G, nb = H // n_kv, group.tables.shape[1]
+    quant = {"group_size": cache.group_size, "bits": cache.bits}
+    k = [pools[layer].reshape(-1, bs, pools[layer].shape[-1]) for pools in cache.k_parts]
+    v = [pools[layer].reshape(-1, bs, pools[layer].shape[-1]) for pools in cache.v_parts]
+    q_g = (q.reshape(B * n_kv, G, D) * scale).astype(cache.dtype)  # (B*n_kv, G, D)
+    s = mx.gather_qmm(q_g, *k, lhs_indices=group.lhs, rhs_indices=group.rhs, transpose=True, **quant)
+    s = mx.where(group.valid.reshape(B, 1, nb, 1, bs), s.reshape(B, n_kv, nb, G, bs).astype(mx.float32),
+                 -mx.inf)
+    s = mx.exp(s - s.max(axis=(2, 4), keepdims=True))
+    denom = s.sum(axis=(2, 4)).reshape(B, n_kv, G, 1)
+    p = s.astype(cache.dtype).reshape(-1, G, bs)  # (B*n_kv*nb, G, bs)
+    rows = mx.arange(B * n_kv * nb, dtype=mx.uint32)
+    o = mx.gather_qmm(p, *v, lhs_indices=rows, rhs_indices=group.rhs, transpose=False, **quant)
     o = o.astype(mx.float32).reshape(B, n_kv, nb, G, D).sum(axis=2) / denom
     return o.reshape(B, H, 1, D).astype(dtype)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from aiohttp import web
 
-from ..config import EngineConfig, ServerConfig
+from ..config import KV_DTYPE_HELP, EngineConfig, ServerConfig
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
@@ -46,6 +46,7 @@ def serve(
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
+    kv_cache_dtype: Annotated[str | None, Opt(help=KV_DTYPE_HELP)] = None,
     api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> or x-api-key: <key> (env API_KEY)")] = None,
     served_model_name: Annotated[str | None, Opt(help="model name shown to clients")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning, error")] = None,
@@ -62,7 +63,8 @@ def serve(
                           kv_cache_gb=kv_cache_gb, max_memory_gb=max_memory_gb,
                           max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
-                          device=device, dtype=dtype, quantize=quantize)
+                          device=device, dtype=dtype, quantize=quantize,
+                          kv_cache_dtype=kv_cache_dtype)
     _check_model(engine_config.model)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           served_model_name=served_model_name, log_level=log_level,
@@ -132,7 +134,8 @@ def _banner(state: ServerState, url: str) -> None:
         f"model        {state.model_name} (context {engine.max_model_len} tokens, "
         f"{params['total'] / 1e9:.2f}B parameters{active})",
         f"memory       {mib(mem.get('active_bytes', 0))} in use; KV pool {mib(kv.get('bytes', 0))} "
-        f"({kv.get('num_blocks', '?')} blocks of {kv.get('block_size', '?')} tokens), "
+        f"({kv.get('num_blocks', '?')} blocks of {kv.get('block_size', '?')} tokens, "
+        f"{kv.get('dtype', '?')}, {kv.get('bytes_per_token', '?')} B/token), "
         + (f"grows on demand up to {mib(kv.get('cap_bytes', 0))} (--kv-cache-gb)"
            if kv.get("cap_blocks", 0) > kv.get("num_blocks", 0) else "fixed"),
         f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
