@@ -172,7 +172,13 @@ def engine_config(config: EngineConfig | None, model: str | None,
     """The ``EngineConfig`` of ``LLM(...)`` / ``AsyncLLM(...)``: ``config`` as given, or built
     from ``model`` and ``options`` (an unknown option raises ``InvalidRequestError``)."""
     if config is None:
-        return EngineConfig.load(model=model, **options)
+        try:
+            return EngineConfig.load(model=model, **options)
+        except InvalidRequestError:
+            raise
+        except ValueError as exc:  # a bad value: the same error a bad request gets
+            field = str(exc).removeprefix("invalid ").split(":")[0]
+            raise InvalidRequestError(str(exc), field=field or None) from None
     if options or model is not None:
         given = sorted(options) + (["model"] if model is not None else [])
         raise InvalidRequestError(f"give config or engine options, not both (got config and "
