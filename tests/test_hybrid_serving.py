@@ -140,3 +140,20 @@ def test_anthropic_client_on_a_hybrid_model(server):
                                     extra_body={"temperature": 0})
     assert forced.stop_reason == "tool_use"
     jsonschema.validate(forced.content[-1].input, SCHEMA)
+
+
+def test_a_shared_system_message_is_reused_to_its_end(hybrid_dir):
+    """Clients that share only a system prompt (shorter than a snapshot interval) resume
+    after it: the state is snapshotted where the prompt's second message starts."""
+    system = "<|im_start|>system\n" + "You are a terse assistant. " * 12 + "<|im_end|>\n"
+    prompts = [f"{system}<|im_start|>user\nquestion {k}<|im_end|>\n<|im_start|>assistant\n"
+               for k in ("one", "two")]
+    with LLM(str(hybrid_dir)) as llm:
+        system_tokens = len(llm.engine.tokenizer.encode(system))
+        assert system_tokens < llm.engine.config.state_snapshot_interval
+        first = llm.generate([prompts[0]], GREEDY)[0]
+        before = llm.get_stats()["tokens"]["prefill_computed"]
+        second = llm.generate([prompts[1]], GREEDY)[0]
+        computed = llm.get_stats()["tokens"]["prefill_computed"] - before
+    assert computed == second["usage"]["prompt_tokens"] - system_tokens
+    assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]

@@ -6,7 +6,8 @@ first ``position`` tokens of some sequence, which let a later request with the s
 resume there (a recurrent state cannot be cut at an arbitrary token, unlike the KV cache).
 
 Snapshots are taken while a prompt is prefilled, every ``interval`` tokens (a multiple of
-the block size), at the end of the prompt and before its generation prompt (``plan``: the
+the block size), at the end of the prompt, at the end of its first message (the system
+prompt clients share), and before its generation prompt (``plan``: the
 last ``turn_tokens`` token, ``<|im_start|>``, among its last ``TURN_LOOKBACK`` tokens; a
 chat's next turn renders the previous reply after that point, not always after the
 generation prompt: Qwen3.5 opens ``<think>`` there), and when a sequence lets its slot go
@@ -161,7 +162,7 @@ class StateManager(SnapshotReuse):
             return []
         end, s = start + num_tokens, self.interval
         positions = set(range((start // s + 1) * s, end + 1, s))
-        for p in (seq.num_prompt_tokens, self._turn_start(seq)):
+        for p in (seq.num_prompt_tokens, self._turn_start(seq), self._first_turn_end(seq)):
             if p is not None and start < p <= end:
                 positions.add(p)
         points = []
@@ -243,6 +244,17 @@ class StateManager(SnapshotReuse):
             if seq.token_ids[p] in self.turn_tokens:
                 return p or None
         return None
+
+    def _first_turn_end(self, seq: Any) -> int | None:
+        """Where the prompt's second turn starts: the end of its system message, which
+        clients share (the prompt caches of mlx_lm.server and the APIs keep it too)."""
+        ends = []
+        for token in self.turn_tokens:
+            try:
+                ends.append(seq.token_ids.index(token, 1, seq.num_prompt_tokens))
+            except ValueError:
+                continue
+        return min(ends, default=None)
 
     def _key(self, seq: Any, bm: BlockManager, position: int) -> tuple[Key, int] | None:
         """(key, anchor block) of ``seq``'s state after ``position`` tokens; None where it
