@@ -258,7 +258,8 @@ def bench(
         fail("--gen-len must be >= 2, lengths, batch sizes and counts >= 1 (--chat-turns 0 skips the multi-turn chat)")
     plan = BenchPlan(model, shape, dtype, suites, lens, sizes, gen_len, max_num_batched_tokens,
                      {"long_len": mixed_long_len, "running": mixed_running},
-                     ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens),
+                     ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens,
+                              step_tokens=max_num_batched_tokens),
                      _bench_engine_options(max_itl_ratio, kv_cache_dtype))
     typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)

@@ -111,6 +111,7 @@ class ChatPlan:
     system_words: int = 2000  # one token per word with these words
     client_words: int = 30
     client_tokens: int = 8
+    step_tokens: int = 2048  # our max_num_batched_tokens = mlx_lm.server's --prefill-step-size
 
 
 def template_reuse(tokenizer, plan: ChatPlan, answers: list[str]) -> list[int]:
@@ -186,9 +187,11 @@ def server_command(server: str, model: Path, port: int, plan: ChatPlan) -> list[
     if server == "ours":
         # No request timeout: on a slow CPU a cold 8 x 2,000-token round takes many minutes.
         return serve_command(str(model), port, ["--max-num-seqs", str(plan.clients),
-                                                "--request-timeout", "36000"])
+                                                "--request-timeout", "36000",
+                                                "--max-num-batched-tokens", str(plan.step_tokens)])
     return mlx_lm_server_command(str(model), port, ["--decode-concurrency", str(plan.clients),
-                                                    "--prompt-concurrency", str(plan.clients)])
+                                                    "--prompt-concurrency", str(plan.clients),
+                                                    "--prefill-step-size", str(plan.step_tokens)])
 
 
 def run(model: Path, plan: ChatPlan, progress=print) -> dict[str, Any]:

@@ -43,6 +43,7 @@ def serve(
     max_queue_size: Annotated[int | None, Opt(help="requests held before 429")] = None,
     max_model_len: Annotated[int | None, Opt(help="context length cap")] = None,
     max_itl_ratio: Annotated[float | None, Opt(help="while streams decode, size prompt chunks so a step takes at most this many decode steps (e.g. 2: even token gaps, slower first tokens for arriving prompts)")] = None,
+    max_num_batched_tokens: Annotated[int | None, Opt(help="tokens one engine step may carry (prompt chunks + decodes; default 2048)")] = None,
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
@@ -63,6 +64,7 @@ def serve(
                           kv_cache_gb=kv_cache_gb, max_memory_gb=max_memory_gb,
                           max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
+                          max_num_batched_tokens=max_num_batched_tokens,
                           device=device, dtype=dtype, quantize=quantize,
                           kv_cache_dtype=kv_cache_dtype)
     _check_model(engine_config.model)
