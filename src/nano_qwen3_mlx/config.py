@@ -97,6 +97,10 @@ class EngineConfig(_Settings):
     max_itl_ratio: float | None = Field(None, gt=1.0)
     max_model_len: int | None = Field(None, ge=16)
     enable_prefix_caching: bool = True
+    # The prefix cache's disk tier (engine/disk_tier.py): full KV blocks persisted here, at
+    # most prefix_cache_disk_gb GB; only the size given: a folder under the user cache dir.
+    prefix_cache_dir: str | None = None
+    prefix_cache_disk_gb: float | None = Field(None, gt=0)
     max_queue_size: int = Field(1024, ge=1)
 
     @field_validator("sampling_defaults")

@@ -109,9 +109,10 @@ class LLM:
         return self.engine.get_stats()
 
     def close(self) -> None:
-        """Abort anything unfinished (frees every KV block)."""
+        """Abort anything unfinished (frees every KV block); finish the disk tier's writes."""
         self.engine.abort_all()
         self._drain()
+        self.engine.close()
 
     def __enter__(self) -> LLM:
         return self
