@@ -28,6 +28,10 @@ WORKERS_REFUSED = (
 )
 
 Opt = typer.Option
+PREFIX_CACHE_DIR_HELP = ("keep full KV blocks in this folder too: a prefix cache that survives "
+                         "restarts and outgrows RAM (env PREFIX_CACHE_DIR)")
+PREFIX_CACHE_GB_HELP = ("cap of the --prefix-cache-dir folder in GB (default 10); alone: a "
+                        "folder under the user cache dir (env PREFIX_CACHE_DISK_GB)")
 
 
 def serve(
@@ -42,6 +46,8 @@ def serve(
     max_queue_size: Annotated[int | None, Opt(help="requests held before 429")] = None,
     max_model_len: Annotated[int | None, Opt(help="context length cap")] = None,
     max_itl_ratio: Annotated[float | None, Opt(help="while streams decode, size prompt chunks so a step takes at most this many decode steps (e.g. 2: even token gaps, slower first tokens for arriving prompts)")] = None,
+    prefix_cache_dir: Annotated[str | None, Opt(help=PREFIX_CACHE_DIR_HELP)] = None,
+    prefix_cache_disk_gb: Annotated[float | None, Opt(help=PREFIX_CACHE_GB_HELP)] = None,
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
@@ -60,7 +66,9 @@ def serve(
                           kv_cache_gb=kv_cache_gb, max_memory_gb=max_memory_gb,
                           max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
-                          device=device, dtype=dtype, quantize=quantize)
+                          device=device, dtype=dtype, quantize=quantize,
+                          prefix_cache_dir=prefix_cache_dir,
+                          prefix_cache_disk_gb=prefix_cache_disk_gb)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           served_model_name=served_model_name, log_level=log_level,
                           log_prompts=log_prompts, cors_origins=cors_origin or None,
@@ -129,6 +137,11 @@ def _banner(state: ServerState, url: str) -> None:
         f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
         f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
     ]
+    if "disk_cache" in stats:  # the prefix cache's disk tier (engine/disk_tier.py)
+        disk = stats["disk_cache"]
+        lines.insert(2, f"prefix cache {disk['dir']}: {_size(disk['bytes'])} of "
+                        f"{_size(disk['cap_bytes'])}" + ("" if disk["writable"] else
+                                                        " (read-only: another process owns it)"))
     if "blas" in stats:  # Linux CPU: which BLAS MLX's matmuls use (blas.py)
         lines.insert(2, f"blas         {stats['blas']['name']} ({stats['blas']['reason']})")
     typer.echo("\n".join(lines), err=True)
