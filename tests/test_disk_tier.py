@@ -4,7 +4,6 @@ blocks a step, configuration."""
 
 from __future__ import annotations
 
-import queue
 import random
 import threading
 from pathlib import Path
@@ -129,7 +128,7 @@ def test_the_writer_never_blocks_a_step_and_skips_under_pressure(
     store = llm.engine.disk.store
     release = threading.Event()
     write = store._write
-    store._queue = queue.Queue(2)  # a tiny queue ...
+    store._queue.maxsize = 2  # a tiny queue ...
     store._write = lambda k, p: (release.wait(30), write(k, p))  # ... and a disk that hangs
     try:
         results = run(llm, [prompt(300, seed=s) for s in range(4)])

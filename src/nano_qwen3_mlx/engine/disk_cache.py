@@ -184,7 +184,10 @@ class DiskStore:
         """Finish queued writes (a few seconds at most), stop the writer, release the lock."""
         if self._writer is not None:
             self.flush(10.0)
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=5.0)
+            except queue.Full:  # a disk that hangs: the daemon thread is left behind
+                pass
             self._writer.join(5.0)
             self._writer = None
         if self._lock_fd >= 0:
