@@ -78,6 +78,9 @@ def test_ram_hits_read_nothing_from_disk(tmp_path: Path, tiny_qwen3_dir: Path) -
     llm = make(tiny_qwen3_dir, tmp_path / "c")
     try:
         (cold, _), = run(llm, [prompt(300)])
+        # Idle now: every block of the request is handed to the writer without another step
+        # (19 = the prompt's 18 and one of prompt and answer; the last token never ran).
+        assert llm.engine.disk.store.flush() and llm.get_stats()["disk_cache"]["writes"] == 19
         (again, cached), = run(llm, [prompt(300)])
         assert again == cold and cached == 299  # RAM: whole blocks and the partial one
         assert llm.get_stats()["disk_cache"]["hits"] == 0

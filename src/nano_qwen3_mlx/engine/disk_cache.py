@@ -129,6 +129,11 @@ class DiskStore:
             self._pending.add(key)
         return True
 
+    def count_skipped(self, num: int) -> None:
+        """Blocks the caller dropped before ``put`` because the queue had no room."""
+        with self._mu:
+            self.counts["writes_skipped"] += num
+
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             key, payload = item

@@ -117,22 +117,28 @@ class DiskTier:
         entry = self._keys.get(block_id)
         return entry[1] if entry and entry[0] == self.bm.blocks[block_id].hash else None
 
-    def after_step(self) -> None:
+    def after_step(self, idle: bool = False) -> None:
         """Hand last step's captured blocks to the writer; capture the blocks sealed since.
 
         Called once the engine step has queued everything it queues: the pool arrays then
-        include the writes of every sealed block, so the gather reads their KV.
+        include the writes of every sealed block, so the gather reads their KV. ``idle``:
+        no step follows (none is in flight either), so this capture is handed over at once.
         """
         self._flush_captured()
         # A block evicted and reused since it was sealed lost its hash: not that block any more.
-        todo = [t for t in self._to_capture if self.bm.blocks[t[0]].hash == t[1]]
+        blocks = self.bm.blocks
+        todo = [t for t in self._to_capture if t[0] < len(blocks) and blocks[t[0]].hash == t[1]]
         self._to_capture.clear()
         room = self.store.free_slots()
         if len(todo) > room:
-            self.store.counts["writes_skipped"] += len(todo) - room
+            self.store.count_skipped(len(todo) - room)
             todo = todo[:room]
-        if not todo:
-            return
+        if todo:
+            self._capture(todo)
+        if idle:
+            self._flush_captured()
+
+    def _capture(self, todo: list[tuple[int, int | None, bytes]]) -> None:
         kv = self.cache()
         ids = mx.array([t[0] for t in todo], mx.int32)
         per_layer = [mx.stack([kv.k_pools[i][ids], kv.v_pools[i][ids]], axis=1)
@@ -220,7 +226,7 @@ class DiskTier:
         if entry is None or matched < entry[1]:
             return  # nothing read, or RAM blocks between were evicted: the chain has a gap
         _, start, payloads = entry
-        usable = payloads[matched - start:][:max_tokens // self.block_size - matched]
+        usable = payloads[matched - start:][:max(0, max_tokens // self.block_size - matched)]
         if len(usable) > self.bm.num_free_blocks and self.grow_pool is not None:
             self.grow_pool(len(usable) - self.bm.num_free_blocks)
         usable = usable[:self.bm.num_free_blocks]

@@ -228,7 +228,7 @@ class LLMEngine:
                 batch = self.scheduler.schedule()
                 outputs += self._run_batch(batch)
             if self.disk is not None:  # every KV write of this step is queued now
-                self.disk.after_step()
+                self.disk.after_step(idle=not self.has_unfinished_requests())
         except Exception as exc:
             log.exception("engine step failed; failing the requests of this step")
             outputs += self._fail_step(batch, f"engine error: {type(exc).__name__}: {exc}")
