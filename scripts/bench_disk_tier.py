@@ -46,9 +46,10 @@ class Server:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         body = {"model": "m", "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        times, cached = [time.perf_counter()], 0
         conn.request("POST", "/v1/completions", json.dumps(body),
                      {"Content-Type": "application/json"})
-        resp, times, cached = conn.getresponse(), [time.perf_counter()], 0
+        resp = conn.getresponse()
         for line in resp:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
@@ -68,8 +69,11 @@ class Server:
         return data
 
     def wait_written(self) -> None:
-        while self.stats()["disk_cache"]["writes_pending"]:
-            time.sleep(0.1)
+        """Until the folder stops growing (/stats is a snapshot up to 0.25 s old)."""
+        last = None
+        while (disk := self.stats()["disk_cache"])["writes_pending"] or disk["bytes"] != last:
+            last = disk["bytes"]
+            time.sleep(1.0)
 
     def kill9(self) -> None:
         os.kill(self.proc.pid, 9)

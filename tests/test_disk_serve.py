@@ -70,9 +70,12 @@ def stats(url: str) -> dict:
 
 
 def wait_written(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while stats(url)["writes_pending"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    """Until the folder stops growing (/stats is a snapshot up to 0.25 s old)."""
+    deadline, last = time.monotonic() + 60, None
+    while ((disk := stats(url))["writes_pending"] or disk["bytes"] != last) \
+            and time.monotonic() < deadline:
+        last = disk["bytes"]
+        time.sleep(0.5)
 
 
 def check_folder(cache: Path, cap_bytes: int) -> int:

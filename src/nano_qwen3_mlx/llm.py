@@ -21,8 +21,10 @@ class LLM:
     ``LLM(model=None, **engine_options)``: ``model`` is an alias (``qwen3-0.6b``,
     ``smollm2-135m``), a local directory or ``.gguf`` file, or a Hugging Face repo id;
     options are ``EngineConfig`` fields (``kv_cache_gb`` caps the KV pool, which starts small
-    and grows on demand; ``num_kv_blocks`` fixes it; ``max_tokens_default``, ...). Sampling
-    fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
+    and grows on demand; ``num_kv_blocks`` fixes it; ``prefix_cache_dir`` and
+    ``prefix_cache_disk_gb`` keep the prefix cache on disk too; ``max_tokens_default``, ...).
+    Sampling fields a request leaves out take the model's defaults
+    (``engine.sampling_defaults``).
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,

@@ -97,7 +97,7 @@ class DiskTier:
         self._captured: tuple[list[bytes], mx.array] | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-disk-reader")
         self._parked: dict[Sequence, tuple[int, Future]] = {}
-        self._loaded: dict[int, tuple[Sequence, int, list]] = {}
+        self._loaded: dict[int, tuple[Sequence, int, np.ndarray]] = {}
         self.num_loaded_blocks = self.num_loaded_tokens = 0
         self.load_s = 0.0
         block_manager.on_seal, block_manager.disk_extend = self.on_seal, self.extend
@@ -186,14 +186,22 @@ class DiskTier:
             prev = h
         return num_full
 
-    def _read(self, keys: list[bytes]) -> tuple[list, float]:
-        t0, payloads = time.perf_counter(), []
+    def _read(self, keys: list[bytes]) -> tuple[np.ndarray | None, float]:
+        """Read the chain's files until the first miss, laid out already as the pool
+        writes want them, ``(layers, K/V, blocks, heads, block_size, head_dim)``: every copy
+        but the last one happens here, off the engine thread."""
+        t0, host, n = time.perf_counter(), None, 0
+        uint_np = _UINT[self.block_bytes // int(np.prod(self.block_shape))][1]
         for key in keys:
             payload = self.store.get(key, self.block_bytes)
             if payload is None:
                 break
-            payloads.append(payload)
-        return payloads, time.perf_counter() - t0
+            if host is None:  # virtual memory until written: only what is read is touched
+                layers, kv, *rest = self.block_shape
+                host = np.empty((layers, kv, len(keys), *rest), uint_np)
+            host[:, :, n] = np.frombuffer(payload, uint_np).reshape(self.block_shape)
+            n += 1
+        return (None if host is None else host[:, :, :n]), time.perf_counter() - t0
 
     @property
     def num_parked(self) -> int:
@@ -209,9 +217,10 @@ class DiskTier:
             if seq.is_finished or future.done():
                 del self._parked[seq]
             if future.done() and not seq.is_finished:
-                payloads, seconds = future.result()
+                host, seconds = future.result()
                 self.load_s += seconds
-                self._loaded[seq.seq_id] = (seq, start, payloads)
+                if host is not None:
+                    self._loaded[seq.seq_id] = (seq, start, host)
                 out.append(seq)
         for seq_id, (seq, _, _) in list(self._loaded.items()):
             if seq.is_finished:  # aborted before admission
@@ -225,30 +234,29 @@ class DiskTier:
         matched = len(seq.block_table)
         if entry is None or matched < entry[1]:
             return  # nothing read, or RAM blocks between were evicted: the chain has a gap
-        _, start, payloads = entry
-        usable = payloads[matched - start:][:max(0, max_tokens // self.block_size - matched)]
-        if len(usable) > self.bm.num_free_blocks and self.grow_pool is not None:
-            self.grow_pool(len(usable) - self.bm.num_free_blocks)
-        usable = usable[:self.bm.num_free_blocks]
-        if not usable:
+        _, start, host = entry
+        first = matched - start
+        n = min(host.shape[2] - first, max_tokens // self.block_size - matched)
+        if n > self.bm.num_free_blocks and self.grow_pool is not None:
+            self.grow_pool(n - self.bm.num_free_blocks)
+        n = min(n, self.bm.num_free_blocks)
+        if n <= 0:
             return
         seq.num_hashed_blocks, seq.num_computed_tokens = matched, matched * self.block_size
-        self.bm.append_slots(seq, len(usable) * self.block_size)
-        self._write_pool(seq.block_table[matched:], usable)
+        self.bm.append_slots(seq, n * self.block_size)
+        self._write_pool(seq.block_table[matched:], host[:, :, first:first + n])
         self.bm.seal_full_blocks(seq, len(seq.block_table) * self.block_size)
-        self.num_loaded_blocks += len(usable)
-        self.num_loaded_tokens += len(usable) * self.block_size
+        self.num_loaded_blocks += n
+        self.num_loaded_tokens += n * self.block_size
 
-    def _write_pool(self, block_ids: list[int], payloads: list) -> None:
+    def _write_pool(self, block_ids: list[int], host: np.ndarray) -> None:
         """Queue the pool writes (lazy, ordered before the step that reads them)."""
         kv = self.cache()
-        uint_mx, uint_np = _UINT[kv.dtype.size]
-        host = np.stack([np.frombuffer(p, dtype=uint_np) for p in payloads])
-        blocks = mx.array(host.reshape(len(payloads), *self.block_shape)).view(kv.dtype)
+        blocks = mx.array(host).view(kv.dtype)  # the one copy on the engine thread
         ids = mx.array(block_ids, mx.int32)
         for i in range(self.layers):
-            kv.k_pools[i][ids] = blocks[:, i, 0]
-            kv.v_pools[i][ids] = blocks[:, i, 1]
+            kv.k_pools[i][ids] = blocks[i, 0]
+            kv.v_pools[i][ids] = blocks[i, 1]
 
     # ---- life and stats -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -272,6 +280,9 @@ def make_disk_tier(engine: Any) -> DiskTier | None:
         return None
     if not config.enable_prefix_caching:
         log.warning("the prefix cache disk tier needs prefix caching: it is off")
+        return None
+    if getattr(engine.model, "state_layers", None):  # KV alone cannot resume a hybrid model
+        log.warning("the prefix cache disk tier does not support hybrid models yet: it is off")
         return None
     kv = engine.cache
     desc = {"format": FORMAT, "checkpoint": checkpoint_identity(engine.loaded.path).hex(),
