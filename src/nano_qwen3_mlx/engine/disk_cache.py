@@ -214,16 +214,48 @@ class DiskStore:
             log.warning("prefix cache file %s is corrupt, truncated or foreign: deleted", path.name)
             self._miss(key, corrupt=True)
             return None
+        self._touch(key, path)
+        return payload
+
+    def get_into(self, key: bytes, chunks: list[memoryview]) -> bool:
+        """Read the payload under ``key`` straight into ``chunks`` (in order, together its
+        whole length): no intermediate copy. False for a miss (corrupt: deleted)."""
+        path, crc = self.path(key), 0
+        try:
+            with open(path, "rb", buffering=0) as f:
+                header = f.read(HEADER.size)
+                ok = len(header) == HEADER.size
+                if ok:
+                    magic, stored_key, length, want = HEADER.unpack(header)
+                    ok = magic == MAGIC and stored_key == key \
+                        and length == sum(c.nbytes for c in chunks)
+                for chunk in chunks if ok else ():
+                    if f.readinto(chunk) != chunk.nbytes:
+                        ok = False
+                        break
+                    crc = zlib.crc32(chunk, crc)
+                ok = ok and crc == want and not f.read(1)
+        except OSError:
+            self._miss(key, corrupt=False)
+            return False
+        if not ok:
+            log.warning("prefix cache file %s is corrupt, truncated or foreign: deleted", path.name)
+            self._miss(key, corrupt=True)
+            return False
+        self._touch(key, path)
+        return True
+
+    def _touch(self, key: bytes, path: Path) -> None:
+        """A hit: most recently used now, here and for the next start's scan."""
         with self._mu:
             self.counts["hits"] += 1
             if key in self._index:
                 self._index.move_to_end(key)
         if self.writable:
             try:
-                os.utime(path)  # the last-use time the next start's LRU order is built from
+                os.utime(path)
             except OSError:
                 pass
-        return payload
 
     def _miss(self, key: bytes, corrupt: bool) -> None:
         with self._mu:

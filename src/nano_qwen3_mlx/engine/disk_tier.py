@@ -190,18 +190,17 @@ class DiskTier:
         """Read the chain's files until the first miss, laid out already as the pool
         writes want them, ``(layers, K/V, blocks, heads, block_size, head_dim)``: every copy
         but the last one happens here, off the engine thread."""
-        t0, host, n = time.perf_counter(), None, 0
+        t0, n = time.perf_counter(), 0
         uint_np = _UINT[self.block_bytes // int(np.prod(self.block_shape))][1]
-        for key in keys:
-            payload = self.store.get(key, self.block_bytes)
-            if payload is None:
+        layers, kv, *rest = self.block_shape
+        # Virtual memory until written: only the blocks actually read are touched.
+        host = np.empty((layers, kv, len(keys), *rest), uint_np)
+        for key in keys:  # a block's file holds its (layer, K/V) matrices in that order
+            chunks = [memoryview(host[i, j, n]).cast("B") for i in range(layers) for j in range(kv)]
+            if not self.store.get_into(key, chunks):
                 break
-            if host is None:  # virtual memory until written: only what is read is touched
-                layers, kv, *rest = self.block_shape
-                host = np.empty((layers, kv, len(keys), *rest), uint_np)
-            host[:, :, n] = np.frombuffer(payload, uint_np).reshape(self.block_shape)
             n += 1
-        return (None if host is None else host[:, :, :n]), time.perf_counter() - t0
+        return (host[:, :, :n] if n else None), time.perf_counter() - t0
 
     @property
     def num_parked(self) -> int:
