@@ -156,3 +156,24 @@ def test_settings_flags_environment_and_default_folder(monkeypatch, tmp_path: Pa
     assert EngineConfig.load(prefix_cache_disk_gb=1).prefix_cache_disk_gb == 1.0
     with pytest.raises(ValueError, match="prefix_cache_disk_gb"):
         EngineConfig.load(prefix_cache_disk_gb=0)
+
+
+def test_a_request_aborted_while_its_blocks_are_read(tmp_path: Path, tiny_qwen3_dir: Path) -> None:
+    cache, p = tmp_path / "c", prompt(300)
+    (cold, _), = session(tiny_qwen3_dir, cache, [p])[0]
+    llm = make(tiny_qwen3_dir, cache)
+    try:
+        engine = llm.engine
+        request_id = engine.add_request(p, GREEDY)
+        assert engine.disk.num_parked == 1  # waiting for the reader, not in the scheduler
+        assert engine.abort_request(request_id)
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+        assert [(o.request_id, o.finish_reason) for o in outputs] == [(request_id, "abort")]
+        assert engine.disk.num_parked == 0 and not engine.disk._loaded
+        assert engine.block_manager.num_used_blocks == 0
+        (tokens, cached), = run(llm, [p])  # the next one still loads and matches
+        assert (tokens, cached) == (cold, 288)
+    finally:
+        llm.close()
