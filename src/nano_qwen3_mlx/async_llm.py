@@ -285,6 +285,7 @@ class AsyncLLM:
                 self._stats, last_stats, dirty = engine.get_stats(), now, False
         engine.abort_all()
         self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in engine.step()])
+        engine.close()  # the disk tier's queued writes, then its directory lock
 
     def _step(self) -> list[tuple[str, Any]]:
         try:

@@ -21,6 +21,8 @@ fail = exit_with_error  # one line on stderr and a non-zero exit; never a traceb
 
 MAX_TOKENS_HELP = "most new tokens (default: max_tokens_default, 2048, or the context left)"
 MODEL_DEFAULT_HELP = "default: the model's generation_config.json, else the server default"
+PREFIX_CACHE_DIR_HELP = "keep full KV blocks in this folder too: a prefix cache that survives restarts (env PREFIX_CACHE_DIR)"
+PREFIX_CACHE_GB_HELP = "cap of the --prefix-cache-dir folder in GB (default 10); alone: a folder under the user cache dir (env PREFIX_CACHE_DISK_GB)"
 
 
 def _engine_config(model: str | None, config_file: str | None = None, **flags: Any):
@@ -62,6 +64,8 @@ def generate(
     config: Annotated[str | None, typer.Option("--config", help="TOML config file")] = None,
     quantize: Annotated[int | None, typer.Option("--quantize", help="quantize on load: 4 or 8")] = None,
     kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=KV_DTYPE_HELP)] = None,
+    prefix_cache_dir: Annotated[str | None, typer.Option(help=PREFIX_CACHE_DIR_HELP)] = None,
+    prefix_cache_disk_gb: Annotated[float | None, typer.Option(help=PREFIX_CACHE_GB_HELP)] = None,
 ) -> None:
     """Generate text for one prompt; text on stdout, a one-line summary on stderr."""
     from .sampling_params import SamplingParams
@@ -74,14 +78,19 @@ def generate(
     except ValueError as exc:
         fail(str(exc))
     llm = _load_llm(_engine_config(model, config, quantize=quantize, max_num_seqs=1,
-                                    kv_cache_dtype=kv_cache_dtype))
+                                    kv_cache_dtype=kv_cache_dtype,
+                                    prefix_cache_dir=prefix_cache_dir,
+                                    prefix_cache_disk_gb=prefix_cache_disk_gb))
     use_chat = llm.tokenizer.has_chat_template if chat is None else chat
     if use_chat:
         messages = [{"role": "user", "content": prompt}]
         prompt_in = llm.tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=thinking)
     else:
         prompt_in = prompt
-    _run_generation(llm, prompt_in, params.with_defaults(llm.engine.sampling_defaults), stream)
+    try:
+        _run_generation(llm, prompt_in, params.with_defaults(llm.engine.sampling_defaults), stream)
+    finally:
+        llm.close()  # the disk tier's queued block writes
 
 
 def _run_generation(llm, prompt, params, stream: bool) -> None:

@@ -150,6 +150,10 @@ class EngineConfig(_Settings):
     # Hybrid models: most snapshots kept (each one sequence's whole state); None: a quarter of
     # the cache memory budget's worth.
     max_state_snapshots: int | None = Field(None, ge=0)
+    # The prefix cache's disk tier (engine/disk_tier.py): full KV blocks persisted here, at
+    # most prefix_cache_disk_gb GB; only the size given: a folder under the user cache dir.
+    prefix_cache_dir: str | None = None
+    prefix_cache_disk_gb: float | None = Field(None, gt=0)
     max_queue_size: int = Field(1024, ge=1)
 
     @field_validator("sampling_defaults")

@@ -21,6 +21,7 @@ class LLM:
     ``smollm2-135m``), a local directory or ``.gguf`` file, or a Hugging Face repo id;
     options are ``EngineConfig`` fields (``kv_cache_gb`` caps the KV pool, which starts small
     and grows on demand; ``num_kv_blocks`` fixes it; ``kv_cache_dtype="int8"`` quantizes it;
+    ``prefix_cache_dir`` and ``prefix_cache_disk_gb`` keep the prefix cache on disk too;
     ``max_tokens_default``, ...); a bad one raises ``InvalidRequestError``. Sampling
     fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
     """
@@ -109,9 +110,10 @@ class LLM:
         return self.engine.get_stats()
 
     def close(self) -> None:
-        """Abort anything unfinished (frees every KV block)."""
+        """Abort anything unfinished (frees every KV block); finish the disk tier's writes."""
         self.engine.abort_all()
         self._drain()
+        self.engine.close()
 
     def __enter__(self) -> LLM:
         return self

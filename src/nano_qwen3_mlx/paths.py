@@ -16,6 +16,11 @@ def user_weights_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME)) / "weights"
 
 
+def user_prefix_cache_dir() -> Path:
+    """The per-user folder of the prefix cache's disk tier when only its size is given."""
+    return Path(platformdirs.user_cache_dir(APP_NAME)) / "prefix-cache"
+
+
 def weights_dirs() -> list[Path]:
     """Folders searched for model files, first match wins."""
     dirs = []

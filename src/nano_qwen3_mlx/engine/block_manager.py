@@ -75,6 +75,10 @@ class BlockManager:
         self.num_prefix_hits = 0
         self.num_partial_hits = 0  # blocks copied for a prefix ending inside a block
         self.num_reused_tokens = 0  # tokens admitted sequences took from the cache
+        # The disk tier's hooks (engine/disk_tier.py), None without one: told of each newly
+        # sealed block; continues allocate_prefix's walk with blocks loaded from disk.
+        self.on_seal: Callable[[SeqLike, int, Block], None] | None = None
+        self.disk_extend: Callable[[SeqLike, int], None] | None = None
 
     # ---- accounting -------------------------------------------------------------------
     @property
@@ -162,6 +166,9 @@ class BlockManager:
             self._take_ref(block_id)
             seq.block_table.append(block_id)
             prev = h
+        if self.disk_extend is not None:  # the disk tier appends (and seals) what it loaded
+            self.disk_extend(seq, max_tokens)
+            prev = self.blocks[seq.block_table[-1]].hash if seq.block_table else None
         seq.num_hashed_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * bs
         seq.num_computed_tokens += self._copy_partial(seq, prev, max_tokens)
@@ -212,6 +219,8 @@ class BlockManager:
                     self._index(block, prev)
                 if filling:
                     self._filling.add(block.block_id)
+                if self.on_seal is not None:
+                    self.on_seal(seq, i, block)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
     def free(self, seq: SeqLike, num_kv_tokens: int | None = None) -> None:

@@ -19,6 +19,7 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
+from .disk_tier import make_disk_tier
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
@@ -61,6 +62,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens,
                                    self._grow_pool if self.pool.grows else None,
                                    self.pacer.prefill_limit, self.states)
+        self.disk = make_disk_tier(self)  # the prefix cache's disk tier; None when off
         self.sampling_defaults = merge_defaults(self.loaded.generation_config,
                                                 config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
@@ -190,7 +192,8 @@ class LLMEngine:
         seq.grammar = grammar
         seq.output_state = self.output_processor.new_state(params)
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        if self.disk is None or not self.disk.park(seq):  # parked: its blocks are read first
+            self.scheduler.add(seq)
         self.stats.num_prompt_tokens += len(token_ids)
         return request_id
 
@@ -233,7 +236,8 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._in_flight is not None or bool(self._early_outputs)
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None \
+            or bool(self._early_outputs) or (self.disk is not None and self.disk.num_parked > 0)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -246,11 +250,17 @@ class LLMEngine:
         self.pool.idle_since = None  # busy: the idle clock starts again when work ends
         batch = None
         try:
+            if self.disk is not None:  # requests whose disk blocks are read join the queue
+                idle = not self.scheduler.num_unfinished and self._in_flight is None
+                for seq in self.disk.ready(idle):
+                    self.scheduler.add(seq)
             if self._in_flight is not None and self._deliver_first():
                 outputs += self._deliver_in_flight()
             else:
                 batch = self.scheduler.schedule()
                 outputs += self._run_batch(batch)
+            if self.disk is not None:  # every KV write of this step is queued now
+                self.disk.after_step(idle=not self.has_unfinished_requests())
         except Exception as exc:
             log.exception("engine step failed; failing the requests of this step")
             outputs += self._fail_step(batch, f"engine error: {type(exc).__name__}: {exc}")
@@ -405,6 +415,11 @@ class LLMEngine:
             embedding, seq.num_cached_tokens or 0,
         )
 
+    def close(self) -> None:
+        """Finish the disk tier's queued writes and release its directory (if any)."""
+        if self.disk is not None:
+            self.disk.close()
+
     # ---- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         s, bm = self.stats, self.block_manager
@@ -412,6 +427,7 @@ class LLMEngine:
                            "bytes": self.cache.nbytes, "cap_blocks": self.pool.cap_blocks,
                            "cap_bytes": self.kv_cap_bytes, "bytes_per_token": self.cache.bytes_per_token,
                            "used_bytes": bm.num_used_blocks * bm.block_size * self.cache.bytes_per_token}
+        disk = {"disk_cache": self.disk.stats()} if self.disk is not None else {}
         return {
             "model": self.config.model,
             "parameters": self.num_parameters,
@@ -433,7 +449,7 @@ class LLMEngine:
                                "prefill_token_s": self.pacer.token_s},
             "memory": memory_stats(),
             "blas": blas_info().as_dict(),
-        }
+        } | disk
 
 
 def _tolist(array: mx.array | None) -> list | None:

@@ -29,6 +29,10 @@ WORKERS_REFUSED = (
 )
 
 Opt = typer.Option
+PREFIX_CACHE_DIR_HELP = ("keep full KV blocks in this folder too: a prefix cache that survives "
+                         "restarts and outgrows RAM (env PREFIX_CACHE_DIR)")
+PREFIX_CACHE_GB_HELP = ("cap of the --prefix-cache-dir folder in GB (default 10); alone: a "
+                        "folder under the user cache dir (env PREFIX_CACHE_DISK_GB)")
 
 
 def serve(
@@ -44,6 +48,8 @@ def serve(
     max_model_len: Annotated[int | None, Opt(help="context length cap")] = None,
     max_itl_ratio: Annotated[float | None, Opt(help="while streams decode, size prompt chunks so a step takes at most this many decode steps (e.g. 2: even token gaps, slower first tokens for arriving prompts)")] = None,
     max_num_batched_tokens: Annotated[int | None, Opt(help="tokens one engine step may carry (prompt chunks + decodes; default 2048)")] = None,
+    prefix_cache_dir: Annotated[str | None, Opt(help=PREFIX_CACHE_DIR_HELP)] = None,
+    prefix_cache_disk_gb: Annotated[float | None, Opt(help=PREFIX_CACHE_GB_HELP)] = None,
     device: Annotated[str | None, Opt(help="gpu or cpu (mps = gpu)")] = None,
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
@@ -66,7 +72,8 @@ def serve(
                           max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
                           max_num_batched_tokens=max_num_batched_tokens,
                           device=device, dtype=dtype, quantize=quantize,
-                          kv_cache_dtype=kv_cache_dtype)
+                          kv_cache_dtype=kv_cache_dtype, prefix_cache_dir=prefix_cache_dir,
+                          prefix_cache_disk_gb=prefix_cache_disk_gb)
     _check_model(engine_config.model)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           served_model_name=served_model_name, log_level=log_level,
@@ -143,6 +150,11 @@ def _banner(state: ServerState, url: str) -> None:
         f"defaults     {_defaults_line(getattr(engine, 'sampling_defaults', {}))}",
         f"listening    {url}/v1  (health {url}/health, metrics {url}/metrics)",
     ]
+    if "disk_cache" in stats:  # the prefix cache's disk tier (engine/disk_tier.py)
+        disk = stats["disk_cache"]
+        lines.insert(2, f"prefix cache {disk['dir']}: {mib(disk['bytes'])} of "
+                        f"{mib(disk['cap_bytes'])}" + ("" if disk["writable"] else
+                                                        " (read-only: another process owns it)"))
     if "blas" in stats:  # Linux CPU: which BLAS MLX's matmuls use (blas.py)
         lines.insert(2, f"blas         {stats['blas']['name']} ({stats['blas']['reason']})")
     typer.echo("\n".join(lines), err=True)

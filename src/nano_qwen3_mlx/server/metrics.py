@@ -10,6 +10,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _PREFIX = "nano_qwen3"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+# The prefix cache's disk tier (``stats["disk_cache"]``), 0 without one; counts since start.
+_DISK_GAUGES = {
+    "hits": "Block files read and verified", "tokens_loaded": "Prompt tokens loaded from disk",
+    "bytes": "Bytes of block files on disk", "writes_pending": "Block writes queued",
+    "writes_skipped": "Block writes skipped (write queue full)",
+    "corrupt": "Corrupt, truncated or foreign block files deleted",
+    "evictions": "Block files evicted for the cap",
+}
 
 
 class ServerMetrics:
@@ -44,6 +52,8 @@ class ServerMetrics:
         self.kv_cap = Gauge(f"{_PREFIX}_kv_cache_cap_blocks", "Most KV blocks the pool may grow to",
                             registry=r)
         self.kv_usage = Gauge(f"{_PREFIX}_kv_cache_usage_ratio", "Used / total KV blocks", registry=r)
+        self.disk = {name: Gauge(f"{_PREFIX}_prefix_cache_disk_{name}", text, registry=r)
+                     for name, text in _DISK_GAUGES.items()}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -60,6 +70,9 @@ class ServerMetrics:
         self.kv_cap.set(kv.get("cap_blocks", total))
         self.kv_used.set(used)
         self.kv_usage.set(used / total if total else 0.0)
+        disk = stats.get("disk_cache", {})
+        for name, gauge in self.disk.items():
+            gauge.set(disk.get(name, 0))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

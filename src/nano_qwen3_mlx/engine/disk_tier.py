@@ -1,0 +1,298 @@
+"""``DiskTier``: moves full KV blocks between the paged pool and a ``DiskStore``.
+
+Keys. A block's file key is ``sha256(parent key + its tokens as uint32)``, chained from a
+root that hashes the checkpoint's identity (config.json, weight file names, sizes and
+mtimes), the quantization, the KV geometry (layers, KV heads, head_dim), the pool dtype and
+the block size: a file can only ever match the same model, layout and token prefix.
+
+Writes. ``BlockManager.seal_full_blocks`` reports each newly sealed block (``on_seal``).
+At the end of the engine step that queued its KV, ``after_step`` gathers the blocks from the
+pool lazily and starts them on the device behind that step (no wait); one engine step later,
+after the engine has read a later step anyway, they are copied to host bytes and handed to
+the store's writer thread. A full write queue skips blocks (counted), it never waits.
+
+Reads. ``park`` (at ``add_request``) finds where the prompt's RAM prefix match ends; if the
+next block is on disk, a reader thread reads the chain from there while the request waits
+outside the scheduler (other streams keep stepping). ``ready`` hands the request to the
+scheduler once read; at admission ``extend`` (called by ``BlockManager.allocate_prefix``
+after its RAM walk) puts the blocks into fresh pool blocks and seals them, so they count as
+cached tokens and are shared from RAM afterwards.
+
+Hybrid models (recurrent state) are not handled: a state snapshot at a block boundary would
+be one more payload stored under the same chained key (its own file suffix), loaded with
+the last block of the match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..paths import user_prefix_cache_dir
+from .block_manager import Block, BlockManager, chain_hash
+from .disk_cache import DiskStore
+
+if TYPE_CHECKING:
+    from .kv_cache import PagedKVCache
+    from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the payload layout changes: every old file then simply misses
+DEFAULT_DISK_GB = 10.0  # the cap when only --prefix-cache-dir is given
+WRITE_QUEUE_BYTES = 256 * 1024 * 1024  # host memory the pending writes may hold
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz", ".bin")
+_UINT = {1: (mx.uint8, np.uint8), 2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}
+
+
+def resolve_location(directory: str | None, disk_gb: float | None) -> tuple[Path | None, int]:
+    """Where the tier lives and its cap in bytes; ``(None, 0)`` when it is off."""
+    if directory is None and disk_gb is None:
+        return None, 0
+    path = Path(directory).expanduser() if directory else user_prefix_cache_dir()
+    return path, int((disk_gb or DEFAULT_DISK_GB) * 1e9)
+
+
+def checkpoint_identity(path: Path) -> bytes:
+    """A digest of what makes a checkpoint itself: config.json's bytes and each weight
+    file's name, size and mtime (a re-written or re-downloaded file is a new identity)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+    return h.digest()
+
+
+def block_key(parent: bytes, tokens: tuple[int, ...] | list[int]) -> bytes:
+    """The chained key of a full block: its parent's key and its tokens."""
+    return hashlib.sha256(parent + np.asarray(tokens, dtype="<u4").tobytes()).digest()
+
+
+class DiskTier:
+    """The disk continuation of the prefix cache (see the module docstring)."""
+
+    def __init__(self, store: DiskStore, root: bytes, block_manager: BlockManager,
+                 cache: Callable[[], PagedKVCache], grow_pool: Callable[[int], int] | None):
+        self.store, self.root, self.bm = store, root, block_manager
+        self.cache, self.grow_pool = cache, grow_pool
+        kv = cache()
+        self.layers, self.block_size = len(kv.k_pools), kv.block_size
+        self.block_shape = (self.layers, 2, kv.num_kv_heads, kv.block_size, kv.head_dim)
+        self.block_bytes = int(np.prod(self.block_shape)) * kv.dtype.size
+        self._keys: dict[int, tuple[int | None, bytes]] = {}  # block id -> (its hash, disk key)
+        self._to_capture: list[tuple[int, int | None, bytes]] = []
+        self._captured: tuple[list[bytes], mx.array] | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-disk-reader")
+        self._parked: dict[Sequence, tuple[int, Future]] = {}
+        self._loaded: dict[int, tuple[Sequence, int, np.ndarray]] = {}
+        self.num_loaded_blocks = self.num_loaded_tokens = 0
+        self.load_s = 0.0
+        block_manager.on_seal, block_manager.disk_extend = self.on_seal, self.extend
+
+    # ---- writes -------------------------------------------------------------------------
+    def on_seal(self, seq: Sequence, index: int, block: Block) -> None:
+        """``block`` (the ``index``-th of ``seq``) was just sealed: key it, queue it."""
+        parent = self.root if index == 0 else self._key_of(seq.block_table[index - 1])
+        if parent is None:
+            return
+        key = block_key(parent, block.token_ids)
+        self._keys[block.block_id] = (block.hash, key)
+        if self.store.writable and not self.store.contains(key):
+            self._to_capture.append((block.block_id, block.hash, key))
+
+    def _key_of(self, block_id: int) -> bytes | None:
+        entry = self._keys.get(block_id)
+        return entry[1] if entry and entry[0] == self.bm.blocks[block_id].hash else None
+
+    def after_step(self, idle: bool = False) -> None:
+        """Hand last step's captured blocks to the writer; capture the blocks sealed since.
+
+        Called once the engine step has queued everything it queues: the pool arrays then
+        include the writes of every sealed block, so the gather reads their KV. ``idle``:
+        no step follows (none is in flight either), so this capture is handed over at once.
+        """
+        self._flush_captured()
+        # A block evicted and reused since it was sealed lost its hash: not that block any more.
+        blocks = self.bm.blocks
+        todo = [t for t in self._to_capture if t[0] < len(blocks) and blocks[t[0]].hash == t[1]]
+        self._to_capture.clear()
+        room = self.store.free_slots()
+        if len(todo) > room:
+            self.store.count_skipped(len(todo) - room)
+            todo = todo[:room]
+        if todo:
+            self._capture(todo)
+        if idle:
+            self._flush_captured()
+
+    def _capture(self, todo: list[tuple[int, int | None, bytes]]) -> None:
+        kv = self.cache()
+        ids = mx.array([t[0] for t in todo], mx.int32)
+        per_layer = [mx.stack([kv.k_pools[i][ids], kv.v_pools[i][ids]], axis=1)
+                     for i in range(self.layers)]
+        blocks = mx.stack(per_layer, axis=1).view(_UINT[kv.dtype.size][0])  # bytes as they are
+        mx.async_eval(blocks)
+        self._captured = ([t[2] for t in todo], blocks)
+
+    def _flush_captured(self) -> None:
+        if self._captured is None:
+            return
+        keys, blocks = self._captured
+        self._captured = None
+        host = np.array(blocks)  # computed by now: it was queued behind a step already read
+        for key, row in zip(keys, host):
+            self.store.put(key, row.tobytes())
+
+    # ---- reads --------------------------------------------------------------------------
+    def park(self, seq: Sequence) -> bool:
+        """Start reading the prompt's blocks that follow its RAM match from disk; True when
+        there are any (the sequence then waits here, not in the scheduler, until read)."""
+        bs = self.block_size
+        num_full = (seq.num_tokens - 1) // bs  # admission leaves one prompt token to run
+        start = self._ram_blocks(seq.token_ids, num_full)
+        if start >= num_full:
+            return False
+        keys, parent = [], self.root
+        for i in range(num_full):
+            parent = block_key(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            keys.append(parent)
+        if not self.store.contains(keys[start]):
+            return False
+        self._parked[seq] = (start, self._reader.submit(self._read, keys[start:]))
+        return True
+
+    def _ram_blocks(self, token_ids: list[int], num_full: int) -> int:
+        """How many leading full blocks the RAM prefix cache holds now (as allocate_prefix
+        would walk them; reads BlockManager's index)."""
+        prev, bs = None, self.block_size
+        for i in range(num_full):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            block_id = self.bm._by_hash.get(h := chain_hash(prev, tokens))
+            if block_id is None or self.bm.blocks[block_id].token_ids != tokens:
+                return i
+            prev = h
+        return num_full
+
+    def _read(self, keys: list[bytes]) -> tuple[np.ndarray | None, float]:
+        """Read the chain's files until the first miss, laid out already as the pool
+        writes want them, ``(layers, K/V, blocks, heads, block_size, head_dim)``: every copy
+        but the last one happens here, off the engine thread."""
+        t0, n = time.perf_counter(), 0
+        uint_np = _UINT[self.block_bytes // int(np.prod(self.block_shape))][1]
+        layers, kv, *rest = self.block_shape
+        # Virtual memory until written: only the blocks actually read are touched.
+        host = np.empty((layers, kv, len(keys), *rest), uint_np)
+        for key in keys:  # a block's file holds its (layer, K/V) matrices in that order
+            chunks = [memoryview(host[i, j, n]).cast("B") for i in range(layers) for j in range(kv)]
+            if not self.store.get_into(key, chunks):
+                break
+            n += 1
+        return (host[:, :, :n] if n else None), time.perf_counter() - t0
+
+    @property
+    def num_parked(self) -> int:
+        return len(self._parked)
+
+    def ready(self, idle: bool = False) -> list[Sequence]:
+        """Parked sequences whose read is done (for the scheduler); ``idle``: nothing else
+        to do, so wait a little for a read instead of spinning."""
+        if idle and self._parked:
+            wait([f for _, f in self._parked.values()], timeout=0.05, return_when="FIRST_COMPLETED")
+        out = []
+        for seq, (start, future) in list(self._parked.items()):
+            if seq.is_finished or future.done():
+                del self._parked[seq]
+            if future.done() and not seq.is_finished:
+                host, seconds = future.result()
+                self.load_s += seconds
+                if host is not None:
+                    self._loaded[seq.seq_id] = (seq, start, host)
+                out.append(seq)
+        for seq_id, (seq, _, _) in list(self._loaded.items()):
+            if seq.is_finished:  # aborted before admission
+                del self._loaded[seq_id]
+        return out
+
+    def extend(self, seq: Sequence, max_tokens: int) -> None:
+        """After the RAM walk of ``allocate_prefix``: load the read blocks that continue it
+        into fresh pool blocks and seal them (shared from RAM from now on)."""
+        entry = self._loaded.pop(seq.seq_id, None)
+        matched = len(seq.block_table)
+        if entry is None or matched < entry[1]:
+            return  # nothing read, or RAM blocks between were evicted: the chain has a gap
+        _, start, host = entry
+        first = matched - start
+        n = min(host.shape[2] - first, max_tokens // self.block_size - matched)
+        if n > self.bm.num_free_blocks and self.grow_pool is not None:
+            self.grow_pool(n - self.bm.num_free_blocks)
+        n = min(n, self.bm.num_free_blocks)
+        if n <= 0:
+            return
+        seq.num_hashed_blocks, seq.num_computed_tokens = matched, matched * self.block_size
+        self.bm.append_slots(seq, n * self.block_size)
+        self._write_pool(seq.block_table[matched:], host[:, :, first:first + n])
+        self.bm.seal_full_blocks(seq, len(seq.block_table) * self.block_size)
+        self.num_loaded_blocks += n
+        self.num_loaded_tokens += n * self.block_size
+
+    def _write_pool(self, block_ids: list[int], host: np.ndarray) -> None:
+        """Queue the pool writes (lazy, ordered before the step that reads them)."""
+        kv = self.cache()
+        blocks = mx.array(host).view(kv.dtype)  # the one copy on the engine thread
+        ids = mx.array(block_ids, mx.int32)
+        for i in range(self.layers):
+            kv.k_pools[i][ids] = blocks[i, 0]
+            kv.v_pools[i][ids] = blocks[i, 1]
+
+    # ---- life and stats -----------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats() | {
+            "tokens_loaded": self.num_loaded_tokens, "blocks_loaded": self.num_loaded_blocks,
+            "load_s": self.load_s, "requests_reading": len(self._parked)}
+
+    def close(self) -> None:
+        """Write what was captured, finish queued writes, release the directory."""
+        self._flush_captured()
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
+
+def make_disk_tier(engine: Any) -> DiskTier | None:
+    """The engine's disk tier, or None when ``prefix_cache_dir``/``prefix_cache_disk_gb``
+    are unset (or prefix caching is off)."""
+    config = engine.config
+    directory, cap = resolve_location(config.prefix_cache_dir, config.prefix_cache_disk_gb)
+    if directory is None:
+        return None
+    if not config.enable_prefix_caching:
+        log.warning("the prefix cache disk tier needs prefix caching: it is off")
+        return None
+    if getattr(engine.model, "state_layers", None):  # KV alone cannot resume a hybrid model
+        log.warning("the prefix cache disk tier does not support hybrid models yet: it is off")
+        return None
+    if engine.cache.bits:  # its files hold one float pool part per layer, not packed + scales
+        log.warning("the prefix cache disk tier does not support a quantized KV cache yet: it is off")
+        return None
+    kv = engine.cache
+    desc = {"format": FORMAT, "checkpoint": checkpoint_identity(engine.loaded.path).hex(),
+            "quantize": config.quantize, "layers": len(kv.k_pools), "kv_heads": kv.num_kv_heads,
+            "head_dim": kv.head_dim, "dtype": str(kv.dtype), "block_size": kv.block_size}
+    root = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).digest()
+    block_bytes = len(kv.k_pools) * 2 * kv.num_kv_heads * kv.block_size * kv.head_dim \
+        * kv.dtype.size
+    store = DiskStore(directory, cap, max_pending=max(8, WRITE_QUEUE_BYTES // block_bytes))
+    return DiskTier(store, root, engine.block_manager, lambda: engine.cache,
+                    engine._grow_pool if engine.pool.grows else None)
