@@ -252,18 +252,19 @@ def captured_serve(monkeypatch):
     return seen
 
 
-def test_default_bind_is_loopback_and_quiet(captured_serve):
-    result = CliRunner().invoke(cli_app, ["serve", "--model", "/nonexistent"])
+def test_default_bind_is_loopback_and_quiet(captured_serve, tmp_path):
+    # An existing folder: serve refuses a missing model before anything else.
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert captured_serve["server"].host == "127.0.0.1"
     assert captured_serve["server"].cors_origins == []  # CORS off by default
     assert "warning" not in result.output
 
 
-def test_public_bind_without_key_warns(captured_serve):
-    result = CliRunner().invoke(cli_app, ["serve", "--model", "/x", "--host", "0.0.0.0"])
+def test_public_bind_without_key_warns(captured_serve, tmp_path):
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path), "--host", "0.0.0.0"])
     assert result.exit_code == 0 and "without --api-key" in result.output
-    result = CliRunner().invoke(cli_app, ["serve", "--model", "/x", "--host", "0.0.0.0",
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path), "--host", "0.0.0.0",
                                           "--api-key", "k", "--cors-origin", "http://ui.example"])
     assert result.exit_code == 0 and "warning" not in result.output
     assert captured_serve["server"].cors_origins == ["http://ui.example"]
