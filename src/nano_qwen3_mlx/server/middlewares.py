@@ -24,7 +24,7 @@ access_log = logging.getLogger("nano_qwen3_mlx.server.access")
 log = logging.getLogger("nano_qwen3_mlx.server")
 
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
-_OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
+_OPEN_PATHS = ("/", "/health", "/metrics", "/openapi.json")  # "/": the page (no data)
 # HTTP status logged when the client left before we answered (as nginx does).
 CLIENT_CLOSED = 499
 # Typed request storage where aiohttp has it (3.12+), a plain key before.

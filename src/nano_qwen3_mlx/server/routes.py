@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 from aiohttp import web
 
 from ..errors import EngineDeadError, ModelLoadingError, ShuttingDownError
@@ -60,6 +62,19 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(card)
 
 
+# The chat page: one file of package data, inline script and style, nothing fetched elsewhere.
+PAGE_CSP = ("default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src 'self' data:")
+
+
+@routes.get("/")
+async def chat_page(request: web.Request) -> web.Response:
+    """The chat page (``static/chat.html``); it asks for the API key itself."""
+    page = resources.files(__package__).joinpath("static/chat.html").read_bytes()
+    return web.Response(body=page, content_type="text/html", charset="utf-8",
+                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     """200 when ready; 503 while loading, after the engine died or while shutting down."""
@@ -81,7 +96,7 @@ async def stats(request: web.Request) -> web.Response:
     """Engine statistics (``AsyncLLM.get_stats()``) plus server uptime."""
     state = request.app[STATE_KEY]
     if state.models is not None:
-        return web.json_response(pool_stats(state, request.query.get("model")))
+        return web.json_response(pool_stats(state, request.query.get("model") or None))
     engine = state.engine
     if engine is None:
         raise ModelLoadingError()
