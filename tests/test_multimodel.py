@@ -182,3 +182,28 @@ async def test_admin_load_and_unload(checkpoints):
         assert models.loaded == {}
     finally:
         await client.close()
+
+
+async def stream_times(client, model: str, tokens: int) -> list[float]:
+    """Arrival times of a greedy stream's chunks."""
+    resp = await client.post("/v1/chat/completions", json={
+        "model": model, "messages": USER, "temperature": 0, "max_tokens": tokens,
+        "ignore_eos": True, "stream": True})
+    assert resp.status == 200
+    loop, times = asyncio.get_running_loop(), []
+    async for line in resp.content:
+        if line.startswith(b"data: {"):
+            times.append(loop.time())
+    return times
+
+
+async def test_two_models_stream_at_once_their_steps_interleaved(checkpoints):
+    client = await serve(pool(checkpoints, pinned=("a", "b")))
+    try:
+        a, b = await asyncio.gather(stream_times(client, "a", 150), stream_times(client, "b", 150))
+        # Neither waits for the other to finish: each one's tokens arrive during the other's.
+        assert a[0] < b[-1] and b[0] < a[-1]
+        during = [t for t in a if b[0] < t < b[-1]]
+        assert len(during) > 50
+    finally:
+        await client.close()
