@@ -17,7 +17,7 @@ from aiohttp import web
 
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
 from nano_qwen3_mlx.server import create_app
-from nano_qwen3_mlx.server.model_pool import ModelPool, ModelSpec
+from nano_qwen3_mlx.server.management.pool import ModelPool, ModelSpec
 from tests.test_server_fakes import FakeEngine
 
 pytest_plugins = ["tests.server_fixtures"]  # the tokenizer fixture

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
 from nano_qwen3_mlx.server import create_app
-from nano_qwen3_mlx.server.model_pool import ModelPool, ModelSpec
+from nano_qwen3_mlx.server.management.pool import ModelPool, ModelSpec
 from tests.checkpoints import write_checkpoint
 
 USER = [{"role": "user", "content": "Say hi"}]

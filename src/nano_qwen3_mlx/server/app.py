@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from ..config import EngineConfig, ServerConfig
+from .management.pool import ModelPool
 from .middlewares import build_middlewares, response_headers
-from .model_pool import ModelPool
 from .routes import routes
 from .state import STATE_KEY, AsyncLLMLike, ServerState
 

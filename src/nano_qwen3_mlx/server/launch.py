@@ -16,8 +16,8 @@ from ..config import KV_DTYPE_HELP, EngineConfig, ServerConfig
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
-from .model_pool import ModelPool, ModelSpec
-from .model_specs import model_entries, model_specs
+from .management.pool import ModelPool, ModelSpec
+from .management.specs import model_entries, model_specs
 from .shutdown import drain
 from .state import STATE_KEY, ServerState
 

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from ..config import ServerConfig
 from ..errors import AuthenticationError, NanoQwen3Error
-from .call import RUN_KEY, ClientGone
 from .errors import anthropic_error_body, error_body, error_response, is_anthropic_path
+from .generation.call import RUN_KEY, ClientGone
 from .state import STATE_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 from aiohttp import web
 
 from ..errors import EngineDeadError, ModelLoadingError, ShuttingDownError
-from .chat import chat_completions
-from .completions import completions
-from .embeddings import embeddings
-from .messages import count_tokens, messages
-from .metrics import CONTENT_TYPE
-from .model_routes import (
+from .anthropic.messages import count_tokens, messages
+from .management.routes import (
     engine_card,
     load_model,
     pool_card,
@@ -20,8 +14,13 @@ from .model_routes import (
     unload_model,
     update_pool_metrics,
 )
+from .metrics import CONTENT_TYPE
+from .openai.chat import chat_completions
+from .openai.completions import completions
+from .openai.embeddings import embeddings
+from .openai.responses import responses
 from .openapi import build_openapi
-from .responses import responses
+from .page import chat_page
 from .state import STATE_KEY, ServerState
 
 routes = web.RouteTableDef()
@@ -62,17 +61,7 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(card)
 
 
-# The chat page: one file of package data, inline script and style, nothing fetched elsewhere.
-PAGE_CSP = ("default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self' data:")
-
-
-@routes.get("/")
-async def chat_page(request: web.Request) -> web.Response:
-    """The chat page (``static/chat.html``); it asks for the API key itself."""
-    page = resources.files(__package__).joinpath("static/chat.html").read_bytes()
-    return web.Response(body=page, content_type="text/html", charset="utf-8",
-                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+routes.get("/")(chat_page)
 
 
 @routes.get("/health")

@@ -18,7 +18,7 @@ from .metrics import ServerMetrics
 from .shutdown import Drain
 
 if TYPE_CHECKING:
-    from .model_pool import ModelPool
+    from .management.pool import ModelPool
 
 
 class AsyncLLMLike(Protocol):

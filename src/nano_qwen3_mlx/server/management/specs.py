@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..config import EngineConfig, _check_name, read_models
-from .model_pool import ModelSpec
+from ...config import EngineConfig, _check_name, read_models
+from .pool import ModelSpec
 
 ENTRY_KEYS = {"model", "alias", "ttl", "pinned"}
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .model_pool import ModelPool, engine_memory
-from .state import STATE_KEY, AsyncLLMLike, ServerState
+from ..state import STATE_KEY, AsyncLLMLike, ServerState
+from .pool import ModelPool, engine_memory
 
 CAPABILITIES = ["chat", "completions", "messages", "responses", "embeddings"]
 

@@ -8,8 +8,8 @@ from typing import Generic, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from ..state import STATE_KEY, AsyncLLMLike, ServerState
 from .params import parse_body
-from .state import STATE_KEY, AsyncLLMLike, ServerState
 
 Body = TypeVar("Body", bound=BaseModel)
 

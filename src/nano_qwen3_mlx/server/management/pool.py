@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import EngineConfig
-from ..engine_thread import EngineThread
-from ..errors import EngineDeadError, ModelMemoryError, ModelNotFoundError, first_line
-from .state import AsyncLLMLike
+from ...config import EngineConfig
+from ...engine_thread import EngineThread
+from ...errors import EngineDeadError, ModelMemoryError, ModelNotFoundError, first_line
+from ..state import AsyncLLMLike
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 
@@ -49,7 +49,7 @@ EngineFactory = Callable[[ModelSpec, EngineThread], AsyncLLMLike]
 
 
 def _async_llm(spec: ModelSpec, thread: EngineThread) -> AsyncLLMLike:
-    from ..async_llm import AsyncLLM  # heavy (MLX): only when a model loads
+    from ...async_llm import AsyncLLM  # heavy (MLX): only when a model loads
 
     return AsyncLLM(config=spec.config, thread=thread)
 
@@ -65,7 +65,7 @@ def engine_memory(engine: AsyncLLMLike) -> int:
 def estimate_bytes(config: EngineConfig) -> int:
     """The weights' size on disk (scaled for ``quantize``): a model's need before it loads;
     0 when the files are not here yet (a hub id still to download)."""
-    from ..models.loader import resolve_model
+    from ...models.loader import resolve_model
 
     try:
         path = resolve_model(config.model, download=False)
