@@ -164,6 +164,10 @@ async def test_budget_evicts_the_least_recently_used_and_refuses_what_cannot_fit
         error = (await resp.json())["error"]
         assert error["code"] == "insufficient_memory" and "--max-memory-gb" in error["message"]
         assert set(models.loaded) == {"a"}  # the pinned model stays
+        models.specs["a"].pinned, models.budget_bytes = False, 1000
+        resp = await client.post("/v1/chat/completions", json={"model": "b", "messages": USER})
+        assert resp.status == 503 and "more than the memory budget" in await resp.text()
+        assert set(models.loaded) == {"a"}  # nothing unloaded for a model that cannot fit
     finally:
         await client.close()
 

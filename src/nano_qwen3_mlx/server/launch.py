@@ -217,7 +217,8 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig,
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
-        spinner.start()
+        if not app[STATE_KEY].is_ready:  # a pool without pinned models is ready at once
+            spinner.start()
         code = await _wait(app, stop)
         spinner.stop()
         if code == 0:

@@ -193,6 +193,10 @@ class ModelPool:
         """Unload least recently used idle, unpinned models until ``need`` fits the budget."""
         if self.budget_bytes is None:
             return
+        if need > self.budget_bytes:  # unloading the others would not help: keep them
+            raise ModelMemoryError(f"the model {spec.id} needs about {need / 1e9:.2f} GB, more "
+                                   f"than the memory budget (--max-memory-gb "
+                                   f"{self.budget_bytes / 1e9:g}) holds")
         while self.memory_used() + need > self.budget_bytes:
             victims = sorted((e.last_used, mid) for mid, e in self.loaded.items()
                              if not self.specs[mid].pinned and self._idle(mid))
