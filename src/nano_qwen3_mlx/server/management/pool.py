@@ -3,8 +3,9 @@
 Every model has its own engine (``AsyncLLM``: KV pool, prefix cache, scheduler); all of them
 run on one shared ``EngineThread``, the only thread that calls MLX, which interleaves their
 steps. A model is loaded for the first request that names it (concurrent first requests share
-one load); loading builds the engine on that thread, so the other models' steps wait while the
-weights are read. ``--model-ttl`` unloads a model idle that long; ``--max-memory-gb`` is the
+one load): a worker thread finds it (downloading it if need be) and reads its weight files once
+so the OS caches them, then the engine is built on the MLX thread, where the other models'
+steps wait only while the weights are copied from memory and the KV pool is made. ``--model-ttl`` unloads a model idle that long; ``--max-memory-gb`` is the
 budget of all models together: a load first unloads the least recently used idle, unpinned
 models, and a model that still does not fit is refused with a 503 naming the budget.
 """
@@ -76,6 +77,19 @@ def estimate_bytes(config: EngineConfig) -> int:
     return size * config.quantize // 16 if config.quantize and path.is_dir() else size
 
 
+def prefetch_weights(config: EngineConfig) -> None:
+    """Off the MLX thread: find (download if need be) the model and read its weight files
+    once, so the OS caches them and the engine build on the MLX thread reads from memory."""
+    from ...models.loader import resolve_model
+
+    path = resolve_model(config.model)
+    files = [path] if path.is_file() else sorted(Path(path).glob("*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
 class ModelPool:
     """The configured models and the loaded ones; see the module doc."""
 
@@ -91,6 +105,7 @@ class ModelPool:
         self._lock = asyncio.Lock()  # one load (and its eviction decisions) at a time
         self._reaper: asyncio.Task | None = None
         self.started = False  # the pinned models are loaded
+        self.prefetch = factory is None  # read the weights on a worker thread first
 
     @property
     def default_id(self) -> str:
@@ -161,6 +176,8 @@ class ModelPool:
             engine = self._factory(spec, self._thread)
             started = time.monotonic()
             try:
+                if self.prefetch:
+                    await asyncio.to_thread(prefetch_weights, spec.config)
                 await engine.start()
             except Exception as exc:
                 with contextlib.suppress(Exception):
