@@ -46,8 +46,10 @@ def reply_for(model: str, tokenizer: Any):
 
 
 @contextlib.contextmanager
-def serve(tokenizer, **server: Any) -> Iterator[tuple[str, dict[str, FakeEngine]]]:
-    """A two-model server (scripted engines, 20 ms a token) on loopback, in a thread."""
+def serve(tokenizer, single: bool = False,
+          **server: Any) -> Iterator[tuple[str, dict[str, FakeEngine]]]:
+    """A two-model server (scripted engines, 20 ms a token) on loopback, in a thread;
+    ``single``: today's one-model server on one scripted engine."""
     engines: dict[str, FakeEngine] = {}
 
     def factory(spec: ModelSpec, thread: Any) -> FakeEngine:
@@ -61,7 +63,9 @@ def serve(tokenizer, **server: Any) -> Iterator[tuple[str, dict[str, FakeEngine]
     async def main() -> None:
         pool = ModelPool([ModelSpec(m, EngineConfig(model=m)) for m in ("alpha", "beta")],
                          factory=factory)
-        runner = web.AppRunner(create_app(server_config=ServerConfig(**server), models=pool))
+        app = (create_app(server_config=ServerConfig(**server), engine=factory(pool.specs["alpha"], None))
+               if single else create_app(server_config=ServerConfig(**server), models=pool))
+        runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         box["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -159,3 +163,15 @@ def test_the_page_asks_for_the_api_key_once(tokenizer, browser_page):
         sync_api.expect(reply.locator(".metrics")).to_contain_text("tok/s", timeout=15000)
         assert len(prompts) == 1 and "API key" in prompts[0]
         assert page.evaluate("sessionStorage.getItem('apiKey')") == "sekret"
+
+
+def test_the_page_on_a_one_model_server(tokenizer, browser_page):
+    page = browser_page
+    with serve(tokenizer, single=True) as (url, engines):
+        page.goto(url)
+        sync_api.expect(page.locator("#model option")).to_have_text(["fake-qwen3"])
+        reply = send(page, "hello")
+        sync_api.expect(reply.locator(".metrics")).to_contain_text("tok/s", timeout=15000)
+        assert reply.locator(".content strong").inner_text() == "alpha"
+        sync_api.expect(page.locator("#stats")).to_contain_text("running 0")
+        assert len(engines["alpha"].calls) == 1
