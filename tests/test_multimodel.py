@@ -1,4 +1,4 @@
-"""Several models behind one server (server/model_pool.py) on real engines: routing, greedy
+"""Several models behind one server (server/management/pool.py) on real engines: routing, greedy
 parity with a one-model server, load on demand while another model streams, TTL unload,
 eviction under a budget, pinning, 404, the admin routes, one load for concurrent requests."""
 

@@ -38,7 +38,7 @@ def create_app(
     and closed at cleanup; an engine that is already running is shared and left running.
     ``on_ready(state)`` is called once the engine is ready. A stream write that blocks for
     ``write_timeout_s`` (a client that stopped reading) cuts that client off. With
-    ``models`` (several models, ``server/model_pool.py``) each request's engine comes from the
+    ``models`` (several models, ``server/management/pool.py``) each request's engine comes from the
     pool and ``engine_config`` / ``engine`` are not used.
     """
     server_config = server_config or ServerConfig()

@@ -189,7 +189,7 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig,
     """Serve until a signal; 1 if the engine failed to start, else 0. A signal starts the
     drain (``server/shutdown.py``): new requests get 503, running ones have
     ``shutdown_grace`` seconds to finish, then end with their API's error event; a second
-    signal ends the wait at once. ``specs``: several models (``server/model_pool.py``)."""
+    signal ends the wait at once. ``specs``: several models (``server/management/pool.py``)."""
     try:
         # Bind before the engine starts loading, so a busy port fails fast and cleanly.
         family = socket.AF_INET6 if ":" in server_config.host else socket.AF_INET

@@ -45,7 +45,7 @@ class ServerMetrics:
         self.kv_cap = Gauge(f"{_PREFIX}_kv_cache_cap_blocks", "Most KV blocks the pool may grow to",
                             registry=r)
         self.kv_usage = Gauge(f"{_PREFIX}_kv_cache_usage_ratio", "Used / total KV blocks", registry=r)
-        # Several models (server/model_pool.py): the same readings per model.
+        # Several models (server/management/pool.py): the same readings per model.
         per_model = {"loaded": "1 while the model is loaded",
                      "memory_bytes": "Weights + KV pool of the model",
                      "requests_waiting": "Requests queued", "requests_running": "Sequences decoded",

@@ -73,7 +73,7 @@ class ServerState:
     model_aliases: set[str] = field(default_factory=set)
     # Shutdown: requests in flight, running generations, refusing new ones (server/shutdown.py).
     drain: Drain = field(default_factory=Drain)
-    # Several models (server/model_pool.py): each request's engine comes from here and
+    # Several models (server/management/pool.py): each request's engine comes from here and
     # ``engine`` stays None.
     models: ModelPool | None = None
 

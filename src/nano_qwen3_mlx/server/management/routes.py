@@ -1,4 +1,4 @@
-"""The model-management side of the small endpoints with several models (``server/model_pool.py``):
+"""The model-management side of the small endpoints with several models (``server/management/pool.py``):
 model cards with ``loaded`` and memory, ``POST /v1/models/{id}/load`` and ``/unload``, and the
 per-model ``/stats`` and ``/metrics`` readings."""
 
