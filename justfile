@@ -29,8 +29,14 @@ openblas:
 tmux:
     command -v tmux >/dev/null || ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq tmux >/dev/null) || echo "tmux not installed: the chat terminal test will be skipped"
 
+# Debian's chromium for the browser test of the chat page (driven by Playwright, nothing
+# downloaded at test time): installed with apt where it is missing and apt is there (as root,
+# e.g. CI); elsewhere that test is skipped.
+chromium:
+    command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the chat page browser test will be skipped"
+
 # Set up and run the whole test suite.
-test: fetch tmux
+test: fetch tmux chromium
     {{py}} -m pytest -q
 
 # Serve the OpenAI-compatible API (default: the embedded demo model).

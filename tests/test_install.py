@@ -63,6 +63,8 @@ def _serve_one_request(venv: Path, cwd: Path, env: dict) -> None:
         with urllib.request.urlopen(request, timeout=120) as resp:
             reply = json.load(resp)
         assert reply["usage"]["completion_tokens"] == 3
+        with urllib.request.urlopen(f"{url}/", timeout=30) as resp:  # the page is package data
+            assert b"<title>nano-qwen3 chat</title>" in resp.read()
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.cli import app as cli_app
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
-from nano_qwen3_mlx.server import create_app, launch, middlewares, streaming
+from nano_qwen3_mlx.server import create_app, launch, middlewares
+from nano_qwen3_mlx.server.generation import streaming
 
 USER = [{"role": "user", "content": "Say hi"}]
 LONG = {"prompt": "Tell me a long story", "max_tokens": 400, "ignore_eos": True,

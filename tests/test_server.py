@@ -6,7 +6,7 @@ import json
 
 from nano_qwen3_mlx.config import ServerConfig
 from nano_qwen3_mlx.server import create_app
-from nano_qwen3_mlx.server.protocol import (
+from nano_qwen3_mlx.server.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,

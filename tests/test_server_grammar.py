@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
 from nano_qwen3_mlx.server import create_app
-from nano_qwen3_mlx.server.constraints import with_tools_in_system
+from nano_qwen3_mlx.server.openai.constraints import with_tools_in_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 USER = [{"role": "user", "content": "Give me a person."}]

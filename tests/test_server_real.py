@@ -14,7 +14,7 @@ from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.blas import blas_info
 from nano_qwen3_mlx.config import EngineConfig, ServerConfig
 from nano_qwen3_mlx.server import create_app
-from nano_qwen3_mlx.server.protocol import ChatCompletionResponse, CompletionResponse
+from nano_qwen3_mlx.server.openai.protocol import ChatCompletionResponse, CompletionResponse
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 USER = [{"role": "user", "content": "Say hi"}]

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
-import queue
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import mlx.core as mx
+
 from .config import EngineConfig, engine_config
 from .engine.llm_engine import LLMEngine
+from .engine_thread import EngineThread
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError
 from .outputs import GenerationResult, RequestOutput, add_reasoning
 from .sampling_params import SamplingParams
@@ -37,40 +39,49 @@ class AsyncLLM:
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
-                 **engine_options: Any) -> None:
+                 thread: EngineThread | None = None, **engine_options: Any) -> None:
+        """``thread``: an ``EngineThread`` shared with other engines (a multi-model server);
+        by default the engine gets a thread of its own, stopped by ``close()``."""
         self.config = engine_config(config, model, engine_options)
         self.engine: LLMEngine | None = None
         self.error: BaseException | None = None
-        self._inbox: queue.Queue = queue.Queue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._tasks: dict[str, asyncio.Task] = {}
-        self._thread: threading.Thread | None = None
+        self._shared = thread
+        self._driver: EngineThread | None = None  # the thread, from start() to close()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats: dict[str, Any] = {}
-        self._stopping = False
+        self._pending: list[tuple[str, Any]] = []  # engine-thread only: outputs to deliver
+        self._last_stats, self._dirty = 0.0, False
 
     # ---- lifetime -----------------------------------------------------------------------
     async def start(self) -> AsyncLLM:
-        """Load the model in the engine thread and wait until it is ready."""
-        if self._thread is not None:
+        """Load the model on the engine thread and wait until it is ready."""
+        if self._driver is not None:
             return self
         self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="nano-qwen3-engine",
-                                        daemon=True)
-        self._thread.start()
-        await ready
+        self._driver = self._shared or EngineThread()
+        self._driver.start()
+        try:
+            await self._driver.run(self._load)
+        except Exception as exc:  # surfaced to start()'s caller; is_ready stays False
+            self.error = exc
+            raise
         return self
 
     async def close(self) -> None:
-        """Abort everything in flight and stop the engine thread."""
-        if self._thread is None:
+        """Abort everything in flight and drop the engine (and stop its own thread)."""
+        driver, self._driver = self._driver, None
+        if driver is None:
             return
-        self._inbox.put(("stop",))
-        # Wait without a limit: a thread still loading the model must not be left running
-        # inside MLX while the interpreter shuts down (that aborts the process).
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._thread = None
+        if self._shared is None:
+            driver.stop()
+            # Wait without a limit: a thread still loading the model must not be left running
+            # inside MLX while the interpreter shuts down (that aborts the process).
+            await asyncio.get_running_loop().run_in_executor(None, driver.join)
+            return
+        with contextlib.suppress(RuntimeError):  # the shared thread has already stopped
+            await driver.run(lambda: self._shutdown_engine(driver, release=True))
 
     async def __aenter__(self) -> AsyncLLM:
         return await self.start()
@@ -80,8 +91,8 @@ class AsyncLLM:
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.error is None and self._thread is not None \
-            and self._thread.is_alive()
+        return self.engine is not None and self.error is None and self._driver is not None \
+            and self._driver.is_alive
 
     @property
     def tokenizer(self):
@@ -170,7 +181,7 @@ class AsyncLLM:
         finally:
             self._queues.pop(request_id, None)
             if not finished:
-                self._inbox.put(("abort", request_id))
+                self._post(("abort", request_id))
 
     async def generate_batch(self, prompts: list[Prompt],
                              sampling_params: SamplingParams | None = None) -> list[dict[str, Any]]:
@@ -210,12 +221,17 @@ class AsyncLLM:
         task = self._tasks.pop(request_id, None)
         if task is not None:
             task.cancel()
-        self._inbox.put(("abort", request_id))
+        self._post(("abort", request_id))
 
     def get_stats(self) -> dict[str, Any]:
         """The engine stats as of its latest step (refreshed at least every 0.25 s)."""
         return dict(self._stats) | {"queue_size": len(self._queues),
                                     "max_queue_size": self.config.max_queue_size}
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose outputs are still awaited (0: idle)."""
+        return len(self._queues)
 
     # ---- the asyncio side ---------------------------------------------------------------
     def _engine(self) -> LLMEngine:
@@ -238,7 +254,7 @@ class AsyncLLM:
                                       field="request_id")
         out_queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = out_queue
-        self._inbox.put(("add", request_id, prompt, params, priority, pooling))
+        self._post(("add", request_id, prompt, params, priority, pooling))
         return request_id, out_queue
 
     def _deliver(self, items: list[tuple[str, Any]]) -> None:
@@ -250,42 +266,32 @@ class AsyncLLM:
         for q in self._queues.values():
             q.put_nowait(error)
 
-    # ---- the engine thread --------------------------------------------------------------
-    def _run(self, ready: asyncio.Future) -> None:
-        try:
-            self.engine = LLMEngine(self.config)
-        except BaseException as exc:  # surfaced to start()'s caller
-            self.error = exc
-            self._loop.call_soon_threadsafe(_set_exception, ready, exc)
-            return
-        self._stats = self.engine.get_stats()
-        self._loop.call_soon_threadsafe(_set_result, ready, self)
-        try:
-            self._serve_forever()
-        except BaseException as exc:
-            log.exception("engine thread died")
-            self.error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine thread died: {exc}"))
+    def _post(self, command: tuple) -> None:
+        if self._driver is not None:
+            self._driver.post(self, command)
 
-    def _serve_forever(self) -> None:
-        engine, last_stats, dirty = self.engine, 0.0, False
-        while not self._stopping:
-            items = self._handle_commands(block=not engine.has_unfinished_requests())
-            busy = engine.has_unfinished_requests()
-            if busy:
-                items += self._step()
-            elif engine.shrink_if_idle():
-                dirty = True
-            if items:
-                self._loop.call_soon_threadsafe(self._deliver, items)
-            # Refresh the stats snapshot at most every 0.25 s while busy, once when idle.
-            dirty = dirty or busy or bool(items)
-            now = time.monotonic()
-            if dirty and (now - last_stats > 0.25 or not engine.has_unfinished_requests()):
-                self._stats, last_stats, dirty = engine.get_stats(), now, False
-        engine.abort_all()
-        self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in engine.step()])
-        engine.close()  # the disk tier's queued writes, then its directory lock
+    # ---- on the engine thread (engine_thread.py calls these) ----------------------------
+    def _load(self) -> None:
+        self.engine = LLMEngine(self.config)
+        self._stats = self.engine.get_stats()
+        self._driver.attach(self)
+
+    def _tick(self) -> bool:
+        """One step if the engine has work; deliver outputs; refresh the stats snapshot."""
+        engine, items, self._pending = self.engine, self._pending, []
+        busy = engine.has_unfinished_requests()
+        if busy:
+            items += self._step()
+        elif engine.shrink_if_idle():
+            self._dirty = True
+        if items:
+            self._loop.call_soon_threadsafe(self._deliver, items)
+        # Refresh the stats snapshot at most every 0.25 s while busy, once when idle.
+        self._dirty = self._dirty or busy or bool(items)
+        now, busy = time.monotonic(), engine.has_unfinished_requests()
+        if self._dirty and (now - self._last_stats > 0.25 or not busy):
+            self._stats, self._last_stats, self._dirty = engine.get_stats(), now, False
+        return busy
 
     def _step(self) -> list[tuple[str, Any]]:
         try:
@@ -295,29 +301,45 @@ class AsyncLLM:
             outputs = self.engine.fail_all(f"engine error: {type(exc).__name__}")
         return [(o.request_id, o) for o in outputs]
 
-    def _handle_commands(self, block: bool) -> list[tuple[str, Any]]:
-        items = []
-        try:
-            command = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-            while True:
-                items += self._handle(command)
-                command = self._inbox.get_nowait()
-        except queue.Empty:
-            return items
-
-    def _handle(self, command: tuple) -> list[tuple[str, Any]]:
+    def _handle(self, command: tuple) -> None:
         kind = command[0]
+        if self.engine is None:  # unloaded (or never loaded) while the command was queued
+            if kind == "add":
+                error = EngineDeadError("the model was unloaded")
+                self._loop.call_soon_threadsafe(self._deliver, [(command[1], error)])
+            return
         if kind == "add":
             _, request_id, prompt, params, priority, pooling = command
             try:
                 self.engine.add_request(prompt, params, request_id, priority, pooling)
             except ValueError as exc:
-                return [(request_id, exc)]
+                self._pending.append((request_id, exc))
         elif kind == "abort":
             self.engine.abort_request(command[1])
         elif kind == "stop":
-            self._stopping = True
-        return []
+            self._shutdown_engine(self._driver)
+
+    def _shutdown_engine(self, driver: EngineThread | None, release: bool = False) -> None:
+        """Abort every request, deliver their last outputs, stop being driven; ``release``
+        also drops the engine and MLX's buffer cache, so its memory goes back."""
+        if driver is not None:
+            driver.detach(self)
+        engine = self.engine
+        if engine is None:
+            return
+        engine.abort_all()
+        items = [(o.request_id, o) for o in engine.step()]
+        self._loop.call_soon_threadsafe(self._deliver, items)
+        engine.close()  # the disk tier's queued writes, then its directory lock
+        if release:
+            self.engine = None
+            del engine
+            gc.collect()
+            mx.clear_cache()
+
+    def _thread_died(self, exc: BaseException) -> None:
+        self.error = exc
+        self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine thread died: {exc}"))
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

@@ -45,9 +45,21 @@ def read_toml(path: str | Path | None, section: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
     _check_keys(data, path)
-    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "models"}
     flat.update(data.get(section, {}))
     return flat
+
+
+def read_models(path: str | Path | None) -> list[dict[str, Any]]:
+    """The ``[[models]]`` entries of a config file (several models behind one server)."""
+    if path is None:
+        return []
+    read_toml(path, "engine")  # the same checks and errors as the settings
+    path = Path(path) if Path(path).is_file() else PRESETS_DIR / f"{path}.toml"
+    models = tomllib.loads(path.read_text()).get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise ValueError(f"config file {path}: `models` must be a list of tables ([[models]])")
+    return models
 
 
 def _check_keys(data: dict[str, Any], path: Path) -> None:
@@ -55,6 +67,8 @@ def _check_keys(data: dict[str, Any], path: Path) -> None:
     or server setting (a misspelt key would otherwise be ignored)."""
     sections = {"engine": EngineConfig.option_names(), "server": ServerConfig.option_names()}
     for key, value in data.items():
+        if key == "models" and isinstance(value, list):  # [[models]]: read_models checks it
+            continue
         if isinstance(value, dict):
             _check_name(key, set(sections), f"config file {path}: unknown section")
             for name in value:
@@ -207,6 +221,8 @@ class ServerConfig(_Settings):
     shutdown_grace: float = Field(30.0, ge=0)
     cors_origins: list[str] = Field(default_factory=list)
     log_prompts: bool = False
+    # Several models: seconds a model may stay idle before it is unloaded (0 = never).
+    model_ttl: float = Field(0.0, ge=0)
     # Thinking tokens per reasoning effort (chat reasoning_effort, Responses reasoning.effort),
     # capped at half of a request's max_tokens; "none" is always 0.
     reasoning_effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS))

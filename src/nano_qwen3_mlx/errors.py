@@ -77,8 +77,16 @@ class ModelNotFoundError(NanoQwen3Error):
 
     status, code = 404, "model_not_found"
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"The model `{name}` does not exist.", field="model")
+    def __init__(self, name: str, available: list[str] | None = None) -> None:
+        listed = f" Available models: {', '.join(available)}." if available else ""
+        super().__init__(f"The model `{name}` does not exist.{listed}", field="model")
+
+
+class ModelMemoryError(NanoQwen3Error, RuntimeError):
+    """A model cannot be loaded inside the server's memory budget (``--max-memory-gb``), even
+    after unloading every idle, unpinned model."""
+
+    status, code, retry_after = 503, "insufficient_memory", 5
 
 
 class RequestTimeoutError(NanoQwen3Error):

@@ -447,7 +447,7 @@ class LLMEngine:
                                "decode_step_s": {rows: self.pacer.decode_s(rows)
                                                  for rows in self.pacer.decode_times},
                                "prefill_token_s": self.pacer.token_s},
-            "memory": memory_stats(),
+            "memory": memory_stats() | {"weights_bytes": self.weights_nbytes},
             "blas": blas_info().as_dict(),
         } | disk
 

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import EngineConfig, ServerConfig
+from .management.pool import ModelPool
 from .middlewares import build_middlewares, response_headers
 from .routes import routes
 from .state import STATE_KEY, AsyncLLMLike, ServerState
@@ -28,6 +29,7 @@ def create_app(
     max_buffered_chunks: int = 4096,
     write_timeout_s: float = 30.0,
     on_ready: ReadyCallback | None = None,
+    models: ModelPool | None = None,
 ) -> web.Application:
     """Build the OpenAI-compatible app.
 
@@ -35,21 +37,52 @@ def create_app(
     that is not running yet is started in the background (``/health`` answers 503 meanwhile)
     and closed at cleanup; an engine that is already running is shared and left running.
     ``on_ready(state)`` is called once the engine is ready. A stream write that blocks for
-    ``write_timeout_s`` (a client that stopped reading) cuts that client off.
+    ``write_timeout_s`` (a client that stopped reading) cuts that client off. With
+    ``models`` (several models, ``server/management/pool.py``) each request's engine comes from the
+    pool and ``engine_config`` / ``engine`` are not used.
     """
     server_config = server_config or ServerConfig()
     state = ServerState(config=server_config, engine=engine, keepalive_s=keepalive_s,
                         max_buffered_chunks=max_buffered_chunks,
-                        write_timeout_s=write_timeout_s)
-    if engine_config is not None and engine_config.model != server_config.served_model_name:
+                        write_timeout_s=write_timeout_s, models=models)
+    if models is None and engine_config is not None and engine_config.model != server_config.served_model_name:
         state.model_aliases.add(engine_config.model)
     app = web.Application(client_max_size=server_config.max_body_bytes,
                           middlewares=build_middlewares(server_config))
     app[STATE_KEY] = state
     app.add_routes(routes)
     app.on_response_prepare.append(response_headers(server_config.cors_origins))
-    app.cleanup_ctx.append(_engine_lifetime(engine_config, on_ready))
+    app.cleanup_ctx.append(_pool_lifetime(models, on_ready) if models is not None
+                           else _engine_lifetime(engine_config, on_ready))
     return app
+
+
+def _pool_lifetime(pool: ModelPool, on_ready: ReadyCallback | None):
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE_KEY]
+        task = asyncio.create_task(_start_pool(state, pool, on_ready))
+        yield
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
+
+    return lifetime
+
+
+async def _start_pool(state: ServerState, pool: ModelPool, on_ready: ReadyCallback | None) -> None:
+    """Start the engine thread and load the pinned models; a failed pinned load fails the
+    start like a single model's."""
+    try:
+        await pool.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.start_error = exc.__cause__ or exc
+        state.start_failed.set()
+        return
+    if on_ready is not None:
+        on_ready(state)
 
 
 def _engine_lifetime(engine_config: EngineConfig | None, on_ready: ReadyCallback | None):

@@ -16,6 +16,8 @@ from ..config import KV_DTYPE_HELP, EngineConfig, ServerConfig
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
+from .management.pool import ModelPool, ModelSpec
+from .management.specs import model_entries, model_specs
 from .shutdown import drain
 from .state import STATE_KEY, ServerState
 
@@ -36,7 +38,8 @@ PREFIX_CACHE_GB_HELP = ("cap of the --prefix-cache-dir folder in GB (default 10)
 
 
 def serve(
-    model: Annotated[str | None, Opt("--model", "-m", help="alias, local dir, .gguf or HF repo id")] = None,
+    model: Annotated[list[str] | None, Opt("--model", "-m", help="alias, local dir, .gguf or HF repo id; repeat it for several models (NAME=MODEL names one)")] = None,
+    model_ttl: Annotated[float | None, Opt(help="several models: unload one idle this many seconds (0 = never)")] = None,
     host: Annotated[str | None, Opt(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, Opt(help="port (default 8000)")] = None,
     config: Annotated[str | None, Opt("--config", help="TOML config, e.g. configs/production.toml")] = None,
@@ -66,7 +69,9 @@ def serve(
     """Serve the OpenAI-compatible API (chat, completions, models, health, stats, metrics)."""
     if workers is not None and workers > 1:
         exit_with_error(WORKERS_REFUSED)
-    engine_config = _load(EngineConfig, config, model=model, max_num_seqs=max_num_seqs,
+    entries = _call(model_entries, model, config)
+    engine_config = _load(EngineConfig, config, model=entries[0].get("model") if entries else None,
+                          max_num_seqs=max_num_seqs,
                           kv_cache_gb=kv_cache_gb, max_memory_gb=max_memory_gb,
                           max_tokens_default=max_tokens_default, max_queue_size=max_queue_size,
                           max_model_len=max_model_len, max_itl_ratio=max_itl_ratio,
@@ -74,8 +79,10 @@ def serve(
                           device=device, dtype=dtype, quantize=quantize,
                           kv_cache_dtype=kv_cache_dtype, prefix_cache_dir=prefix_cache_dir,
                           prefix_cache_disk_gb=prefix_cache_disk_gb)
-    _check_model(engine_config.model)
+    for entry in entries or [{"model": engine_config.model}]:
+        _check_model(entry.get("model", engine_config.model))
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
+                          model_ttl=model_ttl,
                           served_model_name=served_model_name, log_level=log_level,
                           log_prompts=log_prompts, cors_origins=cors_origin or None,
                           request_timeout=request_timeout, workers=workers,
@@ -86,14 +93,26 @@ def serve(
     if not _is_loopback(server_config.host) and not server_config.api_key:
         typer.echo(f"warning: binding {server_config.host} without --api-key: anyone who can "
                    "reach this port can use the model", err=True)
-    code = asyncio.run(run_server(engine_config, server_config))
+    # The pool: several models, a [[models]] list, or one model named NAME=MODEL.
+    several = len(entries) > 1 or (not model and bool(entries)) or "alias" in entries[0] \
+        if entries else False
+    if several and server_config.served_model_name:
+        exit_with_error("--served-model-name names the one model; with several, name each "
+                        "NAME=MODEL (or `alias` in [[models]])")
+    specs = _call(model_specs, engine_config, entries, server_config.model_ttl) if several else None
+    code = asyncio.run(run_server(engine_config, server_config, **({"specs": specs} if specs else {})))
     if code:
         raise typer.Exit(code)
 
 
 def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
+    return _call(cls.load, config_file, **flags)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)``; a ``ValueError`` (bad input) becomes the CLI's one ``error:`` line."""
     try:
-        return cls.load(config_file, **flags)
+        return fn(*args, **kwargs)
     except ValueError as exc:
         exit_with_error(str(exc))
 
@@ -160,17 +179,31 @@ def _banner(state: ServerState, url: str) -> None:
     typer.echo("\n".join(lines), err=True)
 
 
+def _pool_banner(state: ServerState, url: str) -> None:
+    """Several models: each with its state, the budget, and the URL (the page at /)."""
+    pool = state.models
+    budget = f"{pool.budget_bytes / 1e9:g} GB (--max-memory-gb)" if pool.budget_bytes else "none"
+    lines = [f"model        {s.id} ({'pinned, ' if s.pinned else ''}"
+             f"{'loaded' if s.id in pool.loaded else 'loads on first request'}"
+             f"{f', unloads after {s.ttl_s:g} s idle' if s.ttl_s and not s.pinned else ''})"
+             for s in pool.specs.values()]
+    lines += [f"memory       budget {budget}",
+              f"listening    {url}/v1  (chat page {url}/, health {url}/health)"]
+    typer.echo("\n".join(lines), err=True)
+
+
 def _defaults_line(defaults: dict[str, Any]) -> str:
     shown = ", ".join(f"{k} {v}" for k, v in defaults.items() if k != "max_tokens")
     return (f"max_tokens {defaults.get('max_tokens')} (--max-tokens-default), {shown} "
             "(for fields a request leaves out)")
 
 
-async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+async def run_server(engine_config: EngineConfig, server_config: ServerConfig,
+                     specs: list[ModelSpec] | None = None) -> int:
     """Serve until a signal; 1 if the engine failed to start, else 0. A signal starts the
     drain (``server/shutdown.py``): new requests get 503, running ones have
     ``shutdown_grace`` seconds to finish, then end with their API's error event; a second
-    signal ends the wait at once."""
+    signal ends the wait at once. ``specs``: several models (``server/management/pool.py``)."""
     try:
         # Bind before the engine starts loading, so a busy port fails fast and cleanly.
         family = socket.AF_INET6 if ":" in server_config.host else socket.AF_INET
@@ -184,19 +217,22 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, stop, hurry)
     url = _url(server_config, sock.getsockname()[1])
-    spinner = Spinner(f"loading {engine_config.model} ...", plain=True)
+    spinner = Spinner(f"loading {engine_config.model if specs is None else 'pinned models'} ...",
+                      plain=True)
 
     def on_ready(state: ServerState) -> None:
         spinner.stop()
-        _banner(state, url)
+        (_banner if specs is None else _pool_banner)(state, url)
 
-    app = create_app(engine_config, server_config, on_ready=on_ready)
+    models = None if specs is None else ModelPool(specs, budget_gb=engine_config.max_memory_gb)
+    app = create_app(engine_config, server_config, on_ready=on_ready, models=models)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            shutdown_timeout=CLOSE_TIMEOUT_S)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
-        spinner.start()
+        if not app[STATE_KEY].is_ready:  # a pool without pinned models is ready at once
+            spinner.start()
         code = await _wait(app, stop)
         spinner.stop()
         if code == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
@@ -54,6 +55,13 @@ class ServerMetrics:
         self.kv_usage = Gauge(f"{_PREFIX}_kv_cache_usage_ratio", "Used / total KV blocks", registry=r)
         self.disk = {name: Gauge(f"{_PREFIX}_prefix_cache_disk_{name}", text, registry=r)
                      for name, text in _DISK_GAUGES.items()}
+        # Several models (server/management/pool.py): the same readings per model.
+        per_model = {"loaded": "1 while the model is loaded",
+                     "memory_bytes": "Weights + KV pool of the model",
+                     "requests_waiting": "Requests queued", "requests_running": "Sequences decoded",
+                     "kv_cache_used_blocks": "KV blocks in use"}
+        self.per_model = {name: Gauge(f"{_PREFIX}_model_{name}", help_, ["model"], registry=r)
+                          for name, help_ in per_model.items()}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -73,6 +81,25 @@ class ServerMetrics:
         disk = stats.get("disk_cache", {})
         for name, gauge in self.disk.items():
             gauge.set(disk.get(name, 0))
+
+    def update_models(self, stats: dict[str, dict[str, Any] | None],
+                      memory: dict[str, int]) -> None:
+        """Per-model gauges (``stats[id]`` None for a model not loaded); the plain engine
+        gauges get the sums over the loaded models."""
+        totals: dict[str, Any] = {"requests": collections.Counter(), "kv_cache": collections.Counter()}
+        for model_id, one in stats.items():
+            one = one or {}
+            requests, kv = one.get("requests", {}), one.get("kv_cache", {})
+            readings = {"loaded": int(bool(one)), "memory_bytes": memory.get(model_id, 0),
+                        "requests_waiting": requests.get("waiting", 0),
+                        "requests_running": requests.get("running", 0),
+                        "kv_cache_used_blocks": kv.get("num_used_blocks", 0)}
+            for name, value in readings.items():
+                self.per_model[name].labels(model=model_id).set(value)
+            totals["requests"].update({k: requests.get(k, 0) for k in ("waiting", "running")})
+            totals["kv_cache"].update({k: kv.get(k, 0) for k in ("num_blocks", "num_used_blocks",
+                                                                 "cap_blocks")})
+        self.update_engine(totals)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

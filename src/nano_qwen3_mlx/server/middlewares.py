@@ -14,8 +14,8 @@ from aiohttp import web
 
 from ..config import ServerConfig
 from ..errors import AuthenticationError, NanoQwen3Error
-from .call import RUN_KEY, ClientGone
 from .errors import anthropic_error_body, error_body, error_response, is_anthropic_path
+from .generation.call import RUN_KEY, ClientGone
 from .state import STATE_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -24,7 +24,7 @@ access_log = logging.getLogger("nano_qwen3_mlx.server.access")
 log = logging.getLogger("nano_qwen3_mlx.server")
 
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
-_OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
+_OPEN_PATHS = ("/", "/health", "/metrics", "/openapi.json")  # "/": the page (no data)
 # HTTP status logged when the client left before we answered (as nginx does).
 CLIENT_CLOSED = 499
 # Typed request storage where aiohttp has it (3.12+), a plain key before.

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
-from .anthropic_protocol import (
+from .anthropic.protocol import (
     AnthropicError,
     AnthropicStreamEvent,
     CountTokensRequest,
@@ -16,8 +16,8 @@ from .anthropic_protocol import (
     MessageResponse,
     MessagesRequest,
 )
-from .embeddings import EmbeddingRequest, EmbeddingResponse
-from .protocol import (
+from .openai.embeddings import EmbeddingRequest, EmbeddingResponse
+from .openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -28,7 +28,7 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
-from .responses_protocol import ResponseObject, ResponsesRequest, ResponsesStreamEvent
+from .openai.responses_protocol import ResponseObject, ResponsesRequest, ResponsesStreamEvent
 
 _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest, CompletionRequest, ChatCompletionResponse, ChatCompletionChunk,

@@ -5,13 +5,22 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import EngineDeadError, ModelLoadingError, ShuttingDownError
-from .chat import chat_completions
-from .completions import completions
-from .embeddings import embeddings
-from .messages import count_tokens, messages
+from .anthropic.messages import count_tokens, messages
+from .management.routes import (
+    engine_card,
+    load_model,
+    pool_card,
+    pool_stats,
+    unload_model,
+    update_pool_metrics,
+)
 from .metrics import CONTENT_TYPE
+from .openai.chat import chat_completions
+from .openai.completions import completions
+from .openai.embeddings import embeddings
+from .openai.responses import responses
 from .openapi import build_openapi
-from .responses import responses
+from .page import chat_page
 from .state import STATE_KEY, ServerState
 
 routes = web.RouteTableDef()
@@ -23,21 +32,21 @@ routes.post("/v1/responses")(responses)
 routes.post("/v1/embeddings")(embeddings)
 
 
+routes.post("/v1/models/{model_id:.+}/load")(load_model)
+routes.post("/v1/models/{model_id:.+}/unload")(unload_model)
+
+
 def _model_card(state: ServerState) -> dict:
-    engine = state.ready_engine()
-    return {"id": state.model_name, "object": "model", "created": state.created,
-            "owned_by": "nano-qwen3-mlx", "max_model_len": engine.max_model_len,
-            "parameters": engine.num_parameters,
-            # What a request's left-out sampling fields (max_tokens included) become.
-            "sampling_defaults": getattr(engine, "sampling_defaults", None),
-            # Every served checkpoint also embeds (last-token pooling of the same body).
-            "capabilities": ["chat", "completions", "messages", "responses", "embeddings"]}
+    return engine_card(state, state.model_name, state.ready_engine())
 
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    """The one served model (OpenAI ``list`` shape)."""
+    """The served models (OpenAI ``list`` shape); with several, each says if it is loaded."""
     state = request.app[STATE_KEY]
+    if state.models is not None:
+        cards = [pool_card(state, model_id) for model_id in state.models.specs]
+        return web.json_response({"object": "list", "data": cards})
     return web.json_response({"object": "list", "data": [_model_card(state)]})
 
 
@@ -45,9 +54,14 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     """One model by id; 404 for anything this server does not serve."""
     state = request.app[STATE_KEY]
+    if state.models is not None:
+        return web.json_response(pool_card(state, state.models.spec(request.match_info["model_id"]).id))
     card = _model_card(state)
     state.check_model(request.match_info["model_id"])
     return web.json_response(card)
+
+
+routes.get("/")(chat_page)
 
 
 @routes.get("/health")
@@ -70,6 +84,8 @@ async def health(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     """Engine statistics (``AsyncLLM.get_stats()``) plus server uptime."""
     state = request.app[STATE_KEY]
+    if state.models is not None:
+        return web.json_response(pool_stats(state, request.query.get("model") or None))
     engine = state.engine
     if engine is None:
         raise ModelLoadingError()
@@ -83,7 +99,9 @@ async def stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format."""
     state = request.app[STATE_KEY]
-    if state.is_ready:
+    if state.models is not None:
+        update_pool_metrics(state)
+    elif state.is_ready:
         state.metrics.update_engine(state.engine.get_stats())
     return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -16,6 +16,9 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
 from .shutdown import Drain
+
+if TYPE_CHECKING:
+    from .management.pool import ModelPool
 
 
 class AsyncLLMLike(Protocol):
@@ -70,6 +73,9 @@ class ServerState:
     model_aliases: set[str] = field(default_factory=set)
     # Shutdown: requests in flight, running generations, refusing new ones (server/shutdown.py).
     drain: Drain = field(default_factory=Drain)
+    # Several models (server/management/pool.py): each request's engine comes from here and
+    # ``engine`` stays None.
+    models: ModelPool | None = None
 
     @property
     def uptime_s(self) -> float:
@@ -94,6 +100,10 @@ class ServerState:
             return EngineDeadError(f"{type(self.failure).__name__}")
         if self.drain.draining:
             return ShuttingDownError()
+        if self.models is not None:  # ready once the pinned models are loaded
+            if not self.models.is_alive:
+                return EngineDeadError("EngineThreadDied")
+            return None if self.models.started else ModelLoadingError()
         if self.engine is None or not self.engine.is_ready:
             return ModelLoadingError()
         return None
@@ -108,6 +118,17 @@ class ServerState:
         if error is not None:
             raise error
         return self.engine
+
+    async def engine_for(self, name: str | None) -> tuple[str, AsyncLLMLike]:
+        """The model name a response reports and its engine: 503 unless ready, 404 for a model
+        this server does not serve; with several models, the named one (loaded if need be)."""
+        if self.models is None:
+            engine = self.ready_engine()
+            return self.check_model(name), engine
+        error = self.not_ready()
+        if error is not None:
+            raise error
+        return await self.models.engine(name)
 
     def check_model(self, name: str | None) -> str:
         """The served model name; 404 for a model this server does not serve."""

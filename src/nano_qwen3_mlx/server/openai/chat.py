@@ -9,19 +9,19 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import NanoQwen3Error
-from ..outputs import GenerationResult, RequestOutput
-from ..parsers import ReasoningStreamParser, prompt_thinking, split_reasoning
-from ..tool_xml import ToolFormat, tool_format
-from .call import open_call
+from ...errors import NanoQwen3Error
+from ...outputs import GenerationResult, RequestOutput
+from ...parsers import ReasoningStreamParser, prompt_thinking, split_reasoning
+from ...tool_xml import ToolFormat, tool_format
+from ..errors import bad_request
+from ..generation.call import open_call
+from ..generation.formatter import Formatter, Payload, error_chunk
+from ..generation.params import new_id, openai_request
+from ..generation.request import GenerationRequest
+from ..generation.runner import RunResult, serve
 from .constraints import chat_constraint, tool_specs, with_tools_in_system
-from .errors import bad_request
-from .formatter import Formatter, Payload, error_chunk
 from .logprobs import chat_logprobs
-from .params import new_id, openai_request
 from .protocol import ChatCompletionRequest, ChatMessage
-from .request import GenerationRequest
-from .runner import RunResult, serve
 from .thinking import budget_fields
 
 log = logging.getLogger("nano_qwen3_mlx.server")

@@ -15,17 +15,17 @@ from typing import Any
 
 from aiohttp import web
 
-from ..engine.grammar import GRAMMAR_FAILED
-from ..errors import (
+from ...engine.grammar import GRAMMAR_FAILED
+from ...errors import (
     GenerationFailedError,
     InvalidRequestError,
     RequestTimeoutError,
     ShuttingDownError,
     SlowReaderError,
 )
-from ..outputs import GenerationResult, RequestOutput, Usage
+from ...outputs import GenerationResult, RequestOutput, Usage
+from ..errors import to_api_error
 from .call import RUN_KEY, ApiCall, ClientGone, RunRecord
-from .errors import to_api_error
 from .formatter import Formatter
 from .request import Choice, GenerationRequest
 from .streaming import stream_run

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import bad_request
+from ..errors import bad_request
 
 
 def thinking_budget(*, effort: str | None, explicit: int | None, max_tokens: int | None,

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..engine.grammar import check_grammar
-from ..sampling_params import SamplingParams
-from ..structured import (
+from ...engine.grammar import check_grammar
+from ...sampling_params import SamplingParams
+from ...structured import (
     ToolSpec,
     guided_fields,
     response_format_fields,
     tool_call_grammar,
 )
-from .errors import bad_request
+from ..errors import bad_request
 from .protocol import ChatCompletionRequest, SamplingFields
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")

@@ -13,25 +13,25 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import NanoQwen3Error
-from ..sampling_params import SamplingParams
-from ..structured import ToolSpec, tool_call_grammar
-from ..tool_xml import tool_format
-from .anthropic_protocol import (
+from ...errors import NanoQwen3Error
+from ...sampling_params import SamplingParams
+from ...structured import ToolSpec, tool_call_grammar
+from ...tool_xml import tool_format
+from ..errors import anthropic_error_json, bad_request
+from ..generation.call import open_call
+from ..generation.formatter import Payload, SSEEvent
+from ..generation.params import stop_list
+from ..generation.runner import RunResult
+from ..generation.turn_format import TurnFormatter, TurnResult, serve_turn
+from ..generation.turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
+from ..openai.constraints import check
+from .protocol import (
     CountTokensRequest,
     MessagesRequest,
     chat_messages,
     chat_tools,
     tool_use_block,
 )
-from .call import open_call
-from .constraints import check
-from .errors import anthropic_error_json, bad_request
-from .formatter import Payload, SSEEvent
-from .params import stop_list
-from .runner import RunResult
-from .turn_format import TurnFormatter, TurnResult, serve_turn
-from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
 
 log = logging.getLogger("nano_qwen3_mlx.server")
 

@@ -18,14 +18,17 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import NanoQwen3Error, client_message
-from ..sampling_params import SamplingParams
-from ..structured import ToolSpec, response_format_fields, tool_call_grammar
-from .call import open_call
+from ...errors import NanoQwen3Error, client_message
+from ...sampling_params import SamplingParams
+from ...structured import ToolSpec, response_format_fields, tool_call_grammar
+from ..errors import bad_request
+from ..generation.call import open_call
+from ..generation.formatter import Payload, SSEEvent
+from ..generation.params import stop_list
+from ..generation.runner import RunResult
+from ..generation.turn_format import TurnFormatter, TurnResult, serve_turn
+from ..generation.turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
 from .constraints import check
-from .errors import bad_request
-from .formatter import Payload, SSEEvent
-from .params import stop_list
 from .responses_protocol import (
     NamedFunction,
     ResponsesRequest,
@@ -36,10 +39,7 @@ from .responses_protocol import (
     response_format,
     thinking_enabled,
 )
-from .runner import RunResult
 from .thinking import budget_fields
-from .turn_format import TurnFormatter, TurnResult, serve_turn
-from .turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
 
 
 def render(tokenizer: Any, req: ResponsesRequest) -> TurnPrompt:

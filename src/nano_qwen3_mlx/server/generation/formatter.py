@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NanoQwen3Error
-from .errors import error_json
+from ...errors import NanoQwen3Error
+from ..errors import error_json
 
 if TYPE_CHECKING:
-    from ..outputs import RequestOutput
+    from ...outputs import RequestOutput
     from .runner import RunResult
 
 

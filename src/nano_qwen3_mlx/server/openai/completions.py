@@ -8,18 +8,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import NanoQwen3Error
-from ..outputs import GenerationResult, RequestOutput
-from .call import open_call
+from ...errors import NanoQwen3Error
+from ...outputs import GenerationResult, RequestOutput
+from ..errors import bad_request
+from ..generation.call import open_call
+from ..generation.formatter import Formatter, Payload, error_chunk
+from ..generation.params import new_id, openai_request, vocab_size
+from ..generation.request import GenerationRequest
+from ..generation.runner import RunResult, serve
+from ..state import AsyncLLMLike
 from .constraints import check, request_constraint
-from .errors import bad_request
-from .formatter import Formatter, Payload, error_chunk
 from .logprobs import completion_logprobs
-from .params import new_id, openai_request, vocab_size
 from .protocol import CompletionRequest
-from .request import GenerationRequest
-from .runner import RunResult, serve
-from .state import AsyncLLMLike
 from .thinking import budget_fields
 
 log = logging.getLogger("nano_qwen3_mlx.server")

@@ -8,8 +8,8 @@ from typing import Generic, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from ..state import STATE_KEY, AsyncLLMLike, ServerState
 from .params import parse_body
-from .state import STATE_KEY, AsyncLLMLike, ServerState
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -50,6 +50,5 @@ async def open_call(http: web.Request, body_type: type[Body]) -> ApiCall[Body]:
     """Parse and validate the body (400), then 503 unless ready, then 404 for another model."""
     state = http.app[STATE_KEY]
     body = await parse_body(http, body_type)
-    engine = state.ready_engine()
-    model = state.check_model(getattr(body, "model", None))
+    model, engine = await state.engine_for(getattr(body, "model", None))
     return ApiCall(http, state, engine, body, model)

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..errors import NanoQwen3Error
+from ...errors import NanoQwen3Error
+from ..state import STATE_KEY
 from .call import ClientGone
 from .formatter import Formatter, Payload, SSEEvent
-from .state import STATE_KEY
 
 if TYPE_CHECKING:
     from .runner import GenerationRun

@@ -14,13 +14,13 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field, ValidationError, field_validator
 
-from ..embeddings import embedding_ids, to_base64, truncate
-from ..errors import RequestTimeoutError
-from .call import open_call
-from .errors import bad_request, to_api_error
-from .params import new_id, vocab_size
+from ...embeddings import embedding_ids, to_base64, truncate
+from ...errors import RequestTimeoutError
+from ..errors import bad_request, to_api_error
+from ..generation.call import open_call
+from ..generation.params import new_id, vocab_size
+from ..state import AsyncLLMLike
 from .protocol import _Request, _Response
-from .state import AsyncLLMLike
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 # Inputs of one request in the engine at a time: enough to fill its batches, and a long

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .errors import bad_request
-from .protocol import _Request, _Response
+from ..errors import bad_request
+from ..openai.protocol import _Request, _Response
 
 
 class TextBlock(_Request):

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..outputs import RequestOutput
+from ...outputs import RequestOutput
 from .call import ApiCall
 from .formatter import Formatter, Payload
 from .runner import RunResult

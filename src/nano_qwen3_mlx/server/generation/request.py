@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidRequestError
-from ..sampling_params import SamplingParams
+from ...errors import InvalidRequestError
+from ...sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from ..sampling_params import SamplingParams, check_stop_count
-from .errors import bad_request, from_validation_error
-from .protocol import SamplingFields
+from ...sampling_params import SamplingParams, check_stop_count
+from ..errors import bad_request, from_validation_error
+from ..openai.protocol import SamplingFields
+from ..state import AsyncLLMLike
 from .request import GenerationRequest
-from .state import AsyncLLMLike
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("nano_qwen3_mlx.server")

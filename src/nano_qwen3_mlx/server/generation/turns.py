@@ -18,18 +18,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..outputs import GenerationResult, RequestOutput
-from ..parsers import (
+from ...outputs import GenerationResult, RequestOutput
+from ...parsers import (
     THINK_OPEN,
     ReasoningStreamParser,
     prompt_opens_thinking,
     prompt_thinking,
 )
-from ..sampling_params import SamplingParams
-from ..tool_xml import ToolFormat, tool_format
+from ...sampling_params import SamplingParams
+from ...tool_xml import ToolFormat, tool_format
+from ..errors import bad_request
+from ..openai.constraints import with_tools_in_system
 from .call import RUN_KEY, ApiCall, RunRecord
-from .constraints import with_tools_in_system
-from .errors import bad_request
 from .request import Choice, GenerationRequest
 from .runner import Event, GenerationRun, RunResult, Usage
 

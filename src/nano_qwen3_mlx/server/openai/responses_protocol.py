@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .errors import bad_request
+from ..errors import bad_request
 from .protocol import _Request, _Response
 
 

@@ -1,0 +1,1 @@
+"""The generation path every API shares: the call, the request, the run, the formatter, SSE."""

@@ -1,0 +1,1 @@
+"""Several models behind one server: the pool, where its models come from, its routes."""
