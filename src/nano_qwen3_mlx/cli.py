@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from typing import Annotated, Any
 
@@ -152,8 +154,6 @@ def chat(
 def _start_async_llm(loop, config):
     """An ``AsyncLLM`` started on ``loop`` (its own thread runs the engine), or a one-line
     error as ``_load_llm`` gives."""
-    import contextlib
-
     from .async_llm import AsyncLLM
     from .errors import first_line
     from .models.loader import ModelLoadError
@@ -161,20 +161,18 @@ def _start_async_llm(loop, config):
 
     llm = AsyncLLM(config=config)
     start = loop.create_task(llm.start())
+    # Ctrl-C while the engine thread loads: exit at once. That thread cannot be stopped
+    # inside MLX, and unwinding the interpreter around it aborts the process.
+    previous = signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     try:
         with Spinner(f"loading {config.model} ..."):
             return loop.run_until_complete(start)
-    except KeyboardInterrupt:
-        # The engine thread cannot be stopped inside MLX, and one still running at exit aborts
-        # the process: let it finish loading, then close it.
-        with contextlib.suppress(BaseException):
-            loop.run_until_complete(start)
-        loop.run_until_complete(llm.close())
-        raise
     except ModelLoadError as exc:
         fail(str(exc))
     except (OSError, ValueError) as exc:
         fail(f"cannot load model {config.model}: {first_line(exc)}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @app.command()
@@ -310,7 +308,11 @@ def main() -> None:
     except typer.Abort:  # EOF at a confirmation prompt
         sys.exit(1)
     except KeyboardInterrupt:
-        sys.exit(130)
+        # Exit at once: an engine thread may still be inside MLX, and tearing the
+        # interpreter down around it aborts the process ("terminate called").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
