@@ -42,16 +42,18 @@ BACKOFF_MIN, BACKOFF_MAX = 4, 64  # steps a sequence waits after drafts that all
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
                   min_n: int = MIN_NGRAM) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix
-    n-gram of ``tokens`` (``min_n <= n <= max_n``); [] if none occurred."""
+    """Up to ``k`` tokens that followed an earlier occurrence of the longest suffix n-gram of
+    ``tokens`` (``min_n <= n <= max_n``): the latest with ``k`` tokens after it, else the
+    earliest (a short loop's latest match is followed by only the last token); [] if none."""
     if k <= 0:
         return []
     seq = np.asarray(tokens[-SEARCH_WINDOW:], np.int64)
     for n in range(min(max_n, len(seq) - 1), min_n - 1, -1):
         windows = sliding_window_view(seq[:-1], n)  # every n-gram with a token after it
         hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
+        if hits.size:  # the latest match that has k tokens after it, else the earliest
+            full = hits[hits + n + k <= len(seq)]
+            start = int(full[-1] if full.size else hits[0]) + n
             return seq[start:start + k].tolist()
     return []
 
