@@ -8,12 +8,13 @@ import pytest
 
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.engine.speculative import SpecState, Speculator, propose_ngram
+from tests.checkpoints import TINY_QWEN3, write_checkpoint
 
 # Three tokens get a large bias: the model chooses among them (its own logits decide which),
 # so the text repeats n-grams and drafts are proposed, accepted and rejected.
-FEW = [785, 3974, 13876]
+FEW = [101, 202, 303]
 BIAS = {t: 40.0 for t in FEW}
-PROMPTS = [FEW * 3, [785, 3974, 13876, 785, 3974], [13876, 13876, 785], FEW[::-1] * 2]
+PROMPTS = [FEW * 3, [101, 202, 303, 101, 202], [303, 303, 101], FEW[::-1] * 2]
 
 
 def run(llm: LLM, prompts, params: list[SamplingParams]) -> list[dict]:
@@ -31,7 +32,16 @@ def run(llm: LLM, prompts, params: list[SamplingParams]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_qwen3_dir):
+def small_vocab_dir(tmp_path_factory, qwen_tokenizer_dir):
+    """The tiny random Qwen3 with a 1024-token vocabulary: the sampler's per-row work (noise,
+    softmax over the vocabulary) stays small, so many samples are cheap."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-spec"), qwen_tokenizer_dir,
+                            base={**TINY_QWEN3, "vocab_size": 1024})
+
+
+@pytest.fixture(scope="module")
+def engines(small_vocab_dir):
+    tiny_qwen3_dir = small_vocab_dir
     opts = dict(num_kv_blocks=128, block_size=4, max_num_seqs=8, device="cpu")
     with LLM(str(tiny_qwen3_dir), **opts) as plain, \
             LLM(str(tiny_qwen3_dir), speculative="ngram", num_speculative_tokens=4, **opts) as spec:
@@ -63,12 +73,17 @@ def test_adaptive_k_shrinks_on_misses_and_backs_off():
 
 @pytest.mark.parametrize("extra", [
     {}, {"logit_bias": BIAS}, {"logit_bias": BIAS, "logprobs": 2},
-    {"logit_bias": BIAS, "max_tokens": 3}, {"logit_bias": BIAS, "stop": ["fox"]},
+    {"logit_bias": BIAS, "max_tokens": 3}, {"logit_bias": BIAS, "stop": "from the text"},
 ])
 def test_greedy_tokens_are_the_ones_without_speculation(engines, extra):
     plain, spec = engines
+    if extra.get("stop"):  # a stop string the greedy text reaches mid-way
+        text = run(plain, PROMPTS[:1], [SamplingParams(temperature=0, max_tokens=24,
+                                                       logit_bias=BIAS, ignore_eos=True)])[0]["text"]
+        extra = extra | {"stop": [text[9:12]]}
     params = [SamplingParams(temperature=0, ignore_eos=True, **({"max_tokens": 24} | extra))] * len(PROMPTS)
-    before = spec.engine.speculator.stats.accepted
+    stats = spec.engine.speculator.stats
+    before, drafted = stats.accepted, stats.drafted
     want, got = run(plain, PROMPTS, params), run(spec, PROMPTS, params)
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
     assert [g["text"] for g in got] == [w["text"] for w in want]
@@ -81,8 +96,11 @@ def test_greedy_tokens_are_the_ones_without_speculation(engines, extra):
             assert [r["logprob"] for r in g["logprobs"]] == pytest.approx(
                 [r["logprob"] for r in w["logprobs"]], abs=1e-4)
             assert all(len(r["top_logprobs"]) == 2 for r in g["logprobs"])
-    if "logit_bias" in extra and params[0].max_tokens > 3:
-        assert spec.engine.speculator.stats.accepted > before  # the drafts did run
+    if "logit_bias" in extra and params[0].max_tokens > 3:  # drafts were accepted and rejected
+        assert spec.engine.speculator.stats.accepted > before
+        assert stats.drafted - drafted > stats.accepted - before
+    if "stop" in extra:
+        assert got[0]["finish"] == "stop" and len(got[0]["tokens"]) < 24
     assert spec.engine.get_stats()["kv_cache"]["num_used_blocks"] == 0
 
 
@@ -98,24 +116,28 @@ def _chi2_same(a: list[tuple], b: list[tuple]) -> tuple[float, int]:
     return float(((table - expected) ** 2 / expected).sum()), len(keys) - 1
 
 
-def test_sampled_distribution_is_the_one_without_speculation(engines):
+@pytest.mark.parametrize("filters", [{}, {"top_p": 0.8}])
+def test_sampled_distribution_is_the_one_without_speculation(engines, filters):
     plain, spec = engines
-    n, prompt = 600, FEW * 2
-    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, logit_bias=BIAS)
+    n, prompt = 800, FEW * 2
+    # T = 5 flattens the model's preferences among the three biased tokens.
+    params = SamplingParams(temperature=5.0, max_tokens=5, ignore_eos=True, logit_bias=BIAS,
+                            **filters)
     stats = spec.engine.speculator.stats
     before = (stats.drafted, stats.accepted)
     want = [tuple(r["tokens"]) for r in run(plain, [prompt] * n, [params] * n)]
     got = [tuple(r["tokens"]) for r in run(spec, [prompt] * n, [params] * n)]
     drafted, accepted = stats.drafted - before[0], stats.accepted - before[1]
     assert 0 < accepted < drafted  # drafts were both accepted and rejected
-    for pos in (1, 2, 3):  # each later position, and the last two together
+    for pos in (1, 2, 3, 4):  # each later position, and the last two together
         chi2, df = _chi2_same([t[pos] for t in want], [t[pos] for t in got])
         assert chi2 < CHI2_CRIT[df], (pos, chi2, df)
-    chi2, df = _chi2_same([t[2:] for t in want], [t[2:] for t in got])
+    chi2, df = _chi2_same([t[3:] for t in want], [t[3:] for t in got])
     assert chi2 < CHI2_CRIT[df], (chi2, df)
 
 
-def test_no_block_leaks_with_aborts_and_preemption(tiny_qwen3_dir):
+def test_no_block_leaks_with_aborts_and_preemption(small_vocab_dir):
+    tiny_qwen3_dir = small_vocab_dir
     opts = dict(num_kv_blocks=14, block_size=4, max_num_seqs=4, device="cpu",
                 max_num_batched_tokens=16)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logit_bias=BIAS)
@@ -142,8 +164,17 @@ def test_no_block_leaks_with_aborts_and_preemption(tiny_qwen3_dir):
                 assert got[rid] == want[i]
 
 
-def test_grammar_and_penalty_rows_do_not_speculate(engines):
-    plain, spec = engines
+@pytest.fixture(scope="module")
+def full_vocab_engines(tiny_qwen3_dir):
+    """Grammars need the model's vocabulary to cover the tokenizer's."""
+    opts = dict(num_kv_blocks=64, block_size=4, max_num_seqs=4, device="cpu")
+    with LLM(str(tiny_qwen3_dir), **opts) as plain, \
+            LLM(str(tiny_qwen3_dir), speculative="ngram", **opts) as spec:
+        yield plain, spec
+
+
+def test_grammar_and_penalty_rows_do_not_speculate(full_vocab_engines):
+    plain, spec = full_vocab_engines
     prompts = [FEW * 3, FEW * 3, FEW * 3]
     params = [SamplingParams(temperature=0, max_tokens=12, regex="(ab|cd)+", logit_bias=BIAS),
               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=BIAS,
