@@ -64,11 +64,16 @@ def test_adaptive_k_shrinks_on_misses_and_backs_off():
     assert seq.spec.k == 4
     spec.verified(seq, 4, 1, 2)
     assert seq.spec.k == 2
-    spec.verified(seq, 2, 0, 1)
-    spec.verified(seq, 1, 0, 1)  # k would be 0: pause instead
-    assert (seq.spec.k, seq.spec.skip) == (1, 4)
+    spec.verified(seq, 2, 0, 1)  # a miss: one draft next time
+    assert seq.spec.k == 1
+    spec.verified(seq, 1, 0, 1)  # k would be 0: pause instead, longer each time
+    assert (seq.spec.k, seq.spec.skip, seq.spec.backoff) == (1, 16, 32)
+    spec.verified(seq, 1, 0, 1)
+    assert (seq.spec.skip, seq.spec.backoff) == (32, 64)
+    spec.verified(seq, 1, 1, 2)  # an accepted draft ends the back-off
+    assert (seq.spec.k, seq.spec.backoff) == (2, 16)
     assert isinstance(seq.spec, SpecState)
-    assert spec.stats.as_dict()["acceptance_rate"] == pytest.approx(5 / 11)
+    assert spec.stats.as_dict()["acceptance_rate"] == pytest.approx(6 / 13)
 
 
 @pytest.mark.parametrize("extra", [

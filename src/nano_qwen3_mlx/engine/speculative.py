@@ -37,7 +37,7 @@ SEARCH_WINDOW = 4096  # only the last this many tokens are searched (bounded hos
 # amortised over the rows, and each draft costs a full token of compute (measured in the
 # README's speculative-decoding table).
 MAX_SPEC_ROWS = 8
-BACKOFF_MIN, BACKOFF_MAX = 4, 64  # steps a sequence waits after drafts that all missed
+BACKOFF_MIN, BACKOFF_MAX = 16, 256  # steps a sequence waits after drafts that all missed
 
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
@@ -148,9 +148,9 @@ class Speculator:
         if num_accepted == num_drafted:
             state.k = min(self.num_tokens, state.k + 1)
         elif num_accepted:
-            state.k = max(1, num_accepted + 1)
-        else:
-            state.k //= 2
+            state.k = num_accepted + 1
+        else:  # a miss: one draft next time, then pause
+            state.k = 1 if state.k > 1 else 0
         if state.k == 0:  # nothing accepted at k = 1: pause, longer each time
             state.k, state.skip = 1, state.backoff
             state.backoff = min(BACKOFF_MAX, state.backoff * 2)
