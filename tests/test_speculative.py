@@ -178,6 +178,15 @@ def full_vocab_engines(tiny_qwen3_dir):
         yield plain, spec
 
 
+def test_a_step_of_many_decode_rows_does_not_speculate(small_vocab_dir):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logit_bias=BIAS)
+    with LLM(str(small_vocab_dir), speculative="ngram", max_num_seqs=16, device="cpu") as llm:
+        run(llm, [FEW * 3] * 9, [params] * 9)  # 9 rows decode together, to the end
+        assert llm.engine.speculator.stats.rows == 0
+        run(llm, [FEW * 3] * 8, [params] * 8)
+        assert llm.engine.speculator.stats.rows > 0
+
+
 def test_grammar_and_penalty_rows_do_not_speculate(full_vocab_engines):
     plain, spec = full_vocab_engines
     prompts = [FEW * 3, FEW * 3, FEW * 3]
