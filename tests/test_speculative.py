@@ -187,12 +187,14 @@ def test_a_step_of_many_decode_rows_does_not_speculate(small_vocab_dir):
         assert llm.engine.speculator.stats.rows > 0
 
 
-def test_grammar_and_penalty_rows_do_not_speculate(full_vocab_engines):
+def test_grammar_penalty_and_seeded_rows_do_not_speculate(full_vocab_engines):
     plain, spec = full_vocab_engines
-    prompts = [FEW * 3, FEW * 3, FEW * 3]
+    prompts = [FEW * 3] * 4
     params = [SamplingParams(temperature=0, max_tokens=12, regex="(ab|cd)+", logit_bias=BIAS),
               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=BIAS,
                              repetition_penalty=1.3),
+              SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, logit_bias=BIAS,
+                             seed=5),
               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=BIAS)]
     stats = spec.engine.speculator.stats
     rows = stats.rows

@@ -16,7 +16,9 @@ length, and the next step overwrites them; blocks past the sequence's need are f
 
 Not speculated (the row decodes one token as usual): penalties (each position would need the
 drafts before it counted), a grammar or thinking budget (``seq.grammar``), ``min_tokens`` not
-reached yet (the EOS block differs per position), and hybrid models (their recurrent state
+reached yet (the EOS block differs per position), a ``seed`` (its noise is drawn per sampled
+row, so drafts would make its tokens depend on whether a step speculated, i.e. on batching),
+and hybrid models (their recurrent state
 cannot be rolled back past rejected drafts: the engine turns speculation off for them).
 """
 
@@ -97,7 +99,7 @@ class Speculator:
     def eligible(self, seq: Sequence) -> bool:
         """May this sequence draft now (its sampling allows it, its back-off is over)?"""
         p = seq.params
-        return (not p.uses_penalties and seq.grammar is None and not seq.pooling
+        return (not p.uses_penalties and p.seed is None and seq.grammar is None and not seq.pooling
                 and seq.num_completion_tokens >= p.min_tokens and self._state(seq).skip == 0)
 
     def wants(self, batch: ScheduledBatch) -> bool:
