@@ -68,12 +68,15 @@ def test_adaptive_k_shrinks_on_misses_and_backs_off():
     assert seq.spec.k == 1
     spec.verified(seq, 1, 0, 1)  # k would be 0: pause instead, longer each time
     assert (seq.spec.k, seq.spec.skip, seq.spec.backoff) == (1, 16, 32)
-    spec.verified(seq, 1, 0, 1)
+    spec.verified(seq, 1, 0, 1)  # the rate is low now: pauses grow
     assert (seq.spec.skip, seq.spec.backoff) == (32, 64)
-    spec.verified(seq, 1, 1, 2)  # an accepted draft ends the back-off
-    assert (seq.spec.k, seq.spec.backoff) == (2, 16)
+    spec.verified(seq, 1, 1, 2)  # a lucky hit: no shorter pauses yet
+    assert seq.spec.backoff == 64
+    for _ in range(3):
+        spec.verified(seq, 1, 1, 2)
+    assert (seq.spec.k, seq.spec.backoff) == (4, 16)  # a good rate again ends the back-off
     assert isinstance(seq.spec, SpecState)
-    assert spec.stats.as_dict()["acceptance_rate"] == pytest.approx(6 / 13)
+    assert spec.stats.as_dict()["acceptance_rate"] == pytest.approx(9 / 16)
 
 
 @pytest.mark.parametrize("extra", [

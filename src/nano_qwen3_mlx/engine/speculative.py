@@ -40,6 +40,10 @@ SEARCH_WINDOW = 4096  # only the last this many tokens are searched (bounded hos
 # README's speculative-decoding table).
 MAX_SPEC_ROWS = 8
 BACKOFF_MIN, BACKOFF_MAX = 16, 256  # steps a sequence waits after drafts that all missed
+# A sequence's acceptance rate (moving average of accepted / drafted): below PAUSE_RATE it
+# pauses like after a miss; its pauses shorten again only once the rate is back to GOOD_RATE
+# (a lucky hit among rejections must not restart frequent tries).
+RATE_WEIGHT, PAUSE_RATE, GOOD_RATE = 0.3, 0.25, 0.5
 
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
@@ -67,6 +71,7 @@ class SpecState:
     k: int
     skip: int = 0  # steps left before it drafts again
     backoff: int = BACKOFF_MIN
+    rate: float = 1.0  # moving average of its acceptance rate
 
 
 @dataclass(slots=True)
@@ -147,14 +152,15 @@ class Speculator:
         st, state = self.stats, self._state(seq)
         st.rows, st.drafted, st.accepted = st.rows + 1, st.drafted + num_drafted, st.accepted + num_accepted
         st.emitted += num_emitted
+        state.rate += RATE_WEIGHT * (num_accepted / num_drafted - state.rate)
         if num_accepted == num_drafted:
             state.k = min(self.num_tokens, state.k + 1)
         elif num_accepted:
             state.k = num_accepted + 1
         else:  # a miss: one draft next time, then pause
             state.k = 1 if state.k > 1 else 0
-        if state.k == 0:  # nothing accepted at k = 1: pause, longer each time
+        if state.k == 0 or state.rate < PAUSE_RATE:  # pause, longer each time
             state.k, state.skip = 1, state.backoff
             state.backoff = min(BACKOFF_MAX, state.backoff * 2)
-        elif num_accepted:
+        elif state.rate >= GOOD_RATE:
             state.backoff = BACKOFF_MIN
