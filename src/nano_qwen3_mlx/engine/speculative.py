@@ -64,6 +64,16 @@ def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
     return []
 
 
+def may_match(seq: Sequence) -> bool:
+    """Could the suffix match once the token in flight is known? Its shortest n-gram starts
+    with the last known token, so that token must occur earlier. Without this, a step would
+    wait for the step in flight (no pipelining) only to find no match."""
+    if seq.pending_row is None:
+        return True
+    window = seq.token_ids[-SEARCH_WINDOW:]
+    return window[-1] in window[:-1]
+
+
 @dataclass(slots=True)
 class SpecState:
     """A sequence's adaptive draft length: shrinks on misses, backs off when all miss."""
@@ -117,7 +127,7 @@ class Speculator:
         wants = False
         for seq in rows:
             if self.eligible(seq):
-                wants = True
+                wants = wants or may_match(seq)
             elif seq.spec is not None and seq.spec.skip:
                 seq.spec.skip -= 1
         return wants
