@@ -226,3 +226,20 @@ def test_speculative_options_are_checked(tiny_qwen3_dir):
         LLM(str(tiny_qwen3_dir), speculative="medusa")
     with pytest.raises(Exception, match="num_speculative_tokens"):
         LLM(str(tiny_qwen3_dir), speculative="ngram", num_speculative_tokens=0)
+
+
+def test_a_large_step_speculates_only_while_acceptance_is_good():
+    from nano_qwen3_mlx.engine.scheduler import ScheduledBatch
+    from nano_qwen3_mlx.engine.sequence import Sequence
+
+    spec, batch = Speculator(4), ScheduledBatch()
+    for i in range(5):  # five decode rows: above the small-batch size
+        seq = Sequence(i, f"r{i}", [1, 2, 3, 1, 2], SamplingParams())
+        seq.num_computed_tokens = 4  # its last token is this step's one
+        batch.add(seq, 1)
+    assert spec.wants(batch)
+    spec.rate = 0.1  # drafts have mostly been rejected lately
+    tries = [spec.wants(batch) for _ in range(64)]
+    assert tries.count(True) == 2 and tries.index(True) == 31  # a probe every 32 steps
+    small = ScheduledBatch(seqs=batch.seqs[:4], num_new_tokens=[1] * 4, samples=[True] * 4)
+    assert spec.wants(small)  # few rows: each sequence's own rate decides

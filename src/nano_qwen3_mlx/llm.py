@@ -21,6 +21,8 @@ class LLM:
     ``smollm2-135m``), a local directory or ``.gguf`` file, or a Hugging Face repo id;
     options are ``EngineConfig`` fields (``kv_cache_gb`` caps the KV pool, which starts small
     and grows on demand; ``num_kv_blocks`` fixes it; ``kv_cache_dtype="int8"`` quantizes it;
+    ``speculative="ngram"`` drafts tokens by prompt lookup and verifies them in the same step
+    (output unchanged, ``num_speculative_tokens`` at most per step);
     ``max_tokens_default``, ...); a bad one raises ``InvalidRequestError``. Sampling
     fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
     """

@@ -44,6 +44,10 @@ BACKOFF_MIN, BACKOFF_MAX = 16, 256  # steps a sequence waits after drafts that a
 # pauses like after a miss; its pauses shorten again only once the rate is back to GOOD_RATE
 # (a lucky hit among rejections must not restart frequent tries).
 RATE_WEIGHT, PAUSE_RATE, GOOD_RATE = 0.3, 0.25, 0.5
+# Above this many decode rows a step speculates only while the engine-wide acceptance rate is
+# good (a step that speculates waits for the step in flight, and at 8 rows the rejected
+# workload lost 18% without this rule), or once every PROBE_EVERY steps to notice a change.
+SMALL_BATCH, PROBE_EVERY = 4, 32
 
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
@@ -105,6 +109,8 @@ class Speculator:
     def __init__(self, num_tokens: int, max_rows: int = MAX_SPEC_ROWS) -> None:
         self.num_tokens, self.max_rows = num_tokens, max_rows
         self.stats = SpecStats()
+        self.rate = 1.0  # engine-wide moving average of the acceptance rate
+        self._since_probe = 0
 
     def _state(self, seq: Sequence) -> SpecState:
         if seq.spec is None:
@@ -124,6 +130,11 @@ class Speculator:
                 if n == 1 and last]
         if len(rows) > self.max_rows:
             return False
+        if len(rows) > SMALL_BATCH and self.rate < GOOD_RATE:
+            self._since_probe += 1
+            if self._since_probe < PROBE_EVERY:
+                return False
+        self._since_probe = 0
         wants = False
         for seq in rows:
             if self.eligible(seq):
@@ -163,6 +174,7 @@ class Speculator:
         st.rows, st.drafted, st.accepted = st.rows + 1, st.drafted + num_drafted, st.accepted + num_accepted
         st.emitted += num_emitted
         state.rate += RATE_WEIGHT * (num_accepted / num_drafted - state.rate)
+        self.rate += RATE_WEIGHT / 3 * (num_accepted / num_drafted - self.rate)
         if num_accepted == num_drafted:
             state.k = min(self.num_tokens, state.k + 1)
         elif num_accepted:
