@@ -77,6 +77,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def test_speculative_suite_runs_this_engine_with_and_without(tiny_qwen3_dir, tmp_path):
+    plan = BenchPlan(model=str(tiny_qwen3_dir), suites=["speculative"], batches=[2], gen_len=6,
+                     speculative={"speculative": "ngram", "num_speculative_tokens": 3})
+    report = run(plan, tmp_path / "r.json", progress=lambda _: None)
+    rows = report["speculative"]
+    assert [(r["workload"], r["batch"]) for r in rows] == [("repeats", 2), ("rejected", 2)]
+    for row in rows:
+        assert row["plain"]["tokens"] == row["speculative"]["tokens"] == 2 * 6
+        assert row["plain"]["stats"] is None and row["speculative"]["stats"]["method"] == "ngram"
+        assert row["ratio"] == pytest.approx(row["speculative"]["decode_tok_s"] / row["plain"]["decode_tok_s"])
+    text = markdown(report)
+    assert "| repeats | 2 |" in text and "num_speculative_tokens': 3" in text
+
+
 def test_cli_bench_tiny_shape(tmp_path):
     out = tmp_path / "b.json"
     result = run_cli("--shape", "tiny", "--prompt-len", "8", "--batch", "2", "--gen-len", "3",
@@ -92,6 +106,8 @@ def test_cli_bench_tiny_shape(tmp_path):
     (["--shape", "huge"], "unknown shape"),
     (["--gen-len", "1"], "--gen-len"),
     (["--max-itl-ratio", "1"], "--max-itl-ratio"),
+    (["--speculative", "medusa"], "speculative"),
+    (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
 ])
 def test_cli_bench_bad_input_is_one_line(args, message):
     from typer.testing import CliRunner

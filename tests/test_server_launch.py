@@ -42,6 +42,12 @@ def test_itl_ratio_that_cannot_be_met_refused():
     assert result.output.strip().count("\n") == 0
 
 
+def test_unknown_speculative_method_refused():
+    result = CliRunner().invoke(app, ["serve", "--speculative", "medusa"])
+    assert result.exit_code == 2 and "speculative" in result.output
+    assert result.output.strip().count("\n") == 0
+
+
 def test_pool_sizes_in_mib_in_log_and_banner(tiny_qwen3_dir, caplog, capsys):
     """The engine's log and the serve banner write the same KV pool in the same unit."""
     from types import SimpleNamespace

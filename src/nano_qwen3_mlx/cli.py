@@ -229,13 +229,15 @@ def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="local checkpoint dir both engines load (default: random weights of --shape)")] = None,
     shape: Annotated[str, typer.Option(help="random checkpoint shape: tiny, small, kv (Qwen3-0.6B's attention on 4 thin layers), qwen3-0.6b, moe-small, hybrid (Qwen3.5 layout)")] = "small",
     dtype: Annotated[str, typer.Option(help="dtype of the random checkpoint")] = "float32",
-    suite: Annotated[str, typer.Option(help="comma-separated: lengths (prompt lengths x batch sizes), mixed (long prompts arriving while streams decode), chat (multi-turn and shared system prompt, against mlx_lm.server)")] = "lengths",
+    suite: Annotated[str, typer.Option(help="comma-separated: lengths (prompt lengths x batch sizes), mixed (long prompts arriving while streams decode), chat (multi-turn and shared system prompt, against mlx_lm.server), speculative (this engine with and without --speculative)")] = "lengths",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="comma-separated prompt lengths (lengths suite)")] = "128",
     gen_len: Annotated[int, typer.Option("--gen-len", help="new tokens per request (lengths suite)")] = 16,
     batch: Annotated[str, typer.Option(help="comma-separated concurrent request counts; 1 = one stream")] = "1,8",
     max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
     max_itl_ratio: Annotated[float | None, typer.Option(help="our prefill pacing: a step with a prompt chunk takes at most this many decode steps (default: off)")] = None,
     kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=f"ours: {KV_DTYPE_HELP}; mlx-lm keeps the model's dtype")] = None,
+    speculative: Annotated[str | None, typer.Option(help="ngram: also run the speculative suite (this engine with and without it, on text that repeats and on text that does not)")] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="with --speculative: most drafted tokens per step")] = 4,
     mixed_long_len: Annotated[int, typer.Option(help="mixed: length of the arriving prompts")] = 2048,
     mixed_running: Annotated[int, typer.Option(help="mixed: streams decoding meanwhile")] = 4,
     chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat (0: only the shared system prompt)")] = 10,
@@ -256,6 +258,9 @@ def bench(
     if shape not in SHAPES:
         fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     suites = [s.strip() for s in suite.split(",") if s.strip()]
+    if speculative is not None:
+        _engine_config(None, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
+        suites = [s for s in suites if s != "speculative"] + ["speculative"]
     if not suites or set(suites) - set(SUITES):
         fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
     lens, sizes = _int_list("--prompt-len", prompt_len), _int_list("--batch", batch)
@@ -267,7 +272,9 @@ def bench(
                      {"long_len": mixed_long_len, "running": mixed_running},
                      ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens,
                               step_tokens=max_num_batched_tokens),
-                     _bench_engine_options(max_itl_ratio, kv_cache_dtype))
+                     _bench_engine_options(max_itl_ratio, kv_cache_dtype),
+                     {"speculative": speculative or "ngram",
+                      "num_speculative_tokens": num_speculative_tokens})
     typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
 

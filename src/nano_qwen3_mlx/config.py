@@ -169,6 +169,12 @@ class EngineConfig(_Settings):
     prefix_cache_dir: str | None = None
     prefix_cache_disk_gb: float | None = Field(None, gt=0)
     max_queue_size: int = Field(1024, ge=1)
+    # Speculative decoding: "ngram" drafts tokens by prompt lookup (the sequence's last
+    # tokens matched against its earlier text) and verifies them inside the packed step;
+    # None: off. Attention-only models; see engine/speculative.py.
+    speculative: Literal["ngram"] | None = None
+    # The most tokens one sequence drafts per step (adaptive below this).
+    num_speculative_tokens: int = Field(4, ge=1, le=16)
 
     @field_validator("sampling_defaults")
     @classmethod

@@ -22,6 +22,8 @@ class LLM:
     options are ``EngineConfig`` fields (``kv_cache_gb`` caps the KV pool, which starts small
     and grows on demand; ``num_kv_blocks`` fixes it; ``kv_cache_dtype="int8"`` quantizes it;
     ``prefix_cache_dir`` and ``prefix_cache_disk_gb`` keep the prefix cache on disk too;
+    ``speculative="ngram"`` drafts tokens by prompt lookup and verifies them in the same step
+    (output unchanged, ``num_speculative_tokens`` at most per step);
     ``max_tokens_default``, ...); a bad one raises ``InvalidRequestError``. Sampling
     fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
     """

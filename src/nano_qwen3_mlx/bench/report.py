@@ -14,10 +14,10 @@ from typing import Any
 import mlx.core as mx
 
 from ..blas import blas_info
-from . import chat, suites
+from . import chat, speculative, suites
 from .shapes import parameter_counts, random_checkpoint
 
-SUITES = ("lengths", "mixed", "chat")
+SUITES = ("lengths", "mixed", "chat", "speculative")
 
 
 @dataclass(slots=True)
@@ -35,6 +35,8 @@ class BenchPlan:
     mixed: dict[str, int] = field(default_factory=dict)  # suites.mixed keyword arguments
     chat: chat.ChatPlan = field(default_factory=chat.ChatPlan)
     engine_options: dict[str, Any] = field(default_factory=dict)  # this engine's only
+    # The speculative suite's options (``speculative``, ``num_speculative_tokens``).
+    speculative: dict[str, Any] = field(default_factory=lambda: {"speculative": "ngram"})
 
 
 def machine() -> dict[str, Any]:
@@ -56,6 +58,8 @@ def run(plan: BenchPlan, out: Path | None = None, progress=None) -> dict[str, An
         report["parameters"] = parameter_counts(path)
         settings = suites.Settings(path, plan.max_num_batched_tokens, plan.engine_options)
         report["engine_options"] = plan.engine_options
+        if "speculative" in plan.suites:
+            report["speculative_options"] = plan.speculative
         if "lengths" in plan.suites:
             report["lengths"] = suites.lengths(settings, plan.prompt_lens, plan.batches,
                                                plan.gen_len, progress)
@@ -63,6 +67,9 @@ def run(plan: BenchPlan, out: Path | None = None, progress=None) -> dict[str, An
             report["mixed"] = suites.mixed(settings, progress=progress, **plan.mixed)
         if "chat" in plan.suites:
             report["chat"] = chat.run(path, plan.chat, progress)
+        if "speculative" in plan.suites:
+            report["speculative"] = speculative.run(settings, plan.batches, plan.gen_len,
+                                                    plan.speculative, progress)
     report["machine_after"] = machine()
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,4 +153,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", *mixed_table(report["mixed"])]
     if "chat" in report:
         lines += ["", *chat_tables(report["chat"])]
+    if "speculative" in report:
+        lines += ["", "This engine with and without speculative decoding "
+                  f"({report.get('speculative_options', 'ngram')}):", "",
+                  *speculative.table(report["speculative"])]
     return "\n".join(lines)

@@ -199,6 +199,14 @@ class BlockManager:
         for _ in range(needed):
             seq.block_table.append(self._allocate_block())
 
+    def trim(self, seq: SeqLike, num_tokens: int) -> None:
+        """Free the blocks past the first ``num_tokens`` tokens' (a speculating step's
+        rejected drafts): they hold no sealed KV, so they go straight back to the pool."""
+        keep = -(-num_tokens // self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._release(block_id)
+        del seq.block_table[keep:]
+
     def seal_full_blocks(self, seq: SeqLike, num_ready_tokens: int, filling: bool = False) -> None:
         """Register full blocks whose tokens are known and whose KV is computed.
 

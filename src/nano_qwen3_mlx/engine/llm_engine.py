@@ -29,6 +29,7 @@ from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
+from .speculative import Speculator
 from .state_cache import StateCache, build_state_pool
 from .state_manager import StateManager
 from .stats import EngineStats, memory_stats, mib, percentiles
@@ -70,6 +71,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.cache, self.sampler, self.state_cache)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
+        self.speculator = self._make_speculator()
         self._seqs: dict[str, Sequence] = {}
         self._early_outputs: list[RequestOutput] = []
         # The step queued on the device whose sampled tokens are not read yet (pipelining).
@@ -99,6 +101,15 @@ class LLMEngine:
             if hasattr(self.tokenizer, "backend") else None
         states.turn_tokens = {turn} if turn is not None else set()
         return cache, states
+
+    def _make_speculator(self) -> Speculator | None:
+        if self.config.speculative is None:
+            return None
+        if self.states is not None:  # rejected drafts would need the state rolled back
+            log.warning("speculative decoding is off: a hybrid model's recurrent state "
+                        "cannot be rolled back past rejected drafts")
+            return None
+        return Speculator(self.config.num_speculative_tokens)
 
     @property
     def state_cap_bytes(self) -> int:
@@ -269,9 +280,13 @@ class LLMEngine:
 
     def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
         outputs = []
-        if batch and self._read_first(batch):
+        speculate = batch is not None and self.speculator is not None and self.speculator.wants(batch)
+        if batch and self._in_flight is not None and (speculate or self._read_first(batch)):
             outputs += self._postprocess(self._in_flight)
             self._in_flight, batch = None, batch.without_finished()
+        if batch and speculate:  # every token is known now: the drafts continue them
+            self.speculator.draft(batch, self.block_manager, self.max_model_len,
+                                  self.config.max_num_batched_tokens)
         if batch:
             self.stats.num_computed_prompt_tokens += batch.num_prefill_tokens
         prev, start = self._in_flight, time.perf_counter()
@@ -285,6 +300,9 @@ class LLMEngine:
             for row, seq in enumerate(out.seqs):
                 seq.pending_row = None if seq.is_finished else row
         self._in_flight = out
+        if out is not None and out.drafts:  # verified now: the next step continues the result
+            outputs += self._postprocess(out)
+            self._in_flight = None
         return outputs
 
     def _catch_up(self) -> None:
@@ -356,17 +374,48 @@ class LLMEngine:
         sampled = prev.sampled
         ids = sampled.token_ids.tolist()
         lps = _tolist(sampled.logprobs), _tolist(sampled.top_ids), _tolist(sampled.top_logprobs)
-        now = time.monotonic()
-        for row, seq in enumerate(prev.seqs):
+        now, row = time.monotonic(), 0
+        while row < len(prev.seqs):
+            seq, drafts = prev.seqs[row], prev.drafts.get(row, [])
+            rows, row = range(row, row + 1 + len(drafts)), row + 1 + len(drafts)
             if seq.is_finished:
                 continue  # finished a step earlier: this token is the one extra, dropped
             seq.pending_row = None
-            logprobs = self.output_processor.logprobs(seq, row, ids[row], *lps)
-            outputs.append(self._append_token(seq, ids[row], logprobs, now))
+            outputs.append(self._append_tokens(seq, rows, drafts, ids, lps, now))
             ready = min(seq.num_computed_tokens, len(seq.token_ids))
             self.block_manager.seal_full_blocks(seq, ready)
-        self.stats.record_tokens(len(outputs), now)
+        self.stats.record_tokens(sum(len(o.token_ids) for o in outputs), now)
         return pooled + outputs
+
+    def _append_tokens(self, seq: Sequence, rows: range, drafts: list[int], ids: list[int],
+                       lps: tuple, now: float) -> RequestOutput:
+        """The row's sampled token, or a speculating row's: each accepted draft, then the
+        correction or bonus token (the first sampled token that is no draft), in one output."""
+        self._record_timing(seq, now)
+        text, tokens, logprobs, reason = "", [], None, None
+        for j, r in enumerate(rows):
+            token = ids[r]
+            record = self.output_processor.logprobs(seq, r, token, *lps)
+            if record is not None:
+                logprobs = (logprobs or []) + record
+            piece, reason = self._take_token(seq, token)
+            text, tokens = text + piece, tokens + [token]
+            if reason or j == len(drafts) or token != drafts[j]:
+                break
+        if drafts:
+            self._verified(seq, drafts, tokens)
+        error = GRAMMAR_FAILED + seq.grammar.failed if reason == "error" else None
+        return self._output(seq, text, tokens, logprobs, error=error)
+
+    def _verified(self, seq: Sequence, drafts: list[int], tokens: list[int]) -> None:
+        """A speculating row was read: the accepted drafts' KV is the sequence's, the
+        rejected ones' slots are past its length (blocks past its need are freed)."""
+        accepted = sum(1 for d, t in zip(drafts, tokens) if d == t)
+        if not seq.is_finished:
+            seq.num_computed_tokens = len(seq.token_ids) - 1
+            self.block_manager.trim(seq, len(seq.token_ids))
+        seq.draft_ids = []
+        self.speculator.verified(seq, len(drafts), accepted, len(tokens))
 
     def _postprocess_pooled(self, prev: StepOutput) -> list[RequestOutput | None]:
         """Embedding requests end with their prompt: one output with the pooled vector."""
@@ -379,8 +428,8 @@ class LLMEngine:
                 outputs.append(self._output(seq, "", [], None, embedding=vector))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> RequestOutput:
-        self._record_timing(seq, now)
+    def _take_token(self, seq: Sequence, token: int) -> tuple[str, str | None]:
+        """Append one sampled token; (its new text, the finish reason or None)."""
         text, reason = self.output_processor.append(seq, token, self.max_model_len)
         if reason:
             # The token just sampled may never run (a step that reads its step in flight
@@ -388,8 +437,7 @@ class LLMEngine:
             # hybrid sequence knows: its state (and KV) has every token of a queued step.
             kv = len(seq.token_ids) - 1 if seq.state_slot is None else seq.state_tokens
             self._finish(seq, reason, num_kv_tokens=kv)
-        error = GRAMMAR_FAILED + seq.grammar.failed if reason == "error" else None
-        return self._output(seq, text, [token], logprobs, error=error)
+        return text, reason
 
     def _record_timing(self, seq: Sequence, now: float) -> None:
         if seq.first_token_time is None:
@@ -447,6 +495,9 @@ class LLMEngine:
                                "decode_step_s": {rows: self.pacer.decode_s(rows)
                                                  for rows in self.pacer.decode_times},
                                "prefill_token_s": self.pacer.token_s},
+            **({"speculative": {"method": self.config.speculative,
+                                "num_speculative_tokens": self.config.num_speculative_tokens}
+                | self.speculator.stats.as_dict()} if self.speculator is not None else {}),
             "memory": memory_stats() | {"weights_bytes": self.weights_nbytes},
             "blas": blas_info().as_dict(),
         } | disk

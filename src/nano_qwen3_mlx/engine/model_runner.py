@@ -28,6 +28,8 @@ class StepOutput:
     # For the prefill pacer: what the step carried.
     num_decode_rows: int = 0
     num_chunk_tokens: int = 0  # tokens of the rows of more than one token
+    # Speculating rows: first sampled row -> the drafts its next rows verify (speculative.py).
+    drafts: dict[int, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -56,6 +58,7 @@ class ModelRunner:
             out.pooled = _l2_normalise(last[mx.array(pool)])
         if sample:
             out.seqs = [batch.seqs[rows[k]] for k in sample]
+            out.drafts = _draft_rows(batch, [rows[k] for k in sample])
             picked = last if len(sample) == len(rows) else last[mx.array(sample)]
             out.sampled = self.sampler(self.model.compute_logits(picked), out.seqs)
         mx.async_eval(*(out.sampled.arrays() if sample else []), *([out.pooled] if pool else []))
@@ -64,19 +67,22 @@ class ModelRunner:
     @staticmethod
     def _stamp(out: StepOutput, batch: ScheduledBatch) -> StepOutput:
         out.num_decode_rows = batch.num_decode_rows
-        out.num_chunk_tokens = batch.num_tokens - out.num_decode_rows
+        # A speculating row is a decode to the pacer, its drafts are no prompt tokens.
+        out.num_decode_rows += sum(d > 0 for d in batch.num_drafts)
+        out.num_chunk_tokens = batch.num_tokens - out.num_decode_rows - sum(batch.num_drafts)
         return out
 
     def forward(self, batch: ScheduledBatch, prev: StepOutput | None) -> tuple[list[int], mx.array]:
-        """The rows that sample (batch indices, packed order) and, lazily, the hidden state
-        of each one's last token: logits are computed only for these."""
+        """The rows that sample (batch indices, packed order; a speculating row once per
+        sampled position) and, lazily, the hidden state of each one's sampled tokens (its last;
+        a speculating row's last 1 + drafts): logits are computed only for these."""
         if batch.copies:  # reused KV that ends inside a block, before the writes into it
             src, dst = zip(*batch.copies)
             self.cache.copy_blocks(list(src), list(dst))
         order = packed_order(batch)
         ctx = self.attention_context(batch, order)
         hidden = self.model.hidden_states(self._input_ids(batch, order, prev), ctx)[:, 0]
-        rows = [i for i in order if batch.samples[i]]
+        rows = [i for i in order if batch.samples[i] for _ in range(1 + batch.num_drafts[i])]
         if ctx.pruned:  # the last layer already kept only these rows
             return rows, hidden
         return rows, hidden[ctx.sampled.tokens]
@@ -86,7 +92,8 @@ class ModelRunner:
         ids, pending = [], []
         for i in order:
             seq, start, n = batch.seqs[i], batch.start_positions[i], batch.num_new_tokens[i]
-            known = seq.token_ids[start:start + n]
+            known = seq.token_ids[start:start + n] if not batch.num_drafts[i] else \
+                (seq.token_ids + seq.draft_ids)[start:start + n]
             ids += known
             pending += [-1] * len(known)
             if len(known) < n:  # the last position is the token sampled in the step in flight
@@ -151,7 +158,9 @@ class ModelRunner:
         samples = np.array([batch.samples[i] for i in order])
         decode = [r for r, i in enumerate(order) if batch.num_new_tokens[i] == 1]
         keep = [r for r in decode if samples[r]]
-        return SampledRows(len(self.model.kv_layers) - 1, mx.array(last[samples].astype(np.int32)),
+        tokens = [t for r, i in enumerate(order) if samples[r]
+                  for t in range(last[r] - batch.num_drafts[i], last[r] + 1)]
+        return SampledRows(len(self.model.kv_layers) - 1, mx.array(np.array(tokens, np.int32)),
                            None if len(keep) == len(decode) else mx.array(keep, mx.int32))
 
     def _decode_group(self, batch: ScheduledBatch, rows: list[int]) -> DecodeGroup | None:
@@ -169,13 +178,25 @@ class ModelRunner:
         end = batch.start_positions[i] + batch.num_new_tokens[i]
         used = -(-end // self.cache.block_size)
         table = mx.array([batch.seqs[i].block_table[:used]], mx.int32)
-        return PrefillChunk(batch.num_new_tokens[i], end, table, batch.samples[i])
+        return PrefillChunk(batch.num_new_tokens[i], end, table, batch.samples[i],
+                            1 + batch.num_drafts[i])
 
 
 def packed_order(batch: ScheduledBatch) -> list[int]:
     """Row order of the packed step: one-token rows (they attend together) first."""
     n = batch.num_new_tokens
     return [i for i in range(len(batch)) if n[i] == 1] + [i for i in range(len(batch)) if n[i] > 1]
+
+
+def _draft_rows(batch: ScheduledBatch, rows: list[int]) -> dict[int, list[int]]:
+    """{first sampled row of a speculating sequence: its drafts} for the sampled ``rows``."""
+    drafts, k = {}, 0
+    while k < len(rows):
+        i = rows[k]
+        if batch.num_drafts[i]:
+            drafts[k] = list(batch.seqs[i].draft_ids)
+        k += 1 + batch.num_drafts[i]
+    return drafts
 
 
 def _l2_normalise(rows: mx.array) -> mx.array:

@@ -57,6 +57,7 @@ class PrefillChunk:
     end: int  # start position + num_tokens: the keys this chunk sees
     table: mx.array  # (1, ceil(end / block_size)) int32
     samples: bool = False  # is its last token sampled?
+    num_sampled: int = 1  # where it samples: its last this many (a speculating row: 1 + drafts)
 
 
 @dataclass(slots=True)
@@ -115,7 +116,8 @@ class PagedAttention:
             out = self._attend_decode(layer_idx, queries[:row], scale)
             outs.append(out[self.sampled.decode] if prune and self.sampled.decode is not None else out)
         for chunk in self.chunks:
-            first = row + chunk.num_tokens - 1 if prune else row  # pruned: the last query only
+            # Pruned: only the queries it samples (its last; a speculating row's drafts too).
+            first = row + chunk.num_tokens - chunk.num_sampled if prune else row
             row += chunk.num_tokens
             if chunk.samples or not prune:
                 outs.append(self._attend_chunk(layer_idx, queries[first:row], chunk, scale))

@@ -31,6 +31,9 @@ class ScheduledBatch:
     # Hybrid models: per row, the snapshot slot of this step its state starts from (a
     # request admitted beside the prefill of its prefix), or None.
     state_sources: list[int | None] = field(default_factory=list)
+    # Speculative decoding: per row, how many of its tokens are drafts (its last 1 + drafts
+    # positions are all sampled; engine/speculative.py). Set after scheduling.
+    num_drafts: list[int] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
@@ -40,6 +43,7 @@ class ScheduledBatch:
         self.samples.append(start + num_new_tokens == seq.num_tokens)
         self.state_points.append([])
         self.state_sources.append(None)
+        self.num_drafts.append(0)
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +71,7 @@ class ScheduledBatch:
                 kept.samples.append(self.samples[i])
                 kept.state_points.append(self.state_points[i])
                 kept.state_sources.append(self.state_sources[i])
+                kept.num_drafts.append(self.num_drafts[i])
         return kept if kept.seqs else None
 
     def __len__(self) -> int:

@@ -52,6 +52,10 @@ class Sequence:
     # its tokens the state there has absorbed (steps queued so far; state_manager.py).
     state_slot: int | None = None
     state_tokens: int = 0
+    # Speculative decoding: the tokens this step's row drafts after its last token (verified
+    # when the step is read), and the adaptive draft length (speculative.SpecState).
+    draft_ids: list[int] = field(default_factory=list)
+    spec: Any = None
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

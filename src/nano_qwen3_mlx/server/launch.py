@@ -57,6 +57,8 @@ def serve(
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
     kv_cache_dtype: Annotated[str | None, Opt(help=KV_DTYPE_HELP)] = None,
+    speculative: Annotated[str | None, Opt(help="speculative decoding: ngram (prompt lookup: drafts what followed the text's last tokens earlier, verified in the same step; output unchanged at any temperature)")] = None,
+    num_speculative_tokens: Annotated[int | None, Opt(help="most tokens a sequence drafts per step with --speculative (default 4; adaptive below)")] = None,
     api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> or x-api-key: <key> (env API_KEY)")] = None,
     served_model_name: Annotated[str | None, Opt(help="model name shown to clients")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning, error")] = None,
@@ -78,7 +80,8 @@ def serve(
                           max_num_batched_tokens=max_num_batched_tokens,
                           device=device, dtype=dtype, quantize=quantize,
                           kv_cache_dtype=kv_cache_dtype, prefix_cache_dir=prefix_cache_dir,
-                          prefix_cache_disk_gb=prefix_cache_disk_gb)
+                          prefix_cache_disk_gb=prefix_cache_disk_gb, speculative=speculative,
+                          num_speculative_tokens=num_speculative_tokens)
     for entry in entries or [{"model": engine_config.model}]:
         _check_model(entry.get("model", engine_config.model))
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
