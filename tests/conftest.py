@@ -44,3 +44,19 @@ def tiny_qwen3_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 def tiny_moe_dir(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     """A tiny random Qwen3-MoE checkpoint (HF layout, 8 experts, top-2, layer 0 dense)."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny-moe"), qwen_tokenizer_dir, base=TINY_QWEN3_MOE)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    """The real ``openai`` client for the module's ``server`` fixture (a base URL)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    """The real ``anthropic`` client for the module's ``server`` fixture (a base URL)."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)

@@ -65,18 +65,6 @@ def serving(model_dir, *extra_args: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def openai_sdk(url: str) -> openai.OpenAI:
-    """The real ``openai`` client for a server started by ``serving``."""
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def anthropic_sdk(url: str):
-    """The real ``anthropic`` client for a server started by ``serving``."""
-    import anthropic
-
-    return anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_qwen3_dir):
     with serving(tiny_qwen3_dir) as url:

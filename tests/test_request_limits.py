@@ -10,7 +10,7 @@ import pytest
 from nano_qwen3_mlx import SamplingParams
 from nano_qwen3_mlx.errors import InvalidRequestError
 from nano_qwen3_mlx.sampling_params import MAX_STOP_SEQUENCES
-from tests.test_openai_client import anthropic_sdk, openai_sdk, serving
+from tests.test_openai_client import serving
 
 LONG = "word " * 200  # far over the 64-token context
 USER = [{"role": "user", "content": "Hi"}]
@@ -21,16 +21,6 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 def server(tiny_qwen3_dir):
     with serving(tiny_qwen3_dir, "--max-model-len", "64") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai_sdk(server)
-
-
-@pytest.fixture(scope="module")
-def claude(server):
-    return anthropic_sdk(server)
 
 
 def _bad_request(call) -> openai.BadRequestError:

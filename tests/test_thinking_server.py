@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nano_qwen3_mlx.tokenizer import Tokenizer
 from tests.test_grammar import SCHEMAS
-from tests.test_openai_client import anthropic_sdk, openai_sdk, serving
+from tests.test_openai_client import serving
 
 USER = [{"role": "user", "content": "Give me a city."}]
 CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
@@ -30,16 +30,6 @@ def server(tiny_qwen3_dir, tmp_path_factory):
     config.write_text(f"[server]\nreasoning_effort_budgets = {{ low = {EFFORT_LOW} }}\n")
     with serving(tiny_qwen3_dir, "--config", str(config)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai_sdk(server)
-
-
-@pytest.fixture(scope="module")
-def claude(server):
-    return anthropic_sdk(server)
 
 
 def thought_tokens(logprobs) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from nano_qwen3_mlx.tokenizer import Tokenizer
 from tests.qwen35_template import write_qwen35_checkpoint
-from tests.test_openai_client import anthropic_sdk, openai_sdk, serving
+from tests.test_openai_client import serving
 
 pytestmark = pytest.mark.slow
 USER = [{"role": "user", "content": "Weather in Paris?"}]
@@ -34,16 +34,6 @@ def model_dir(tmp_path_factory, qwen_tokenizer_dir):
 def server(model_dir):
     with serving(model_dir) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    return openai_sdk(server)
-
-
-@pytest.fixture(scope="module")
-def claude(server):
-    return anthropic_sdk(server)
 
 
 def _typed(args: dict) -> dict:

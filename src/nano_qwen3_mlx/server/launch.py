@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -201,8 +203,31 @@ def _defaults_line(defaults: dict[str, Any]) -> str:
             "(for fields a request leaves out)")
 
 
+BIND_FAILED = 2  # run_server's code when the port could not be bound (nothing started)
+
+
 async def run_server(engine_config: EngineConfig, server_config: ServerConfig,
                      specs: list[ModelSpec] | None = None) -> int:
+    """Serve until a signal, then end the process with ``_serve``'s exit code (the
+    code alone where the server never started: its port was busy)."""
+    code = await _serve(engine_config, server_config, specs)
+    if code != BIND_FAILED:
+        _exit_process(code)
+    return code
+
+
+def _exit_process(code: int) -> None:
+    """Exit now that the engines are stopped and their files closed: skipping the
+    interpreter's teardown, which now and then aborted the process ("terminate called")
+    while tearing MLX's threads down, so a supervisor saw a crash after a clean drain."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _serve(engine_config: EngineConfig, server_config: ServerConfig,
+                 specs: list[ModelSpec] | None = None) -> int:
     """Serve until a signal; 1 if the engine failed to start, else 0. A signal starts the
     drain (``server/shutdown.py``): new requests get 503, running ones have
     ``shutdown_grace`` seconds to finish, then end with their API's error event; a second
@@ -214,7 +239,7 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig,
     except OSError as exc:
         typer.echo(f"error: cannot listen on {server_config.host}:{server_config.port}: "
                    f"{exc.strerror or exc}", err=True)
-        return 2
+        return BIND_FAILED
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
