@@ -188,14 +188,25 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     Returns ``(content, tool_calls)``: the text with the parsed blocks removed (stripped) and
     the calls in OpenAI shape. A block whose JSON is malformed stays in the content.
     """
+    def parse(match: re.Match) -> list[dict[str, Any]]:
+        call = _tool_call_from_json(match.group(1).strip())
+        return [] if call is None else [call]
+
+    return extract_calls(text, _TOOL_BLOCK, parse)
+
+
+def extract_calls(text: str, pattern: re.Pattern, parse: Callable[[re.Match], list[dict[str, Any]]]
+                  ) -> tuple[str, list[dict[str, Any]]]:
+    """``(content, calls)``: the blocks of ``text`` matching ``pattern`` that ``parse`` turns
+    into calls are cut out of the content (stripped); a block it gives nothing for stays."""
     calls: list[dict[str, Any]] = []
     parts: list[str] = []
     pos = 0
-    for match in _TOOL_BLOCK.finditer(text):
-        call = _tool_call_from_json(match.group(1).strip())
-        if call is None:
+    for match in pattern.finditer(text):
+        found = parse(match)
+        if not found:
             continue
-        calls.append(call)
+        calls += found
         parts.append(text[pos:match.start()])
         pos = match.end()
     if not calls:

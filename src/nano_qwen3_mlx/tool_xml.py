@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .parsers import TOOL_CLOSE, TOOL_OPEN, ToolCallStreamParser, new_tool_call_id, parse_tool_calls
+from .parsers import (
+    TOOL_CLOSE,
+    TOOL_OPEN,
+    ToolCallStreamParser,
+    extract_calls,
+    new_tool_call_id,
+    parse_tool_calls,
+)
 
 FUNCTION_OPEN = "<function="
 FUNCTION_CLOSE = "</function>"
@@ -124,21 +131,12 @@ def parse_xml_tool_calls(text: str, schemas: Mapping[str, Mapping[str, Any]] | N
     ``schemas`` maps a tool's name to its ``parameters`` schema, which types the values. A
     ``<tool_call>`` holding Qwen3's JSON is parsed too; a malformed block stays content.
     """
-    calls: list[dict[str, Any]] = []
-    parts: list[str] = []
-    pos = 0
-    for match in _CALL.finditer(text):
-        found = _functions(match.group(1), schemas or {}) if match.group(1) is not None \
-            else parse_tool_calls(f"{TOOL_OPEN}{match.group(2)}{TOOL_CLOSE}")[1]
-        if not found:
-            continue
-        calls += found
-        parts.append(text[pos:match.start()])
-        pos = match.end()
-    if not calls:
-        return text, []
-    parts.append(text[pos:])
-    return "".join(parts).strip(), calls
+    def parse(match: re.Match) -> list[dict[str, Any]]:
+        if match.group(1) is not None:
+            return _functions(match.group(1), schemas or {})
+        return parse_tool_calls(f"{TOOL_OPEN}{match.group(2)}{TOOL_CLOSE}")[1]
+
+    return extract_calls(text, _CALL, parse)
 
 
 def _functions(block: str, schemas: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
