@@ -19,25 +19,12 @@ from tests.test_paged_attention import (
     build_tables,
     dense_reference,
     make_batch,
+    random_kv,
     steps,
     write_history,
 )
 
 D = 64  # two groups of 32 or one of 64 along head_dim
-
-
-def random_kv(lengths, shares, n_kv):
-    """Dense K/V per sequence (1, n_kv, S, D); shared blocks hold the first sequence's values."""
-    ks, vs = [], []
-    for i, n in enumerate(lengths):
-        k, v = mx.random.normal((2, 1, n_kv, n, D))
-        if shares[i]:
-            cut = shares[i] * BS
-            k = mx.concatenate([ks[0][:, :, :cut], k[:, :, cut:]], axis=2)
-            v = mx.concatenate([vs[0][:, :, :cut], v[:, :, cut:]], axis=2)
-        ks.append(k)
-        vs.append(v)
-    return ks, vs
 
 
 def stored_kv(cache, table, n):
@@ -63,7 +50,7 @@ def test_quantized_attention_equals_dequantize_then_attend(bits, group_size, rea
     cache.write(0, slots // BS, slots % BS,
                 stale.reshape(-1, n_kv, D), -stale.reshape(-1, n_kv, D))
     tables = build_tables(lengths, shares, order)
-    ks, vs = random_kv(lengths, shares, n_kv)
+    ks, vs = random_kv(lengths, shares, n_kv, head_dim=D)
     qs = [mx.random.normal((1, H, m, D)) for m in news]
     write_history(cache, tables, lengths, news, ks, vs)
     before = [np.array(pools[0]) for pools in (*cache.k_parts, *cache.v_parts)]

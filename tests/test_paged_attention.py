@@ -47,11 +47,12 @@ def build_tables(lengths, shares, order):
     return tables
 
 
-def random_kv(lengths, shares, n_kv, dtype):
-    """Dense K/V per sequence (1, n_kv, S, D); shared blocks hold the first sequence's values."""
+def random_kv(lengths, shares, n_kv, dtype=mx.float32, head_dim=D):
+    """Dense K/V per sequence (1, n_kv, S, head_dim); shared blocks hold the first sequence's
+    values."""
     ks, vs = [], []
     for i, n in enumerate(lengths):
-        k, v = mx.random.normal((2, 1, n_kv, n, D)).astype(dtype)
+        k, v = mx.random.normal((2, 1, n_kv, n, head_dim)).astype(dtype)
         if shares[i]:
             cut = shares[i] * BS
             k = mx.concatenate([ks[0][:, :, :cut], k[:, :, cut:]], axis=2)
