@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from .errors import InvalidRequestError
@@ -110,7 +110,9 @@ class _Settings(BaseSettings):
             return cls.model_validate(_WithToml(**given).model_dump())
         except ValidationError as exc:  # one line a CLI can print as it is
             err = exc.errors()[0]
-            raise ValueError(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            loc, msg = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+            # A check across fields has no loc: its message starts with the field it names.
+            raise ValueError(f"invalid {loc}: {msg}" if loc else f"invalid {msg}") from None
 
     @classmethod
     def option_names(cls) -> set[str]:
@@ -170,11 +172,15 @@ class EngineConfig(_Settings):
     prefix_cache_disk_gb: float | None = Field(None, gt=0)
     max_queue_size: int = Field(1024, ge=1)
     # Speculative decoding: "ngram" drafts tokens by prompt lookup (the sequence's last
-    # tokens matched against its earlier text) and verifies them inside the packed step;
-    # None: off. Attention-only models; see engine/speculative.py.
-    speculative: Literal["ngram"] | None = None
+    # tokens matched against its earlier text), "draft" by a smaller model of the same
+    # tokenizer (draft_model; engine/draft_model.py); both are verified inside the packed
+    # step. None: off. Attention-only models; see engine/speculative.py.
+    speculative: Literal["ngram", "draft"] | None = None
     # The most tokens one sequence drafts per step (adaptive below this).
     num_speculative_tokens: int = Field(4, ge=1, le=16)
+    # speculative="draft": the draft model (alias, directory, .gguf, hub id), loaded as the
+    # target is (same dtype and quantize).
+    draft_model: str | None = None
 
     @field_validator("sampling_defaults")
     @classmethod
@@ -184,6 +190,14 @@ class EngineConfig(_Settings):
         if unknown:
             raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
         return value
+
+    @model_validator(mode="after")
+    def _draft_model_given(self) -> EngineConfig:
+        if self.speculative == "draft" and not self.draft_model:
+            raise ValueError("draft_model: speculative='draft' needs a draft model")
+        if self.draft_model and self.speculative != "draft":
+            raise ValueError("draft_model: only used with speculative='draft'")
+        return self
 
     @field_validator("device", mode="before")
     @classmethod

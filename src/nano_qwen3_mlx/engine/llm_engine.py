@@ -20,6 +20,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
 from .disk_tier import make_disk_tier
+from .draft_model import DraftModel, DraftSpeculator
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
@@ -47,6 +48,9 @@ class LLMEngine:
         self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
         self.model: CausalLM = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        # speculative="draft": the draft model (its KV pool shares the target's block ids).
+        self.drafter = DraftModel.load(config, self.loaded) \
+            if config.speculative == "draft" and not self.model.state_layers else None
         # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
         # counted once here, on the thread that owns the model.
         self.num_parameters: dict[str, int] = self.model.num_parameters()
@@ -109,6 +113,8 @@ class LLMEngine:
             log.warning("speculative decoding is off: a hybrid model's recurrent state "
                         "cannot be rolled back past rejected drafts")
             return None
+        if self.drafter is not None:
+            return DraftSpeculator(self.config.num_speculative_tokens, self.drafter)
         return Speculator(self.config.num_speculative_tokens)
 
     @property
@@ -120,6 +126,8 @@ class LLMEngine:
         self.pool = size_pool(self.config, self._block_bytes(), self.weights_nbytes,
                               self.model_max_len, self.state_cap_bytes)
         cache = self._new_cache(self.pool.initial_blocks)
+        if self.drafter is not None:
+            self.drafter.attach(cache.num_blocks)
         log.info("KV pool: %d blocks x %d tokens (%s); cap %d blocks (%s)", cache.num_blocks,
                  cache.block_size, mib(cache.nbytes), self.pool.cap_blocks, mib(self.kv_cap_bytes))
         return cache
@@ -138,7 +146,8 @@ class LLMEngine:
     def _block_bytes(self) -> int:
         kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
         per_token = kv_bytes_per_token(self.kv_layout, num_layers, kv.num_kv_heads, kv.head_dim)
-        return per_token * self.config.block_size
+        draft = self.drafter.block_bytes if self.drafter is not None else 0
+        return per_token * self.config.block_size + draft
 
     @property
     def kv_cap_bytes(self) -> int:
@@ -151,6 +160,8 @@ class LLMEngine:
         if added:
             t0 = time.monotonic()
             self.cache.grow(added)
+            if self.drafter is not None:
+                self.drafter.grow(added)
             self.block_manager.add_blocks(added)
             log.info("KV pool grew to %d blocks (%s) in %.2f s", self.cache.num_blocks,
                      mib(self.cache.nbytes), time.monotonic() - t0)
@@ -166,6 +177,8 @@ class LLMEngine:
         self.cache = self.runner.cache = None
         mx.clear_cache()
         self.cache = self.runner.cache = self._new_cache(self.pool.initial_blocks)
+        if self.drafter is not None:
+            self.drafter.attach(self.pool.initial_blocks)
         self.block_manager.reset_pool(self.pool.initial_blocks)
         if self.states is not None:  # its snapshots needed the KV just dropped
             self.state_cache = self.runner.states = None
@@ -178,7 +191,8 @@ class LLMEngine:
 
     @property
     def weights_nbytes(self) -> int:
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        draft = self.drafter.weights_nbytes if self.drafter is not None else 0
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters())) + draft
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(
@@ -291,6 +305,8 @@ class LLMEngine:
             self.stats.num_computed_prompt_tokens += batch.num_prefill_tokens
         prev, start = self._in_flight, time.perf_counter()
         out = self.runner.run(batch, prev) if batch else None
+        if batch and self.drafter is not None:  # the draft's KV follows every step
+            self.drafter.follow(batch, prev)
         if self.states is not None:  # the step's rows' states (and snapshots) are queued
             self.states.commit(batch)
         queued = time.perf_counter()

@@ -138,7 +138,7 @@ class Speculator:
         wants = False
         for seq in rows:
             if self.eligible(seq):
-                wants = wants or may_match(seq)
+                wants = wants or self.may_draft(seq)
             elif seq.spec is not None and seq.spec.skip:
                 seq.spec.skip -= 1
         return wants
@@ -150,11 +150,7 @@ class Speculator:
         budget -= batch.num_tokens
         num_rows = 0
         for i, seq in enumerate(batch.seqs):
-            if batch.num_new_tokens[i] != 1 or seq.pending_row is not None or not self.eligible(seq):
-                continue
-            room = max_model_len - len(seq.token_ids) - 1
-            left = (seq.params.max_tokens or 1 << 30) - seq.num_completion_tokens - 1
-            k = min(self._state(seq).k, room, left, budget)
+            k = self.draft_len(batch, i, max_model_len, budget)
             drafts = propose_ngram(seq.token_ids, k)
             if not drafts or not blocks.can_append(seq, len(drafts)):
                 continue
@@ -167,6 +163,20 @@ class Speculator:
         if num_rows:
             self.stats.steps += 1
         return num_rows
+
+    def may_draft(self, seq: Sequence) -> bool:
+        """Could ``seq`` draft this step (before the step in flight is read)?"""
+        return may_match(seq)
+
+    def draft_len(self, batch: ScheduledBatch, i: int, max_model_len: int, budget: int) -> int:
+        """How many tokens row ``i`` may draft (0: none): its adaptive k within the context,
+        its ``max_tokens`` and the step's remaining token ``budget``."""
+        seq = batch.seqs[i]
+        if batch.num_new_tokens[i] != 1 or seq.pending_row is not None or not self.eligible(seq):
+            return 0
+        room = max_model_len - len(seq.token_ids) - 1
+        left = (seq.params.max_tokens or 1 << 30) - seq.num_completion_tokens - 1
+        return max(0, min(self._state(seq).k, room, left, budget))
 
     def verified(self, seq: Sequence, num_drafted: int, num_accepted: int, num_emitted: int) -> None:
         """Record one speculating row's result and adapt the sequence's draft length."""

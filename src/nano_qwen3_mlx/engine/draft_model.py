@@ -1,0 +1,178 @@
+"""Speculative decoding with a draft model: a smaller model of the same tokenizer proposes
+the next k tokens of each speculating sequence, the target verifies them in its packed step.
+
+The draft keeps its own paged KV pool with the target's block size and the same number of
+blocks, grown and rebuilt with the target's, so a sequence's block table addresses both
+pools: there is no second bookkeeping. Every step the target runs, the draft runs over the
+same packed batch (``follow``), so its KV covers every prompt chunk, accepted token and
+draft the target computed. A speculating step first chains k one-token draft steps over
+its speculating rows (``propose``: the last known token, then each draft in turn), reads
+the drafts back to the host (one sync per speculating step: the target's input and the
+verification need them there), and the target then checks them as the n-gram drafts are.
+
+Drafts are the draft model's argmax: deterministic, so q is one-hot and the exact rejection
+scheme of ``speculative.py`` ("sample as usual, accept while the sample equals the draft")
+keeps the target's output distribution at any temperature, and greedy output token for
+token. A draft that disagrees with the target (another model, KV the draft never computed
+such as blocks loaded by the disk tier) only lowers the acceptance, never changes the output.
+Rejected drafts' KV lies past the sequence's length in both pools; the next steps overwrite it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..models.contract import uniform_kv
+from ..models.loader import LoadedModel, ModelLoadError, load
+from .block_manager import BlockManager
+from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
+from .model_runner import ModelRunner, StepOutput
+from .scheduler import ScheduledBatch
+from .speculative import Speculator
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+class DraftModel:
+    """The draft model, its KV pool (the target's block ids) and the runner that fills it."""
+
+    def __init__(self, loaded: LoadedModel, target: LoadedModel, block_size: int,
+                 kv_cache_dtype: str | None = None) -> None:
+        check_compatible(loaded, target)
+        self.loaded, self.model, self.block_size = loaded, loaded.model, block_size
+        kv = uniform_kv(self.model)
+        self.layout = KVLayout.parse(kv_cache_dtype, self.model.dtype, kv.head_dim)
+        self.cache: PagedKVCache | None = None
+        self.runner: ModelRunner | None = None
+
+    @classmethod
+    def load(cls, config: EngineConfig, target: LoadedModel) -> DraftModel:
+        """``config.draft_model`` loaded as the target was (alias, directory or GGUF; same
+        dtype and quantization)."""
+        loaded = load(config.draft_model, dtype=config.dtype, quantize=config.quantize)
+        return cls(loaded, target, config.block_size, config.kv_cache_dtype)
+
+    @property
+    def weights_nbytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of the draft's pool (counted with the target's block)."""
+        kv = uniform_kv(self.model)
+        per_token = kv_bytes_per_token(self.layout, len(self.model.kv_layers), kv.num_kv_heads,
+                                       kv.head_dim)
+        return per_token * self.block_size
+
+    def attach(self, num_blocks: int) -> None:
+        """(Re)build the pool with ``num_blocks`` blocks, as the target's was."""
+        self.cache = self.runner = None
+        kv = uniform_kv(self.model)
+        self.cache = PagedKVCache(len(self.model.kv_layers), num_blocks, self.block_size,
+                                  kv.num_kv_heads, kv.head_dim, self.layout.dtype,
+                                  bits=self.layout.bits, group_size=self.layout.group_size)
+        self.runner = ModelRunner(self.model, self.cache, sampler=None)
+
+    def grow(self, num_new_blocks: int) -> None:
+        self.cache.grow(num_new_blocks)
+
+    def follow(self, batch: ScheduledBatch, prev: StepOutput | None) -> None:
+        """Queue the draft's forward pass over the target's step: the same tokens (a token
+        still being sampled comes lazily from ``prev``) written to the same slots."""
+        _, hidden = self.runner.forward(batch, prev)
+        mx.async_eval(hidden, *(p for parts in self.cache._all_pools() for p in parts))
+
+    def propose(self, batch: ScheduledBatch, rows: list[tuple[int, int]]) -> list[list[int]]:
+        """For each (batch row, k): the draft's k greedy tokens after the row's sequence.
+
+        The rows' blocks must already hold k more slots. One one-token step per position,
+        over the rows that still draft; the tokens stay on the device until the one read.
+        """
+        seqs = [batch.seqs[i] for i, _ in rows]
+        ks = [k for _, k in rows]
+        tokens = mx.array([seq.token_ids[-1] for seq in seqs], mx.int32)
+        active, steps = list(range(len(seqs))), []
+        for j in range(max(ks, default=0)):
+            still = [a for a, r in enumerate(active) if ks[r] > j]
+            if len(still) < len(active):
+                tokens, active = tokens[mx.array(still)], [active[a] for a in still]
+            step = ScheduledBatch()
+            for r in active:
+                step.add(seqs[r], 1)
+                step.start_positions[-1] = len(seqs[r].token_ids) - 1 + j
+                step.samples[-1] = True
+            tokens = self._greedy(step, tokens)
+            steps.append((active, tokens))
+        mx.eval([t for _, t in steps])
+        drafts: list[list[int]] = [[] for _ in seqs]
+        for active_rows, sampled in steps:
+            for r, t in zip(active_rows, sampled.tolist()):
+                drafts[r].append(t)
+        return drafts
+
+    def _greedy(self, step: ScheduledBatch, tokens: mx.array) -> mx.array:
+        """The draft's argmax after one token per row (lazy)."""
+        order = list(range(len(step)))
+        ctx = self.runner.attention_context(step, order)
+        hidden = self.model.hidden_states(tokens[:, None], ctx)[:, 0]
+        if not ctx.pruned:
+            hidden = hidden[ctx.sampled.tokens]
+        return mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32)
+
+
+def check_compatible(draft: LoadedModel, target: LoadedModel) -> None:
+    """A ``ModelLoadError`` unless the draft can draft for the target: the same vocabulary
+    (token strings to ids, logits width, end-of-sequence ids) and paged attention only."""
+    def fail(why: str) -> None:
+        raise ModelLoadError(f"draft model {draft.name} cannot draft for {target.name}: {why}")
+
+    if draft.model.state_layers:
+        fail("it has recurrent layers (a draft must be attention-only)")
+    if draft.model.vocab_size != target.model.vocab_size:
+        fail(f"vocab_size {draft.model.vocab_size} != {target.model.vocab_size}")
+    vocab = [getattr(t.tokenizer, "backend", None) for t in (draft, target)]
+    if None not in vocab and vocab[0].get_vocab(True) != vocab[1].get_vocab(True):
+        fail("its tokenizer maps tokens to other ids")
+    if set(draft.tokenizer.eos_token_ids) != set(target.tokenizer.eos_token_ids):
+        fail(f"end-of-sequence ids {sorted(draft.tokenizer.eos_token_ids)} != "
+             f"{sorted(target.tokenizer.eos_token_ids)}")
+
+
+class DraftSpeculator(Speculator):
+    """``Speculator`` whose drafts come from a draft model (adaptive k, step-size rules and
+    ``/stats`` counters are the n-gram method's)."""
+
+    def __init__(self, num_tokens: int, drafter: DraftModel) -> None:
+        super().__init__(num_tokens)
+        self.drafter = drafter
+
+    def may_draft(self, seq) -> bool:
+        return True  # a draft model always has a proposal
+
+    def draft(self, batch: ScheduledBatch, blocks: BlockManager, max_model_len: int,
+              budget: int) -> int:
+        """Reserve each eligible row's k slots, draft them all in one chained pass, and mark
+        the rows as speculating (``seq.draft_ids``, ``batch.num_drafts``)."""
+        budget -= batch.num_tokens
+        rows = []
+        for i, seq in enumerate(batch.seqs):
+            k = self.draft_len(batch, i, max_model_len, budget)
+            if k and blocks.can_append(seq, k):
+                blocks.append_slots(seq, k)
+                rows.append((i, k))
+                budget -= k
+        if not rows:
+            return 0
+        for (i, k), drafts in zip(rows, self.drafter.propose(batch, rows)):
+            batch.seqs[i].draft_ids = drafts
+            batch.num_new_tokens[i] += k
+            batch.num_drafts[i] = k
+        self.stats.steps += 1
+        return len(rows)
