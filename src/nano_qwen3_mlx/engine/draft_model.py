@@ -51,6 +51,8 @@ class DraftModel:
         self.layout = KVLayout.parse(kv_cache_dtype, self.model.dtype, kv.head_dim)
         self.cache: PagedKVCache | None = None
         self.runner: ModelRunner | None = None
+        # seq_id -> one past the last position the previous followed step wrote for it.
+        self._ends: dict[int, int] = {}
 
     @classmethod
     def load(cls, config: EngineConfig, target: LoadedModel) -> DraftModel:
@@ -86,8 +88,23 @@ class DraftModel:
     def follow(self, batch: ScheduledBatch, prev: StepOutput | None) -> None:
         """Queue the draft's forward pass over the target's step: the same tokens (a token
         still being sampled comes lazily from ``prev``) written to the same slots."""
+        self._ends = {seq.seq_id: start + n for seq, start, n in
+                      zip(batch.seqs, batch.start_positions, batch.num_new_tokens)}
         _, hidden = self.runner.forward(batch, prev)
         mx.async_eval(hidden, *(p for parts in self.cache._all_pools() for p in parts))
+
+    def ready(self, batch: ScheduledBatch, i: int) -> bool:
+        """Is the draft's KV of row ``i``'s earlier tokens written by steps already queued?
+
+        Drafts are computed before this step's own writes and block copies, so a row whose
+        sequence was not in the previous step (just admitted: its prompt's last token, a
+        prefix shared with a chunk of this step, a copied block) drafts from the next step.
+        """
+        seq = batch.seqs[i]
+        if self._ends.get(seq.seq_id, -1) < batch.start_positions[i]:
+            return False
+        copied = {dst for _, dst in batch.copies}
+        return not copied.intersection(seq.block_table)
 
     def propose(self, batch: ScheduledBatch, rows: list[tuple[int, int]]) -> list[list[int]]:
         """For each (batch row, k): the draft's k greedy tokens after the row's sequence.
@@ -164,7 +181,7 @@ class DraftSpeculator(Speculator):
         rows = []
         for i, seq in enumerate(batch.seqs):
             k = self.draft_len(batch, i, max_model_len, budget)
-            if k and blocks.can_append(seq, k):
+            if k and self.drafter.ready(batch, i) and blocks.can_append(seq, k):
                 blocks.append_slots(seq, k)
                 rows.append((i, k))
                 budget -= k
