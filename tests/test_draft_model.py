@@ -176,3 +176,38 @@ def test_draft_options_are_checked(target_dir):
     assert err.value.field == "draft_model"
     with pytest.raises(InvalidRequestError, match="draft_model"):
         LLM(str(target_dir), speculative="ngram", draft_model=str(target_dir))
+
+
+def test_cli_generate_with_a_draft_model(tmp_path, tiny_qwen3_dir, qwen_tokenizer_dir):
+    """Text prompts need the tokenizer's whole vocabulary: the full-width tiny checkpoint."""
+    from tests.test_cli import run_cli
+
+    draft = write_checkpoint(tmp_path / "draft", qwen_tokenizer_dir,
+                             config_overrides={"num_hidden_layers": 1}, seed=1)
+    args = ["generate", "Hello there", "--model", str(tiny_qwen3_dir), "-n", "12", "-t", "0",
+            "--no-chat", "--no-stream"]
+    plain = run_cli(*args)
+    spec = run_cli(*args, "--speculative", "draft", "--draft-model", str(draft),
+                   "--num-speculative-tokens", "2")
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--model", "{target}", "--speculative", "draft"],
+     "speculative='draft' needs a draft model"),
+    (["generate", "hi", "--model", "{target}", "--speculative", "draft", "--draft-model", "{wide}"],
+     "vocab_size 2048 != 1024"),
+    (["serve", "--model", "{target}", "--speculative", "draft", "--draft-model", "nosuchmodel",
+      "--port", "0"], "unknown model 'nosuchmodel'"),
+    (["serve", "--model", "{target}", "--speculative", "eagle", "--port", "0"], "speculative"),
+])
+def test_cli_draft_errors_are_one_line_and_exit_2(tmp_path, target_dir, qwen_tokenizer_dir,
+                                                  args, message):
+    from tests.test_cli import run_cli
+
+    wide = write_checkpoint(tmp_path / "wide", qwen_tokenizer_dir, base={**SMALL, "vocab_size": 2048})
+    result = run_cli(*[a.format(target=target_dir, wide=wide) for a in args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import KV_DTYPE_HELP
+from .config import DRAFT_MODEL_HELP, KV_DTYPE_HELP, SPECULATIVE_HELP
 from .errors import exit_with_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,6 +68,9 @@ def generate(
     kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=KV_DTYPE_HELP)] = None,
     prefix_cache_dir: Annotated[str | None, typer.Option(help=PREFIX_CACHE_DIR_HELP)] = None,
     prefix_cache_disk_gb: Annotated[float | None, typer.Option(help=PREFIX_CACHE_GB_HELP)] = None,
+    speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
+    num_speculative_tokens: Annotated[int | None, typer.Option(help="most tokens drafted per step with --speculative (default 4)")] = None,
+    draft_model: Annotated[str | None, typer.Option(help=DRAFT_MODEL_HELP)] = None,
 ) -> None:
     """Generate text for one prompt; text on stdout, a one-line summary on stderr."""
     from .sampling_params import SamplingParams
@@ -82,7 +85,9 @@ def generate(
     llm = _load_llm(_engine_config(model, config, quantize=quantize, max_num_seqs=1,
                                     kv_cache_dtype=kv_cache_dtype,
                                     prefix_cache_dir=prefix_cache_dir,
-                                    prefix_cache_disk_gb=prefix_cache_disk_gb))
+                                    prefix_cache_disk_gb=prefix_cache_disk_gb,
+                                    speculative=speculative, draft_model=draft_model,
+                                    num_speculative_tokens=num_speculative_tokens))
     use_chat = llm.tokenizer.has_chat_template if chat is None else chat
     if use_chat:
         messages = [{"role": "user", "content": prompt}]
@@ -236,8 +241,9 @@ def bench(
     max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
     max_itl_ratio: Annotated[float | None, typer.Option(help="our prefill pacing: a step with a prompt chunk takes at most this many decode steps (default: off)")] = None,
     kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=f"ours: {KV_DTYPE_HELP}; mlx-lm keeps the model's dtype")] = None,
-    speculative: Annotated[str | None, typer.Option(help="ngram: also run the speculative suite (this engine with and without it, on text that repeats and on text that does not)")] = None,
+    speculative: Annotated[str | None, typer.Option(help="ngram: also run the speculative suite (this engine with and without it, on text that repeats and on text that does not); draft: with a draft model, also against mlx-lm's draft-model generation (one stream)")] = None,
     num_speculative_tokens: Annotated[int, typer.Option(help="with --speculative: most drafted tokens per step")] = 4,
+    draft_model: Annotated[str | None, typer.Option(help="with --speculative draft: the draft checkpoint dir (default: a random draft/target pair built for the bench, see bench/draft_pair.py)")] = None,
     mixed_long_len: Annotated[int, typer.Option(help="mixed: length of the arriving prompts")] = 2048,
     mixed_running: Annotated[int, typer.Option(help="mixed: streams decoding meanwhile")] = 4,
     chat_turns: Annotated[int, typer.Option(help="chat: turns of the multi-turn chat (0: only the shared system prompt)")] = 10,
@@ -259,7 +265,8 @@ def bench(
         fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     suites = [s.strip() for s in suite.split(",") if s.strip()]
     if speculative is not None:
-        _engine_config(None, speculative=speculative, num_speculative_tokens=num_speculative_tokens)
+        _engine_config(None, speculative=speculative, num_speculative_tokens=num_speculative_tokens,
+                       draft_model=draft_model or ("random" if speculative == "draft" else None))
         suites = [s for s in suites if s != "speculative"] + ["speculative"]
     if not suites or set(suites) - set(SUITES):
         fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
@@ -274,7 +281,8 @@ def bench(
                               step_tokens=max_num_batched_tokens),
                      _bench_engine_options(max_itl_ratio, kv_cache_dtype),
                      {"speculative": speculative or "ngram",
-                      "num_speculative_tokens": num_speculative_tokens})
+                      "num_speculative_tokens": num_speculative_tokens,
+                      **({"draft_model": draft_model} if draft_model else {})})
     typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
 

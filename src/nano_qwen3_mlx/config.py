@@ -23,6 +23,12 @@ else:  # pragma: no cover
 
 KV_DTYPE_HELP = ("KV cache storage: int8, int4 (group-wise quantized, read in place), float16, "
                  "bfloat16, float32 (default: the model's dtype)")
+SPECULATIVE_HELP = ("speculative decoding: ngram (prompt lookup: drafts what followed the text's "
+                    "last tokens earlier) or draft (a smaller model of the same tokenizer, "
+                    "--draft-model); drafts are verified in the same step, output unchanged at "
+                    "any temperature")
+DRAFT_MODEL_HELP = ("with --speculative draft: the draft model (alias, directory, .gguf), "
+                    "loaded like the model; it must share the model's tokenizer")
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 # Default thinking budgets (tokens) per reasoning effort level.
 EFFORT_BUDGETS = {"minimal": 128, "low": 512, "medium": 2048, "high": 8192, "xhigh": 16384}

@@ -23,7 +23,8 @@ class LLM:
     and grows on demand; ``num_kv_blocks`` fixes it; ``kv_cache_dtype="int8"`` quantizes it;
     ``prefix_cache_dir`` and ``prefix_cache_disk_gb`` keep the prefix cache on disk too;
     ``speculative="ngram"`` drafts tokens by prompt lookup and verifies them in the same step
-    (output unchanged, ``num_speculative_tokens`` at most per step);
+    (output unchanged, ``num_speculative_tokens`` at most per step), ``speculative="draft",
+    draft_model="..."`` drafts them with a smaller model of the same tokenizer;
     ``max_tokens_default``, ...); a bad one raises ``InvalidRequestError``. Sampling
     fields a request leaves out take the model's defaults (``engine.sampling_defaults``).
     """

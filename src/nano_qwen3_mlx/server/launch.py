@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from aiohttp import web
 
-from ..config import KV_DTYPE_HELP, EngineConfig, ServerConfig
+from ..config import DRAFT_MODEL_HELP, KV_DTYPE_HELP, SPECULATIVE_HELP, EngineConfig, ServerConfig
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
@@ -59,8 +59,9 @@ def serve(
     dtype: Annotated[str | None, Opt(help="auto, float16, bfloat16, float32")] = None,
     quantize: Annotated[int | None, Opt(help="quantize on load: 4 or 8")] = None,
     kv_cache_dtype: Annotated[str | None, Opt(help=KV_DTYPE_HELP)] = None,
-    speculative: Annotated[str | None, Opt(help="speculative decoding: ngram (prompt lookup: drafts what followed the text's last tokens earlier, verified in the same step; output unchanged at any temperature)")] = None,
+    speculative: Annotated[str | None, Opt(help=SPECULATIVE_HELP)] = None,
     num_speculative_tokens: Annotated[int | None, Opt(help="most tokens a sequence drafts per step with --speculative (default 4; adaptive below)")] = None,
+    draft_model: Annotated[str | None, Opt(help=DRAFT_MODEL_HELP)] = None,
     api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> or x-api-key: <key> (env API_KEY)")] = None,
     served_model_name: Annotated[str | None, Opt(help="model name shown to clients")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning, error")] = None,
@@ -83,9 +84,11 @@ def serve(
                           device=device, dtype=dtype, quantize=quantize,
                           kv_cache_dtype=kv_cache_dtype, prefix_cache_dir=prefix_cache_dir,
                           prefix_cache_disk_gb=prefix_cache_disk_gb, speculative=speculative,
-                          num_speculative_tokens=num_speculative_tokens)
+                          num_speculative_tokens=num_speculative_tokens, draft_model=draft_model)
     for entry in entries or [{"model": engine_config.model}]:
         _check_model(entry.get("model", engine_config.model))
+    if engine_config.draft_model:
+        _check_model(engine_config.draft_model)
     server_config = _load(ServerConfig, config, host=host, port=port, api_key=api_key,
                           model_ttl=model_ttl,
                           served_model_name=served_model_name, log_level=log_level,
