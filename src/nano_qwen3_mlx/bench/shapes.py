@@ -43,9 +43,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def random_checkpoint(shape: str, dtype: str, folder: Path) -> Path:
+def random_checkpoint(shape: str | dict[str, Any], dtype: str, folder: Path) -> Path:
     """A checkpoint (Qwen3, Qwen3-MoE or Qwen3.5) with random weights and the real Qwen3
-    tokenizer files."""
+    tokenizer files; ``shape``: a name of ``SHAPES`` or such a row itself."""
     from mlx.utils import tree_flatten
 
     from ..models.fetch import fetch
@@ -53,7 +53,8 @@ def random_checkpoint(shape: str, dtype: str, folder: Path) -> Path:
 
     config = {"model_type": "qwen3", "vocab_size": 151936, "rms_norm_eps": 1e-6,
               "rope_theta": 1e6, "max_position_embeddings": 40960, "tie_word_embeddings": True,
-              "eos_token_id": 151645, "torch_dtype": dtype, **SHAPES[shape]}
+              "eos_token_id": 151645, "torch_dtype": dtype,
+              **(SHAPES[shape] if isinstance(shape, str) else shape)}
     mx.random.seed(0)
     model = _build(config)
     weights = {k: (v * 0.5).astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}

@@ -14,8 +14,11 @@ counts (the machine may be shared).
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
+from . import draft_pair
 from .engines import Ours, Req, measure
 from .metrics import ratio, summary
 from .shapes import make_prompts
@@ -46,7 +49,11 @@ class _Sampled(Ours):
 
 def run(settings, batches: list[int], gen_len: int, spec: dict[str, Any],
         progress=print) -> list[dict[str, Any]]:
-    """Decode tok/s with and without ``spec`` (engine options) per workload and batch size."""
+    """Decode tok/s with and without ``spec`` (engine options) per workload and batch size
+    (the draft-model method: ``draft_pair.run``, also against mlx-lm)."""
+    if spec.get("speculative") == "draft":
+        with tempfile.TemporaryDirectory() as tmp:
+            return draft_pair.run(settings, batches, gen_len, spec, Path(tmp), progress)
     rows = []
     for workload, sampling in WORKLOADS.items():
         for batch in batches:
@@ -88,6 +95,8 @@ def _once(settings, reqs: list[Req], batch: int, sampling: dict[str, Any],
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
+    if rows and "ours_draft" in rows[0]:
+        return draft_pair.table(rows)
     lines = ["| workload | batch | decode tok/s plain | speculative | ratio | acceptance | "
              "tokens per speculating step | load avg |", "|---|" + "---:|" * 7]
     for r in rows:

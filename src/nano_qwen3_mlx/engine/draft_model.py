@@ -87,10 +87,11 @@ class DraftModel:
 
     def follow(self, batch: ScheduledBatch, prev: StepOutput | None) -> None:
         """Queue the draft's forward pass over the target's step: the same tokens (a token
-        still being sampled comes lazily from ``prev``) written to the same slots."""
+        still being sampled comes lazily from ``prev``) written to the same slots. Nothing
+        is sampled; a speculating row runs only its last draft (``propose`` wrote the rest)."""
         self._ends = {seq.seq_id: start + n for seq, start, n in
                       zip(batch.seqs, batch.start_positions, batch.num_new_tokens)}
-        _, hidden = self.runner.forward(batch, prev)
+        _, hidden = self.runner.forward(_kv_only(batch), prev)
         mx.async_eval(hidden, *(p for parts in self.cache._all_pools() for p in parts))
 
     def ready(self, batch: ScheduledBatch, i: int) -> bool:
@@ -142,6 +143,18 @@ class DraftModel:
         if not ctx.pruned:
             hidden = hidden[ctx.sampled.tokens]
         return mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32)
+
+
+def _kv_only(batch: ScheduledBatch) -> ScheduledBatch:
+    """``batch`` with no row sampling, and each speculating row cut to its last draft."""
+    out = ScheduledBatch(list(batch.seqs), list(batch.num_new_tokens), list(batch.start_positions),
+                         [False] * len(batch), batch.copies, batch.state_points,
+                         batch.state_sources, list(batch.num_drafts))
+    for i, k in enumerate(batch.num_drafts):
+        if k:
+            out.start_positions[i] += k
+            out.num_new_tokens[i] = 1
+    return out
 
 
 def check_compatible(draft: LoadedModel, target: LoadedModel) -> None:
