@@ -86,6 +86,7 @@ def test_stats_name_the_method_and_count_the_draft_in_memory(engines, target_dir
     plain, same, _ = engines
     stats = same.engine.get_stats()
     assert stats["speculative"]["method"] == "draft"
+    assert stats["speculative"]["draft_model"] == str(target_dir)
     assert {"acceptance_rate", "tokens_per_step", "accepted_tokens"} <= set(stats["speculative"])
     # The draft's weights (here: the target's twice) and its KV pool are counted.
     assert same.engine.weights_nbytes == 2 * plain.engine.weights_nbytes
@@ -211,3 +212,18 @@ def test_cli_draft_errors_are_one_line_and_exit_2(tmp_path, target_dir, qwen_tok
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_draft_options_come_from_a_config_file_or_the_environment(tmp_path, monkeypatch):
+    from nano_qwen3_mlx.config import EngineConfig
+
+    toml = tmp_path / "spec.toml"
+    toml.write_text('[engine]\nspeculative = "draft"\ndraft_model = "qwen3-0.6b"\n'
+                    "num_speculative_tokens = 3\n")
+    config = EngineConfig.load(toml)
+    assert (config.speculative, config.draft_model, config.num_speculative_tokens) == \
+        ("draft", "qwen3-0.6b", 3)
+    monkeypatch.setenv("SPECULATIVE", "draft")
+    monkeypatch.setenv("DRAFT_MODEL", "smollm2-135m")
+    assert EngineConfig.load().draft_model == "smollm2-135m"
+    assert EngineConfig.load(draft_model="x").draft_model == "x"  # a flag wins

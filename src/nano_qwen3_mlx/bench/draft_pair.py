@@ -30,7 +30,7 @@ from .shapes import make_prompts, random_checkpoint
 DRAFT_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1536,
                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
                "vocab_size": 32768, "tie_word_embeddings": False}
-EXTRA_LAYERS, EXTRA_SCALE = 20, 0.05
+EXTRA_LAYERS, EXTRA_SCALE = 20, 0.005
 PROMPT_LEN = 64
 
 

@@ -512,7 +512,8 @@ class LLMEngine:
                                                  for rows in self.pacer.decode_times},
                                "prefill_token_s": self.pacer.token_s},
             **({"speculative": {"method": self.config.speculative,
-                                "num_speculative_tokens": self.config.num_speculative_tokens}
+                                "num_speculative_tokens": self.config.num_speculative_tokens,
+                                **({"draft_model": self.config.draft_model} if self.drafter else {})}
                 | self.speculator.stats.as_dict()} if self.speculator is not None else {}),
             "memory": memory_stats() | {"weights_bytes": self.weights_nbytes},
             "blas": blas_info().as_dict(),
