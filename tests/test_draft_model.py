@@ -227,3 +227,26 @@ def test_draft_options_come_from_a_config_file_or_the_environment(tmp_path, monk
     monkeypatch.setenv("DRAFT_MODEL", "smollm2-135m")
     assert EngineConfig.load().draft_model == "smollm2-135m"
     assert EngineConfig.load(draft_model="x").draft_model == "x"  # a flag wins
+
+
+def test_bench_draft_method_against_itself_and_mlx_lm(tiny_qwen3_dir, tmp_path):
+    from nano_qwen3_mlx.bench.report import BenchPlan, markdown
+    from nano_qwen3_mlx.bench.report import run as run_bench
+
+    plan = BenchPlan(model=str(tiny_qwen3_dir), suites=["speculative"], batches=[1, 2], gen_len=6,
+                     speculative={"speculative": "draft", "num_speculative_tokens": 3,
+                                  "draft_model": str(tiny_qwen3_dir)})
+    rows = run_bench(plan, tmp_path / "r.json", progress=lambda _: None)["speculative"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["ours_plain"]["tokens"] == row["ours_draft"]["tokens"] == row["batch"] * 6
+        assert row["ours_plain"]["stats"] is None
+        assert row["ours_draft"]["stats"]["method"] == "draft"
+        assert row["ours_draft"]["stats"]["acceptance_rate"] == 1.0  # the draft is the target
+    one = rows[0]
+    assert one["mlx_lm_plain"]["tokens"] == one["mlx_lm_draft"]["tokens"] == 6
+    assert one["ratio_vs_mlx_lm_draft"] == pytest.approx(
+        one["ours_draft"]["decode_tok_s"] / one["mlx_lm_draft"]["decode_tok_s"])
+    assert "mlx_lm_draft" not in rows[1]
+    text = markdown(json.loads((tmp_path / "r.json").read_text()))
+    assert "Draft model (given pair; target " in text and "| 2 |" in text

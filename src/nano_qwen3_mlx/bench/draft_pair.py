@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from .engines import MlxLm, Ours, Req, measure
 from .metrics import StreamTimes, ratio, summary
-from .shapes import make_prompts, random_checkpoint
+from .shapes import make_prompts, parameter_counts, random_checkpoint
 
 # The draft: 4 layers of width 512 and a 32K vocabulary, so the lm_head does not dominate
 # (with Qwen3's 152K, a small model's cost is mostly the lm_head, no draft's shape).
@@ -98,8 +98,11 @@ def run(settings, batches: list[int], gen_len: int, spec: dict[str, Any], folder
         target, draft, label = Path(settings.path), Path(spec["draft_model"]), "given pair"
     else:
         target, draft = build_pair(folder)
-        label = (f"built pair: draft {DRAFT_SHAPE['num_hidden_layers']} layers, target + "
-                 f"{EXTRA_LAYERS} layers with outputs x{EXTRA_SCALE}")
+        label = (f"built pair: the draft's {DRAFT_SHAPE['num_hidden_layers']} layers + "
+                 f"{EXTRA_LAYERS} random layers with outputs x{EXTRA_SCALE}")
+    sizes = {name: parameter_counts(path)["total"] / 1e6 for name, path in
+             (("target", target), ("draft", draft))}
+    label += f"; target {sizes['target']:.0f}M, draft {sizes['draft']:.0f}M parameters"
     k = spec.get("num_speculative_tokens", 4)
     options = {**settings.engine_options, "max_num_batched_tokens": settings.max_num_batched_tokens}
     ours = {"plain": {}, "draft": {"speculative": "draft", "draft_model": str(draft),
