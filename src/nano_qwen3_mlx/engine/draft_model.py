@@ -59,7 +59,10 @@ class DraftModel:
         """``config.draft_model`` loaded as the target was (alias, directory or GGUF; same
         dtype and quantization)."""
         loaded = load(config.draft_model, dtype=config.dtype, quantize=config.quantize)
-        return cls(loaded, target, config.block_size, config.kv_cache_dtype)
+        draft = cls(loaded, target, config.block_size, config.kv_cache_dtype)
+        log.info("draft model %s: %.1f M parameters, %d KV bytes per token", config.draft_model,
+                 draft.model.num_parameters()["total"] / 1e6, draft.block_bytes // config.block_size)
+        return draft
 
     @property
     def weights_nbytes(self) -> int:
@@ -92,7 +95,8 @@ class DraftModel:
         self._ends = {seq.seq_id: start + n for seq, start, n in
                       zip(batch.seqs, batch.start_positions, batch.num_new_tokens)}
         _, hidden = self.runner.forward(_kv_only(batch), prev)
-        mx.async_eval(hidden, *(p for parts in self.cache._all_pools() for p in parts))
+        pools = [p for parts in (*self.cache.k_parts, *self.cache.v_parts) for p in parts]
+        mx.async_eval(hidden, *pools)  # every layer's writes, also where no row is sampled
 
     def ready(self, batch: ScheduledBatch, i: int) -> bool:
         """Is the draft's KV of row ``i``'s earlier tokens written by steps already queued?
