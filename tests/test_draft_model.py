@@ -250,3 +250,24 @@ def test_bench_draft_method_against_itself_and_mlx_lm(tiny_qwen3_dir, tmp_path):
     assert "mlx_lm_draft" not in rows[1]
     text = markdown(json.loads((tmp_path / "r.json").read_text()))
     assert "Draft model (given pair; target " in text and "| 2 |" in text
+
+
+def test_server_stats_show_the_draft_method(tiny_qwen3_dir):
+    """Over HTTP: a completion with n = 2 at T = 0 (two equal choices, drafted) and /stats."""
+    import requests
+
+    from nano_qwen3_mlx.config import EngineConfig, ServerConfig
+    from tests.serve_thread import serve_in_thread
+
+    engine = EngineConfig.load(model=str(tiny_qwen3_dir), device="cpu", num_kv_blocks=64,
+                               block_size=4, speculative="draft", draft_model=str(tiny_qwen3_dir))
+    with serve_in_thread(engine, ServerConfig()) as (url, _):
+        body = {"model": str(tiny_qwen3_dir), "prompt": "Hello there", "max_tokens": 12,
+                "temperature": 0, "n": 2, "ignore_eos": True}
+        reply = requests.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        texts = [c["text"] for c in reply["choices"]]
+        assert len(texts) == 2 and texts[0] == texts[1] and reply["usage"]["completion_tokens"] == 24
+        stats = requests.get(f"{url}/stats", timeout=30).json()["speculative"]
+    assert stats["method"] == "draft" and stats["draft_model"] == str(tiny_qwen3_dir)
+    assert stats["accepted_tokens"] == stats["draft_tokens"] > 0
+    assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_step"] > 1
