@@ -20,6 +20,9 @@ reached yet (the EOS block differs per position), a ``seed`` (its noise is drawn
 row, so drafts would make its tokens depend on whether a step speculated, i.e. on batching),
 and hybrid models (their recurrent state
 cannot be rolled back past rejected drafts: the engine turns speculation off for them).
+
+``draft_model.py`` adds the other source of drafts, a draft model (``DraftSpeculator``
+overrides ``may_draft`` and ``draft``); the rules here and the verification are shared.
 """
 
 from __future__ import annotations
