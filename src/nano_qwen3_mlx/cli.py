@@ -252,7 +252,11 @@ def bench(
     from .bench import SHAPES
     from .bench.chat import ChatPlan
     from .bench.report import SUITES, BenchPlan, markdown, run
+    from .distributed.world import get_world
 
+    if get_world().distributed:  # it loads several engines and mlx-lm, one after another
+        fail("bench does not run under mlx.launch (distributed) yet: time `nano-qwen3 "
+             "generate` or a served model's /stats there")
     if model is not None and not (Path(model) / "config.json").is_file():
         fail(f"--model must be a local checkpoint directory with a config.json; got {model!r}")
     if shape not in SHAPES:
@@ -297,6 +301,20 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
+def _join_distributed_job() -> None:
+    """Under ``mlx.launch``: join the job first; ranks other than 0 print nothing (they only
+    follow rank 0's steps, ``distributed/``)."""
+    from .distributed.world import get_world, launched, silence_followers
+
+    if not launched():
+        return
+    try:
+        get_world()
+    except RuntimeError as exc:
+        fail(f"cannot join the distributed job: {exc}")
+    silence_followers()
+
+
 def main() -> None:
     """Run the app; a usage error (unknown option, bad value) is one ``error:`` line too."""
     try:
@@ -304,6 +322,7 @@ def main() -> None:
     except ImportError:
         from click import exceptions as click
 
+    _join_distributed_job()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = app(standalone_mode=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from typing import Any, NoReturn
 
 import mlx.core as mx
@@ -37,7 +39,11 @@ class Follower:
         return {}
 
     def follow(self) -> NoReturn:
-        """Run every plan until rank 0 says stop (exit 0); a lost rank 0 exits 1."""
+        """Run every plan until rank 0 says stop (exit 0); a lost rank 0 exits 1. Ctrl-C and
+        SIGTERM are rank 0's to act on (it drains, then stops this rank)."""
+        with contextlib.suppress(ValueError):  # not the main thread: left as they are
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         reader, prev = PlanReader(), None
         try:
             while True:
