@@ -11,9 +11,10 @@ import mlx.core as mx
 from ..errors import first_line
 from .channel import Channel
 from .plan import COPY, STOP, PlanWriter
-from .world import World, exit_now, report
+from .world import World, exit_after, exit_now, report
 
 log = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 15.0  # the followers answer a stop at once unless one is gone
 
 
 class RecordingSlots:
@@ -86,12 +87,15 @@ class Leader:
         if self._stopped:
             return
         self._stopped = True
+        watchdog = exit_after(STOP_TIMEOUT_S, "a rank of the distributed job is gone: it did "
+                              f"not answer the stop within {STOP_TIMEOUT_S:g} s")
         try:
             self.channel.send([STOP])
             self.channel.barrier()
         except Exception as exc:  # noqa: BLE001  (any backend's lost-peer error)
             report(f"error: a rank of the distributed job is gone: {first_line(exc)}")
             exit_now(1)
+        watchdog.cancel()
 
     def fatal(self, exc: BaseException) -> None:
         """A step raised: the ranks' collectives may no longer match, so the job ends."""

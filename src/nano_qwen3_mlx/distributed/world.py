@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -88,6 +89,16 @@ def report(line: str) -> None:
     prefix = f"[rank {world.rank}] " if world.distributed else ""
     _stderr.write(f"{prefix}{line}\n")
     _stderr.flush()
+
+
+def exit_after(seconds: float, why: str) -> threading.Timer:
+    """A watchdog: unless cancelled within ``seconds``, report ``error: {why}`` and exit 1.
+    A backend may block for good in a collective once a peer is gone (the ring backend
+    does, after failing the collective in flight); this bounds such a wait."""
+    timer = threading.Timer(seconds, lambda: (report(f"error: {why}"), exit_now(1)))
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def exit_now(code: int) -> None:

@@ -134,6 +134,17 @@ def _distributed(engine_config: EngineConfig, several: bool) -> None:
     engine.dist.follow()
 
 
+def _bound_distributed_shutdown(grace: float) -> None:
+    """Under mlx.launch, a step blocked on a rank that is gone would hold the drain for
+    good: past the grace and the followers' stop, the process ends with an error."""
+    from ..distributed.leader import STOP_TIMEOUT_S
+    from ..distributed.world import exit_after, get_world
+
+    if get_world().distributed:
+        exit_after(grace + 2 * STOP_TIMEOUT_S, "the distributed engine did not stop (a rank "
+                   "is gone?)")
+
+
 def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
     return _call(cls.load, config_file, **flags)
 
@@ -288,6 +299,7 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig,
         code = await _wait(app, stop)
         spinner.stop()
         if code == 0:
+            _bound_distributed_shutdown(server_config.shutdown_grace)
             typer.echo(f"shutting down: running requests get {server_config.shutdown_grace:g} s "
                        "(a second signal ends them now) ...", err=True)
             await drain(app[STATE_KEY].drain, server_config.shutdown_grace, hurry)
