@@ -13,8 +13,11 @@ PROMPTS = ["Hello there", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 1
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
 
-def main(model: str, full: bool) -> None:
-    llm = LLM(model, device="cpu", max_num_seqs=4, enable_prefix_caching=True)
+def generate_report(model: str, full: bool) -> dict:
+    """What the ``LLM`` API gives on ``model`` (token ids, texts, stats), as a dict."""
+    # full: n-gram speculation on too (its steps carry drafts), penalties, embeddings.
+    llm = LLM(model, device="cpu", max_num_seqs=4, enable_prefix_caching=True,
+              **({"speculative": "ngram"} if full else {}))
     greedy = SamplingParams(max_tokens=10, temperature=0)
     report = {"batch": [r["token_ids"] for r in llm.generate(PROMPTS, greedy)]}
     if full:
@@ -24,12 +27,15 @@ def main(model: str, full: bool) -> None:
         report["reused"] = llm.get_stats()["kv_cache"]["prefix_cache_reused_tokens"]
         structured = SamplingParams(max_tokens=24, temperature=0, json_schema=SCHEMA)
         report["json"] = llm.generate(["Give me a name as JSON:"], structured)[0]["generated_text"]
-        report["sampled"] = llm.generate(["Tell me"], SamplingParams(max_tokens=8, temperature=1.0,
-                                                                     seed=7))[0]["token_ids"]
+        seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, presence_penalty=0.5)
+        report["sampled"] = llm.generate(["Tell me"], seeded)[0]["token_ids"]
+        report["embedding"] = [round(x, 5) for x in llm.embed(["Hello there"])[0][:8]]
+        report["drafted"] = llm.get_stats()["speculative"]["draft_tokens"]
     report["distributed"] = llm.get_stats()["distributed"]
     llm.close()
-    print(json.dumps(report), flush=True)
+    return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "full")
+    print(json.dumps(generate_report(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "full")),
+          flush=True)

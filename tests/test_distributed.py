@@ -1,6 +1,6 @@
 """Two local ranks on the CPU under ``mlx.launch --backend ring``: the same greedy output as
 one process (dense, MoE, hybrid), batching, prefix-cache hits, structured output and seeded
-sampling through the ``LLM`` API; ``generate`` printing once; ``serve`` answering the openai
+sampling with penalties, speculative decoding and embeddings through the ``LLM`` API; ``generate`` printing once; ``serve`` answering the openai
 client and shutting down cleanly; a killed rank ending the job with an error."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.checkpoints import write_hybrid_checkpoint
+from tests.distributed_worker import generate_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,16 +50,16 @@ def _report(proc: subprocess.CompletedProcess) -> dict:
 
 
 def _parity(model: Path, full: bool) -> tuple[dict, dict]:
-    args = [str(WORKER), str(model), *(["full"] if full else [])]
-    one = _report(_run([sys.executable, *args]))
-    two = _report(_run(_launch(*args)))
-    return one, two
+    """One process (this one) and two ranks on the same requests."""
+    two = _report(_run(_launch(str(WORKER), str(model), *(["full"] if full else []))))
+    return generate_report(str(model), full), two
 
 
-def test_dense_parity_batch_prefix_cache_structured_and_seeded(tiny_qwen3_dir):
+def test_dense_parity_batch_prefix_cache_structured_seeded_speculative(tiny_qwen3_dir):
     one, two = _parity(tiny_qwen3_dir, full=True)
-    for key in ("batch", "again", "json", "sampled"):
+    for key in ("batch", "again", "json", "sampled", "embedding", "drafted"):
         assert two[key] == one[key], key
+    assert two["drafted"] > 0  # speculative steps (drafts in the plan) ran on both ranks
     assert len({tuple(t) for t in two["batch"]}) == 4  # four different prompts, batched
     assert two["again"][0] == two["again"][1]
     assert two["reused"] > 0 and two["reused"] == one["reused"]  # the prefix cache hit
