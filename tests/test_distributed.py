@@ -178,3 +178,14 @@ def test_several_models_are_refused(tiny_qwen3_dir, tiny_moe_dir):
                         "--model", f"b={tiny_moe_dir}", "--port", str(_free_port())), timeout=60)
     assert "error: serving several models is not supported under mlx.launch" in proc.stderr + \
         proc.stdout
+
+
+def test_bench_times_this_engine_on_two_ranks(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(_launch(str(BIN / "nano-qwen3"), "bench", "--shape", "tiny", "--prompt-len", "16",
+                        "--gen-len", "4", "--batch", "1", "--out", str(out)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("# nano-qwen3-mlx on 2 ranks (tensor)") == 1, proc.stdout
+    report = json.loads(out.read_text())
+    assert [r["rank"] for r in report["distributed"]["ranks"]] == [0, 1]
+    assert report["lengths"][0]["decode_tok_s"] > 0

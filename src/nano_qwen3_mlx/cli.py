@@ -254,9 +254,7 @@ def bench(
     from .bench.report import SUITES, BenchPlan, markdown, run
     from .distributed.world import get_world
 
-    if get_world().distributed:  # it loads several engines and mlx-lm, one after another
-        fail("bench does not run under mlx.launch (distributed) yet: time `nano-qwen3 "
-             "generate` or a served model's /stats there")
+    distributed = get_world().distributed
     if model is not None and not (Path(model) / "config.json").is_file():
         fail(f"--model must be a local checkpoint directory with a config.json; got {model!r}")
     if shape not in SHAPES:
@@ -267,6 +265,9 @@ def bench(
         suites = [s for s in suites if s != "speculative"] + ["speculative"]
     if not suites or set(suites) - set(SUITES):
         fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
+    if distributed and suites != ["lengths"]:  # mlx-lm and the other suites: one process
+        fail("under mlx.launch, bench runs this engine alone on the lengths suite: "
+             "--suite lengths, no --speculative")
     lens, sizes = _int_list("--prompt-len", prompt_len), _int_list("--batch", batch)
     if max_itl_ratio is not None and max_itl_ratio <= 1:
         fail("--max-itl-ratio must be above 1")
@@ -279,7 +280,12 @@ def bench(
                      _bench_engine_options(max_itl_ratio, kv_cache_dtype),
                      {"speculative": speculative or "ngram",
                       "num_speculative_tokens": num_speculative_tokens})
-    typer.echo(markdown(run(plan, Path(out))))
+    if distributed:
+        from .bench import distributed as ranks
+
+        typer.echo(ranks.markdown(ranks.run(plan, Path(out))))
+    else:
+        typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
 
 
