@@ -165,12 +165,17 @@ def test_serve_answers_openai_client_and_stops_cleanly(tiny_qwen3_dir):
     assert out.count("listening") == 1, out  # one banner: only rank 0 serves
 
 
-def test_killed_rank_ends_the_job_with_an_error(tiny_qwen3_dir):
+@pytest.mark.parametrize("killed", [1, 0])
+def test_killed_rank_ends_the_job_with_an_error(killed, tiny_qwen3_dir):
     with _serving(tiny_qwen3_dir) as (proc, _, port):
-        os.kill(_rank_pid(1, port), signal.SIGKILL)
+        os.kill(_rank_pid(killed, port), signal.SIGKILL)
         out = _ended(proc, 60)
-    assert "Node with rank 0 exited with code 1" in out, out
-    assert "error: a rank of the distributed job is gone" in out, out
+    survivor = 1 - killed
+    assert f"Node with rank {survivor} exited with code 1" in out, out
+    if killed:  # rank 0 (drained on the launcher's SIGTERM) found the follower gone
+        assert "error: a rank of the distributed job is gone" in out, out
+    else:
+        assert "[rank 1] error: rank 1 stopped following rank 0" in out, out
 
 
 def test_several_models_are_refused(tiny_qwen3_dir, tiny_moe_dir):
