@@ -21,7 +21,7 @@ def generate_report(model: str, full: bool) -> dict:
     greedy = SamplingParams(max_tokens=10, temperature=0)
     report = {"batch": [r["token_ids"] for r in llm.generate(PROMPTS, greedy)]}
     if full:
-        long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+        long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 32)
         first, again = (llm.generate([long_prompt], greedy)[0] for _ in range(2))
         report["again"] = [first["token_ids"], again["token_ids"]]
         report["reused"] = llm.get_stats()["kv_cache"]["prefix_cache_reused_tokens"]
@@ -30,7 +30,9 @@ def generate_report(model: str, full: bool) -> dict:
         seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, presence_penalty=0.5)
         report["sampled"] = llm.generate(["Tell me"], seeded)[0]["token_ids"]
         report["embedding"] = [round(x, 5) for x in llm.embed(["Hello there"])[0][:8]]
-        report["drafted"] = llm.get_stats()["speculative"]["draft_tokens"]
+        # A hybrid model turns speculation off (its state cannot roll back).
+        report["drafted"] = llm.get_stats().get("speculative", {}).get("draft_tokens", 0)
+        report["snapshot_hits"] = llm.get_stats().get("state_cache", {})
     report["distributed"] = llm.get_stats()["distributed"]
     llm.close()
     return report

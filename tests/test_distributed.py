@@ -75,9 +75,12 @@ def test_dense_parity_batch_prefix_cache_structured_seeded_speculative(tiny_qwen
 def test_moe_and_hybrid_parity(family, tiny_moe_dir, qwen_tokenizer_dir, tmp_path):
     model = tiny_moe_dir if family == "moe" else \
         write_hybrid_checkpoint(tmp_path / "hybrid", qwen_tokenizer_dir)
-    one, two = _parity(model, full=False)
+    one, two = _parity(model, full=family == "hybrid")
     assert two["batch"] == one["batch"]
-    if family == "hybrid":  # the state pool is per rank too
+    if family == "hybrid":  # the state pool is per rank too, its slot copies in the plans
+        for key in ("again", "json", "sampled", "embedding"):
+            assert two[key] == one[key], key
+        assert two["snapshot_hits"]["restores"] == one["snapshot_hits"]["restores"] > 0
         assert all(r["state_bytes"] > 0 for r in two["distributed"]["ranks"])
 
 
