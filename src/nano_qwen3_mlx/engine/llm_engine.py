@@ -21,7 +21,7 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
-from .disk_tier import make_disk_tier
+from .disk_tier import DiskTier, make_disk_tier
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
@@ -110,7 +110,7 @@ class LLMEngine:
         states.turn_tokens = {turn} if turn is not None else set()
         return cache, states
 
-    def _make_disk(self):
+    def _make_disk(self) -> DiskTier | None:
         if self.world.distributed and (self.config.prefix_cache_dir or
                                        self.config.prefix_cache_disk_gb):
             # Its loads write into the pool outside the step plans the followers see.
@@ -484,7 +484,8 @@ class LLMEngine:
         )
 
     def close(self) -> None:
-        """Finish the disk tier's queued writes and release its directory (if any)."""
+        """Finish the disk tier's queued writes and release its directory (if any); on rank 0
+        of an mlx.launch job, stop the other ranks."""
         if self.disk is not None:
             self.disk.close()
         if self.dist is not None:  # the other ranks exit
