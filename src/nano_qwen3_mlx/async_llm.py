@@ -273,6 +273,8 @@ class AsyncLLM:
     # ---- on the engine thread (engine_thread.py calls these) ----------------------------
     def _load(self) -> None:
         self.engine = LLMEngine(self.config)
+        if self.engine.world.is_follower:  # under mlx.launch: run rank 0's steps, then exit
+            self.engine.dist.follow()
         self._stats = self.engine.get_stats()
         self._driver.attach(self)
 

@@ -258,7 +258,9 @@ def bench(
     from .bench import SHAPES
     from .bench.chat import ChatPlan
     from .bench.report import SUITES, BenchPlan, markdown, run
+    from .distributed.world import get_world
 
+    distributed = get_world().distributed
     if model is not None and not (Path(model) / "config.json").is_file():
         fail(f"--model must be a local checkpoint directory with a config.json; got {model!r}")
     if shape not in SHAPES:
@@ -270,6 +272,9 @@ def bench(
         suites = [s for s in suites if s != "speculative"] + ["speculative"]
     if not suites or set(suites) - set(SUITES):
         fail(f"--suite takes a comma-separated list of {', '.join(SUITES)}; got {suite!r}")
+    if distributed and suites != ["lengths"]:  # mlx-lm and the other suites: one process
+        fail("under mlx.launch, bench runs this engine alone on the lengths suite: "
+             "--suite lengths, no --speculative")
     lens, sizes = _int_list("--prompt-len", prompt_len), _int_list("--batch", batch)
     if max_itl_ratio is not None and max_itl_ratio <= 1:
         fail("--max-itl-ratio must be above 1")
@@ -281,9 +286,14 @@ def bench(
                               step_tokens=max_num_batched_tokens),
                      _bench_engine_options(max_itl_ratio, kv_cache_dtype),
                      {"speculative": speculative or "ngram",
-                      "num_speculative_tokens": num_speculative_tokens,
-                      **({"draft_model": draft_model} if draft_model else {})})
-    typer.echo(markdown(run(plan, Path(out))))
+                       "num_speculative_tokens": num_speculative_tokens,
+                       **({"draft_model": draft_model} if draft_model else {})})
+    if distributed:
+        from .bench import distributed as ranks
+
+        typer.echo(ranks.markdown(ranks.run(plan, Path(out))))
+    else:
+        typer.echo(markdown(run(plan, Path(out))))
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -305,6 +315,20 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
+def _join_distributed_job() -> None:
+    """Under ``mlx.launch``: join the job first; ranks other than 0 print nothing (they only
+    follow rank 0's steps, ``distributed/``)."""
+    from .distributed.world import get_world, launched, silence_followers
+
+    if not launched():
+        return
+    try:
+        get_world()
+    except RuntimeError as exc:
+        fail(f"cannot join the distributed job: {exc}")
+    silence_followers()
+
+
 def main() -> None:
     """Run the app; a usage error (unknown option, bad value) is one ``error:`` line too."""
     try:
@@ -312,6 +336,7 @@ def main() -> None:
     except ImportError:
         from click import exceptions as click
 
+    _join_distributed_job()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = app(standalone_mode=False)

@@ -33,6 +33,8 @@ class LLM:
                  **engine_options: Any) -> None:
         self.config = engine_config(config, model, engine_options)
         self.engine = LLMEngine(self.config)
+        if self.engine.world.is_follower:  # under mlx.launch: run rank 0's steps, then exit
+            self.engine.dist.follow()
         self.tokenizer = self.engine.tokenizer
 
     # ---- generation ---------------------------------------------------------------------

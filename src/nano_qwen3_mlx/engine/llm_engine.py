@@ -13,13 +13,15 @@ from mlx.utils import tree_flatten
 
 from ..blas import blas_info
 from ..config import EngineConfig
+from ..distributed.attach import attach, shard_once
+from ..distributed.world import get_world
 from ..errors import InvalidRequestError
 from ..models.contract import CausalLM, uniform_kv
 from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
-from .disk_tier import make_disk_tier
+from .disk_tier import DiskTier, make_disk_tier
 from .draft_model import DraftModel, DraftSpeculator
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
@@ -54,6 +56,10 @@ class LLMEngine:
         # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
         # counted once here, on the thread that owns the model.
         self.num_parameters: dict[str, int] = self.model.num_parameters()
+        # Under mlx.launch every rank keeps its shard (before the pools are sized: each
+        # rank's KV heads are its own); distributed/.
+        self.world = get_world()
+        shard_once(self.model, self.world)
         # A hybrid model's recurrent states (None: attention only, nothing changes).
         self.state_cache, self.states = self._make_states()
         self.cache = self._make_cache()
@@ -67,7 +73,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens,
                                    self._grow_pool if self.pool.grows else None,
                                    self.pacer.prefill_limit, self.states)
-        self.disk = make_disk_tier(self)  # the prefix cache's disk tier; None when off
+        self.disk = self._make_disk()  # the prefix cache's disk tier; None when off
         self.sampling_defaults = merge_defaults(self.loaded.generation_config,
                                                 config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
@@ -83,6 +89,8 @@ class LLMEngine:
         self._caught_up: list[RequestOutput | None] | None = None  # _in_flight, read early
         self._clock = StepClock()
         self._seq_ids = itertools.count()
+        # Rank 0 plans every step for the other ranks, which follow; None: one process.
+        self.dist = attach(self, self.world)
 
     # ---- set-up -------------------------------------------------------------------------
     @property
@@ -105,6 +113,14 @@ class LLMEngine:
             if hasattr(self.tokenizer, "backend") else None
         states.turn_tokens = {turn} if turn is not None else set()
         return cache, states
+
+    def _make_disk(self) -> DiskTier | None:
+        if self.world.distributed and (self.config.prefix_cache_dir or
+                                       self.config.prefix_cache_disk_gb):
+            # Its loads write into the pool outside the step plans the followers see.
+            log.warning("the prefix cache disk tier is off under mlx.launch (distributed)")
+            return None
+        return make_disk_tier(self)
 
     def _make_speculator(self) -> Speculator | None:
         if self.config.speculative is None:
@@ -170,6 +186,8 @@ class LLMEngine:
     def shrink_if_idle(self, now: float | None = None) -> bool:
         """Give a grown pool back once the engine has been idle long enough; True if shrunk."""
         now = time.monotonic() if now is None else now
+        if self.dist is not None:  # the ranks' pools stay the same size (they only grow)
+            return False
         if not self.pool.should_shrink(self.cache.num_blocks, self.has_unfinished_requests(), now):
             return False
         # Rebuilt rather than cut, so this works whatever the pool's layout; the prefix cache
@@ -287,6 +305,8 @@ class LLMEngine:
             if self.disk is not None:  # every KV write of this step is queued now
                 self.disk.after_step(idle=not self.has_unfinished_requests())
         except Exception as exc:
+            if self.dist is not None:  # the ranks' next collectives may no longer match
+                self.dist.fatal(exc)
             log.exception("engine step failed; failing the requests of this step")
             outputs += self._fail_step(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.num_steps += 1
@@ -480,9 +500,12 @@ class LLMEngine:
         )
 
     def close(self) -> None:
-        """Finish the disk tier's queued writes and release its directory (if any)."""
+        """Finish the disk tier's queued writes and release its directory (if any); on rank 0
+        of an mlx.launch job, stop the other ranks."""
         if self.disk is not None:
             self.disk.close()
+        if self.dist is not None:  # the other ranks exit
+            self.dist.stop()
 
     # ---- stats --------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
@@ -517,6 +540,7 @@ class LLMEngine:
                 | self.speculator.stats.as_dict()} if self.speculator is not None else {}),
             "memory": memory_stats() | {"weights_bytes": self.weights_nbytes},
             "blas": blas_info().as_dict(),
+            "distributed": self.world.as_dict() | (self.dist.stats() if self.dist else {}),
         } | disk
 
 

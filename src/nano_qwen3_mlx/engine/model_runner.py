@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -43,9 +44,14 @@ class ModelRunner:
                  states: StateCache | None = None) -> None:
         self.model, self.cache, self.sampler = model, cache, sampler
         self.states = states  # a hybrid model's recurrent-state pool; None: attention only
+        # Distributed rank 0: broadcasts each batch's plan before its forward is queued, so
+        # the other ranks run the same step (distributed/leader.py). None: one process.
+        self.before_run: Callable[[ScheduledBatch], None] | None = None
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
+        if self.before_run is not None:
+            self.before_run(batch)
         rows, last = self.forward(batch, prev)  # rows: batch indices that sample or pool
         out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
@@ -91,9 +97,7 @@ class ModelRunner:
         """(T, 1) token ids; a token still being sampled comes lazily from ``prev``."""
         ids, pending = [], []
         for i in order:
-            seq, start, n = batch.seqs[i], batch.start_positions[i], batch.num_new_tokens[i]
-            known = seq.token_ids[start:start + n] if not batch.num_drafts[i] else \
-                (seq.token_ids + seq.draft_ids)[start:start + n]
+            seq, n, known = batch.seqs[i], batch.num_new_tokens[i], batch.known(i)
             ids += known
             pending += [-1] * len(known)
             if len(known) < n:  # the last position is the token sampled in the step in flight

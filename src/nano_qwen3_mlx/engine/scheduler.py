@@ -34,6 +34,19 @@ class ScheduledBatch:
     # Speculative decoding: per row, how many of its tokens are drafts (its last 1 + drafts
     # positions are all sampled; engine/speculative.py). Set after scheduling.
     num_drafts: list[int] = field(default_factory=list)
+    # A follower rank's batch (distributed/plan.py): each row's known tokens, shipped in
+    # the plan (its mirror sequences hold none). None: read them from the sequences.
+    known_tokens: list[list[int]] | None = None
+
+    def known(self, i: int) -> list[int]:
+        """The tokens of row i that are known now (its drafts included); one fewer than
+        ``num_new_tokens[i]`` when its last is the token the step in flight samples."""
+        if self.known_tokens is not None:
+            return self.known_tokens[i]
+        seq, start, n = self.seqs[i], self.start_positions[i], self.num_new_tokens[i]
+        if not self.num_drafts[i]:
+            return seq.token_ids[start:start + n]
+        return (seq.token_ids + seq.draft_ids)[start:start + n]
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens

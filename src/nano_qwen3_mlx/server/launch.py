@@ -107,10 +107,45 @@ def serve(
     if several and server_config.served_model_name:
         exit_with_error("--served-model-name names the one model; with several, name each "
                         "NAME=MODEL (or `alias` in [[models]])")
+    _distributed(engine_config, several)
     specs = _call(model_specs, engine_config, entries, server_config.model_ttl) if several else None
     code = asyncio.run(run_server(engine_config, server_config, **({"specs": specs} if specs else {})))
     if code:
         raise typer.Exit(code)
+
+
+def _distributed(engine_config: EngineConfig, several: bool) -> None:
+    """Under ``mlx.launch``: one model, served by rank 0; any other rank loads its shard
+    and follows rank 0's steps (no port, no output) until rank 0 stops, then exits."""
+    from ..distributed.world import exit_now, get_world, report
+
+    world = get_world()
+    if not world.distributed:
+        return
+    if several:
+        exit_with_error("serving several models is not supported under mlx.launch "
+                        "(distributed): serve one model")
+    if not world.is_follower:
+        return
+    from ..engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(engine_config)
+    except Exception as exc:  # noqa: BLE001  (rank 0 then loses this rank and ends too)
+        report(f"error: the model failed to load: {first_line(exc)}")
+        exit_now(1)
+    engine.dist.follow()
+
+
+def _bound_distributed_shutdown(grace: float) -> None:
+    """Under mlx.launch, a step blocked on a rank that is gone would hold the drain for
+    good: past the grace and the followers' stop, the process ends with an error."""
+    from ..distributed.leader import STOP_TIMEOUT_S
+    from ..distributed.world import exit_after, get_world
+
+    if get_world().distributed:
+        exit_after(grace + 2 * STOP_TIMEOUT_S, "the distributed engine did not stop (a rank "
+                   "is gone?)")
 
 
 def _load(cls: Any, config_file: str | None, **flags: Any) -> Any:
@@ -267,6 +302,7 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig,
         code = await _wait(app, stop)
         spinner.stop()
         if code == 0:
+            _bound_distributed_shutdown(server_config.shutdown_grace)
             typer.echo(f"shutting down: running requests get {server_config.shutdown_grace:g} s "
                        "(a second signal ends them now) ...", err=True)
             await drain(app[STATE_KEY].drain, server_config.shutdown_grace, hurry)
