@@ -25,6 +25,7 @@ cannot be rolled back past rejected drafts: the engine turns speculation off for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -106,8 +107,11 @@ class SpecStats:
 class Speculator:
     """Plans the drafts of a step and learns each sequence's draft length from the results."""
 
-    def __init__(self, num_tokens: int, max_rows: int = MAX_SPEC_ROWS) -> None:
+    def __init__(self, num_tokens: int, max_rows: int = MAX_SPEC_ROWS,
+                 vocab_size: int | None = None, states: Any = None) -> None:
         self.num_tokens, self.max_rows = num_tokens, max_rows
+        self.vocab_size = vocab_size  # the logits' width: a grammar row's masks have it
+        self.states = states  # a hybrid model's StateManager (scratch slots per draft)
         self.stats = SpecStats()
         self.rate = 1.0  # engine-wide moving average of the acceptance rate
         self._since_probe = 0
@@ -119,9 +123,7 @@ class Speculator:
 
     def eligible(self, seq: Sequence) -> bool:
         """May this sequence draft now (its sampling allows it, its back-off is over)?"""
-        p = seq.params
-        return (not p.uses_penalties and p.seed is None and seq.grammar is None and not seq.pooling
-                and seq.num_completion_tokens >= p.min_tokens and self._state(seq).skip == 0)
+        return not seq.pooling and self._state(seq).skip == 0
 
     def wants(self, batch: ScheduledBatch) -> bool:
         """Will this step try to draft? Then the step in flight is read first (the drafts
@@ -156,10 +158,17 @@ class Speculator:
             left = (seq.params.max_tokens or 1 << 30) - seq.num_completion_tokens - 1
             k = min(self._state(seq).k, room, left, budget)
             drafts = propose_ngram(seq.token_ids, k)
-            if not drafts or not blocks.can_append(seq, len(drafts)):
+            if seq.grammar is not None and drafts:  # cut at the first token it disallows
+                drafts, seq.draft_masks, seq.draft_accepting = \
+                    seq.grammar.walk_drafts(drafts, self.vocab_size)
+            if not drafts or not blocks.can_append(seq, len(drafts)) or (
+                    self.states is not None and not self.states.take_draft_slots(seq, len(drafts))):
+                seq.draft_masks, seq.draft_accepting = None, []
                 continue
             blocks.append_slots(seq, len(drafts))
             seq.draft_ids = drafts
+            if self.states is not None:  # the state after each draft, for any rollback
+                batch.state_points[i] = batch.state_points[i] + self.states.draft_points(seq)
             batch.num_new_tokens[i] += len(drafts)
             batch.num_drafts[i] = len(drafts)
             budget -= len(drafts)
