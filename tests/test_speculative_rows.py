@@ -125,6 +125,7 @@ def test_seeded_sampling_gives_the_same_tokens_with_speculation(engines):
 CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12}
 
 
+@pytest.mark.slow
 def test_sampled_distribution_with_a_grammar_is_the_one_without(tiny_qwen3_dir, tokenizer):
     from tests.test_speculative import _chi2_same
 

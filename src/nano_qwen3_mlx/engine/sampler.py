@@ -202,7 +202,7 @@ _POSITIONS = 1 << 24
 
 def seeded_key(seed: int, position: int) -> mx.array:
     """The noise key of a seeded sequence's ``position``-th completion token."""
-    return mx.random.key((seed % (1 << 40)) * _POSITIONS + position % _POSITIONS)
+    return mx.random.key((seed % (1 << 39)) * _POSITIONS + position % _POSITIONS)  # < 2**63
 
 
 def draft_offsets(seqs: list[Sequence]) -> list[int]:

@@ -14,12 +14,25 @@ greedy output is token for token the same.
 Rejected drafts' KV stays in slots past the sequence's computed length: every reader masks by
 length, and the next step overwrites them; blocks past the sequence's need are freed.
 
-Not speculated (the row decodes one token as usual): penalties (each position would need the
-drafts before it counted), a grammar or thinking budget (``seq.grammar``), ``min_tokens`` not
-reached yet (the EOS block differs per position), a ``seed`` (its noise is drawn per sampled
-row, so drafts would make its tokens depend on whether a step speculated, i.e. on batching),
-and hybrid models (their recurrent state
-cannot be rolled back past rejected drafts: the engine turns speculation off for them).
+Every decoding row may speculate; row ``j`` of a speculating sequence (after ``j`` drafts)
+is processed exactly as the plain row would be once those drafts were its tokens:
+
+- a grammar or thinking budget (``seq.grammar``): before the step, the drafts are walked
+  through the matcher (``GrammarState.walk_drafts``), cut at the first token the constraint
+  forbids, and each position gets the mask after the drafts before it; the matcher then
+  rolls back, and verification advances it by the accepted tokens only;
+- penalties count the drafts before the position; ``min_tokens`` blocks EOS by the
+  position's own completion length (and the grammar's accepting state there);
+- a ``seed`` draws its noise from a key of (seed, position in the completion)
+  (``sampler.seeded_key``), so its tokens depend neither on batching nor on speculation;
+- a hybrid model's recurrent layers run the row token by token, keeping the state after
+  each of its first k positions in a scratch slot (``StateManager.take_draft_slots``, the
+  row's ``state_points``); verification copies the one after the accepted prefix into the
+  sequence's slot (lazily, before the next step reads it) and frees the scratch slots. The
+  pool's cap counts ``MAX_SPEC_ROWS * k`` scratch slots.
+
+Not speculated: pooling (embedding) requests; steps of more decode rows than
+``MAX_SPEC_ROWS`` (or ``SMALL_BATCH`` while acceptance is low). MTP heads are not used.
 """
 
 from __future__ import annotations
