@@ -219,3 +219,28 @@ def test_the_draft_slots_count_in_the_state_pool_cap(qwen_tokenizer_dir):
     extra = MAX_SPEC_ROWS * 3
     assert spec.states.cap_slots == plain.states.cap_slots + extra
     assert spec.state_cap_bytes == plain.state_cap_bytes + extra * plain.states.bytes_per_slot
+
+
+def test_a_failed_speculating_step_gives_back_its_scratch_slots(qwen_tokenizer_dir, monkeypatch):
+    from tests.toy_hybrid import ToyHybridLM, toy_engine
+
+    engine = toy_engine(ToyHybridLM(), qwen_tokenizer_dir, speculative="ngram", block_size=4,
+                        state_snapshot_interval=8, num_kv_blocks=64, device="cpu")
+    real_run, seen = engine.runner.run, {"slots": 0}
+
+    def flaky_run(batch, prev):
+        if any(batch.num_drafts):  # the first speculating step: its scratch slots are taken
+            seen["slots"] = sum(len(s.draft_slots) for s in batch.seqs)
+            raise RuntimeError("injected fault")
+        return real_run(batch, prev)
+
+    monkeypatch.setattr(engine.runner, "run", flaky_run)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            logit_bias={t % 256: 40.0 for t in FEW})
+    engine.add_request([t % 256 for t in FEW * 3], params)
+    finish = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finish = out.finish_reason or finish
+    assert finish == "error" and seen["slots"] > 0
+    assert_no_leaks(engine)
