@@ -190,22 +190,38 @@ def test_toy_hybrid_greedy_tokens_are_the_ones_without_speculation(qwen_tokenize
         assert spec.scheduler.num_preemptions > 0
 
 
-def test_qwen3_5_greedy_tokens_are_the_ones_without_speculation(tmp_path, qwen_tokenizer_dir):
+@pytest.fixture(scope="module")
+def qwen3_5_make(tmp_path_factory, qwen_tokenizer_dir):
+    """Engines on a tiny random Qwen3.5 checkpoint (Gated DeltaNet + attention, full vocab)."""
     from nano_qwen3_mlx.config import EngineConfig
     from nano_qwen3_mlx.engine.llm_engine import LLMEngine
     from tests.checkpoints import write_hybrid_checkpoint
 
-    path = write_hybrid_checkpoint(tmp_path / "qwen3_5", qwen_tokenizer_dir, "qwen3_5")
+    path = write_hybrid_checkpoint(tmp_path_factory.mktemp("qwen3_5"), qwen_tokenizer_dir,
+                                   "qwen3_5")
 
     def make(**options):
-        return LLMEngine(EngineConfig(model=str(path), block_size=4, num_kv_blocks=20,
-                                      state_snapshot_interval=8, max_num_batched_tokens=16,
-                                      max_num_seqs=4, device="cpu", **options))
+        return LLMEngine(EngineConfig(model=str(path), block_size=4, state_snapshot_interval=8,
+                                      max_num_batched_tokens=16, max_num_seqs=4, device="cpu",
+                                      **({"num_kv_blocks": 20} | options)))
+    return make
 
-    plain, spec = hybrid_pair(make)
+
+def test_qwen3_5_greedy_tokens_are_the_ones_without_speculation(qwen3_5_make):
+    plain, spec = hybrid_pair(qwen3_5_make)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=BIAS)
     drive_both(plain, spec, HYBRID_PROMPTS[:5], params)
     assert spec.scheduler.num_preemptions > 0
+
+
+def test_qwen3_5_with_a_grammar_gives_the_tokens_without_speculation(qwen3_5_make, tokenizer):
+    """Both rollbacks at once: the grammar's matcher and the recurrent state."""
+    plain, spec = hybrid_pair(qwen3_5_make, num_kv_blocks=64)
+    prompt, bias = grammar_case(tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=16, logit_bias=bias, regex="(ab| ab| cd)+")
+    got = drive_both(plain, spec, [prompt, prompt[1:], prompt[:-1]], params)
+    xy = tokenizer.encode(" xy")[0]
+    assert all(xy not in tokens for tokens in got.values())
 
 
 def test_the_draft_slots_count_in_the_state_pool_cap(qwen_tokenizer_dir):
