@@ -3,9 +3,11 @@ batched counterpart), on text that repeats and on text where drafts are rejected
 
 - ``repeats``: greedy decoding of a random checkpoint, whose text soon loops (as echoed
   documents and code edits repeat): n-gram drafts are mostly accepted.
-- ``rejected``: sampling at T = 1 among 16 tokens (a logit bias): the text repeats n-grams
-  constantly, so drafts are proposed every step, but the next token is a fresh draw, so
-  nearly every draft is rejected. What adaptive k has to make free.
+- ``rejected``: sampling among 16 tokens (a logit bias) at T = 10, the bias 10 times the
+  size so those 16 still hold the mass: the text repeats n-grams constantly, so drafts are
+  proposed every step, but the next token is a nearly uniform fresh draw, so nearly every
+  draft is rejected, whatever the checkpoint (at T = 1 the random hybrid checkpoint's
+  logits picked one of the 16 almost always). What adaptive k has to make free.
 
 Each configuration runs plain, speculative, plain, speculative; the better run of each
 counts (the machine may be shared).
@@ -25,7 +27,7 @@ from .shapes import make_prompts
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "repeats": {},
-    "rejected": {"temperature": 1.0, "logit_bias": {t: 30.0 for t in range(1000, 1016)}},
+    "rejected": {"temperature": 10.0, "logit_bias": {t: 300.0 for t in range(1000, 1016)}},
 }
 
 

@@ -21,7 +21,7 @@ Rejected drafts' KV lies past the sequence's length in both pools; the next step
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -183,8 +183,8 @@ class DraftSpeculator(Speculator):
     """``Speculator`` whose drafts come from a draft model (adaptive k, step-size rules and
     ``/stats`` counters are the n-gram method's)."""
 
-    def __init__(self, num_tokens: int, drafter: DraftModel) -> None:
-        super().__init__(num_tokens)
+    def __init__(self, num_tokens: int, drafter: DraftModel, **options: Any) -> None:
+        super().__init__(num_tokens, **options)
         self.drafter = drafter
 
     def may_draft(self, seq) -> bool:
@@ -204,9 +204,8 @@ class DraftSpeculator(Speculator):
                 budget -= k
         if not rows:
             return 0
-        for (i, k), drafts in zip(rows, self.drafter.propose(batch, rows)):
-            batch.seqs[i].draft_ids = drafts
-            batch.num_new_tokens[i] += k
-            batch.num_drafts[i] = k
-        self.stats.steps += 1
-        return len(rows)
+        taken = [i for (i, _), drafts in zip(rows, self.drafter.propose(batch, rows))
+                 if self.attach(batch, i, drafts, blocks, reserved=True)]
+        if taken:
+            self.stats.steps += 1
+        return len(taken)

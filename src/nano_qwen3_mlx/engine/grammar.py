@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import llguidance as llg
@@ -156,6 +156,37 @@ class GrammarState:
     def accepting(self) -> bool:
         return self.matcher is not None and self.matcher.is_accepting()
 
+    def walk_drafts(self, drafts: list[int], vocab_size: int) -> tuple[list[int], np.ndarray,
+                                                                        list[bool]]:
+        """Check speculative ``drafts`` against the constraint without changing it.
+
+        Returns the drafts up to the first one it disallows, the bitmask of every sampled
+        position of the row (``1 + len(kept)`` rows: the mask after each kept prefix) and
+        whether the grammar is accepting at each. The matcher walks the kept drafts, then
+        rolls back: the sequence advances only by the tokens verification accepts."""
+        width = llg_np.get_bitmask_shape(1, vocab_size)[1]
+        masks = np.full((len(drafts) + 1, width), -1, np.int32)
+        budget = None if self.budget is None else replace(self.budget)
+        kept: list[int] = []
+        accepting: list[bool] = []
+        for j, token in enumerate([*drafts, None]):
+            if self.matcher is not None:
+                llg_np.fill_next_token_bitmask(self.matcher, masks, j)
+            if budget is not None:
+                budget.restrict(masks[j])
+            accepting.append(self.accepting)
+            if token is None or not _bit(masks[j], token) or (
+                    self.matcher is not None and self.matcher.is_stopped()):
+                break
+            if self.matcher is not None and not self.matcher.consume_token(token):
+                break  # never after an allowed token; the matcher is unchanged then
+            if budget is not None:
+                budget.advance(token)
+            kept.append(token)
+        if self.matcher is not None and kept and not self.matcher.rollback(len(kept)):
+            raise RuntimeError("grammar matcher could not roll back speculative drafts")
+        return kept, masks[:len(kept) + 1], accepting[:len(kept) + 1]
+
 
 class GrammarCompiler:
     """Compiles constraints against one tokenizer; a compiled grammar is cached by its source."""
@@ -292,6 +323,10 @@ def _set_bit(row: np.ndarray, token: int, value: bool) -> None:
     words = row.view(np.uint32)
     bit = np.uint32(1 << (token % 32))
     words[token // 32] = words[token // 32] | bit if value else words[token // 32] & ~bit
+
+
+def _bit(row: np.ndarray, token: int) -> bool:
+    return token < 32 * len(row) and bool((row.view(np.uint32)[token // 32] >> (token % 32)) & 1)
 
 
 def _first_lines(message: str, limit: int = 300) -> str:

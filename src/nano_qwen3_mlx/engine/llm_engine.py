@@ -32,7 +32,7 @@ from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .speculative import Speculator
+from .speculative import MAX_SPEC_ROWS, Speculator
 from .state_cache import StateCache, build_state_pool
 from .state_manager import StateManager
 from .stats import EngineStats, memory_stats, mib, percentiles
@@ -51,8 +51,7 @@ class LLMEngine:
         self.model: CausalLM = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         # speculative="draft": the draft model (its KV pool shares the target's block ids).
-        self.drafter = DraftModel.load(config, self.loaded) \
-            if config.speculative == "draft" and not self.model.state_layers else None
+        self.drafter = DraftModel.load(config, self.loaded) if config.speculative == "draft" else None
         # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
         # counted once here, on the thread that owns the model.
         self.num_parameters: dict[str, int] = self.model.num_parameters()
@@ -108,6 +107,8 @@ class LLMEngine:
             return None, None
         budget = memory_budget(self.config, self._block_bytes(), self.weights_nbytes)
         cache, states = build_state_pool(self.model.state_layers, self.config, budget)
+        if self.config.speculative is not None:  # each draft of a row keeps its state
+            states.reserve_draft_slots(MAX_SPEC_ROWS * self.config.num_speculative_tokens)
         # A chat turn starts with <|im_start|>: snapshot before the generation prompt too.
         turn = self.tokenizer.backend.token_to_id("<|im_start|>") \
             if hasattr(self.tokenizer, "backend") else None
@@ -125,13 +126,10 @@ class LLMEngine:
     def _make_speculator(self) -> Speculator | None:
         if self.config.speculative is None:
             return None
-        if self.states is not None:  # rejected drafts would need the state rolled back
-            log.warning("speculative decoding is off: a hybrid model's recurrent state "
-                        "cannot be rolled back past rejected drafts")
-            return None
+        options = {"vocab_size": self.model.vocab_size, "states": self.states}
         if self.drafter is not None:
-            return DraftSpeculator(self.config.num_speculative_tokens, self.drafter)
-        return Speculator(self.config.num_speculative_tokens)
+            return DraftSpeculator(self.config.num_speculative_tokens, self.drafter, **options)
+        return Speculator(self.config.num_speculative_tokens, **options)
 
     @property
     def state_cap_bytes(self) -> int:
@@ -361,6 +359,7 @@ class LLMEngine:
         self._in_flight, outputs, self._caught_up = None, self._caught_up or [], None
         for seq in self._seqs.values():
             seq.pending_row = None  # the step that would have produced it is gone
+            self._drop_drafts(seq)
         for seq in dict.fromkeys(seqs):
             if not seq.is_finished:
                 self._finish(seq, "error")
@@ -415,6 +414,7 @@ class LLMEngine:
             seq, drafts = prev.seqs[row], prev.drafts.get(row, [])
             rows, row = range(row, row + 1 + len(drafts)), row + 1 + len(drafts)
             if seq.is_finished:
+                self._drop_drafts(seq)
                 continue  # finished a step earlier: this token is the one extra, dropped
             seq.pending_row = None
             outputs.append(self._append_tokens(seq, rows, drafts, ids, lps, now))
@@ -428,6 +428,10 @@ class LLMEngine:
         """The row's sampled token, or a speculating row's: each accepted draft, then the
         correction or bonus token (the first sampled token that is no draft), in one output."""
         self._record_timing(seq, now)
+        if drafts and self.states is not None:  # before a finish snapshots the state
+            accepted = next((j for j, (d, r) in enumerate(zip(drafts, rows)) if ids[r] != d),
+                            len(drafts))
+            self.states.keep_accepted(seq, accepted)
         text, tokens, logprobs, reason = "", [], None, None
         for j, r in enumerate(rows):
             token = ids[r]
@@ -450,8 +454,14 @@ class LLMEngine:
         if not seq.is_finished:
             seq.num_computed_tokens = len(seq.token_ids) - 1
             self.block_manager.trim(seq, len(seq.token_ids))
-        seq.draft_ids = []
+        seq.draft_ids, seq.draft_masks, seq.draft_accepting = [], None, []
         self.speculator.verified(seq, len(drafts), accepted, len(tokens))
+
+    def _drop_drafts(self, seq: Sequence) -> None:
+        """Forget a row's drafts that will not be verified (its sequence ended or failed)."""
+        seq.draft_ids, seq.draft_masks, seq.draft_accepting = [], None, []
+        if seq.draft_slots and self.states is not None:
+            self.states.drop_draft_slots(seq)
 
     def _postprocess_pooled(self, prev: StepOutput) -> list[RequestOutput | None]:
         """Embedding requests end with their prompt: one output with the pooled vector."""
@@ -471,7 +481,10 @@ class LLMEngine:
             # The token just sampled may never run (a step that reads its step in flight
             # first drops the rows of sequences that finished): keep no KV claim on it. A
             # hybrid sequence knows: its state (and KV) has every token of a queued step.
-            kv = len(seq.token_ids) - 1 if seq.state_slot is None else seq.state_tokens
+            # (After a speculating row that stopped at an accepted draft, the state has run
+            # further than the tokens kept: at most these have KV.)
+            kv = len(seq.token_ids) - 1 if seq.state_slot is None else \
+                min(seq.state_tokens, len(seq.token_ids))
             self._finish(seq, reason, num_kv_tokens=kv)
         return text, reason
 

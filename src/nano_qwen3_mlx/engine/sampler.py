@@ -31,6 +31,12 @@ class Sampler:
     flight: ``catch_up`` (set by the engine) reads those tokens and advances the grammars.
     The sampler calls it only after starting this step's logits on the device, so the
     device computes while the grammars do.
+
+    A speculating sequence has one row per sampled position (its last token, then each
+    draft: ``seq.draft_ids``); row ``j`` of it is processed as if the drafts before ``j`` had
+    been sampled: penalties count them, ``min_tokens`` and a seed's noise go by the token's
+    position in the completion, and the grammar's mask is the one after them
+    (``seq.draft_masks``, from ``GrammarState.walk_drafts``).
     """
 
     def __init__(self, eos_token_ids: list[int],
@@ -41,11 +47,12 @@ class Sampler:
     def __call__(self, logits: mx.array, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.astype(mx.float32)
         self._catch_up_grammars(logits, seqs)
+        offsets = draft_offsets(seqs)
         logits = self._apply_biases(logits, seqs)
-        logits = self._apply_penalties(logits, seqs)
-        logits = self._block_eos(logits, seqs)
-        logits = self._apply_grammars(logits, seqs)
-        out = SamplerOutput(self._choose(logits, seqs))
+        logits = self._apply_penalties(logits, seqs, offsets)
+        logits = self._block_eos(logits, seqs, offsets)
+        logits = self._apply_grammars(logits, seqs, offsets)
+        out = SamplerOutput(self._choose(logits, seqs, offsets))
         if any(s.params.logprobs is not None for s in seqs):
             self._add_logprobs(out, logits, seqs)
         return out
@@ -61,15 +68,19 @@ class Sampler:
             return logits
         return logits.at[mx.array(rows), mx.array(cols)].add(mx.array(vals))
 
-    def _apply_penalties(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
-        """vLLM semantics: repetition over prompt+output, presence/frequency over output."""
+    def _apply_penalties(self, logits: mx.array, seqs: list[Sequence],
+                         offsets: list[int]) -> mx.array:
+        """vLLM semantics: repetition over prompt+output, presence/frequency over output
+        (a draft row's output includes the drafts before it)."""
         rows, cols, rep, add = [], [], [], []
         for i, seq in enumerate(seqs):
             p = seq.params
             if not p.uses_penalties:
                 continue
-            out_ids, out_counts = np.unique(np.array(seq.completion_token_ids, np.int64), return_counts=True)
-            seen = np.unique(np.array(seq.token_ids, np.int64))
+            drafted = seq.draft_ids[:offsets[i]]
+            out_ids, out_counts = np.unique(np.array(seq.completion_token_ids + drafted, np.int64),
+                                            return_counts=True)
+            seen = np.unique(np.array(seq.token_ids + drafted, np.int64))
             counts = dict(zip(out_ids.tolist(), out_counts.tolist()))
             for t in seen.tolist():
                 c = counts.get(t, 0)
@@ -83,10 +94,11 @@ class Sampler:
         logits[r, c] = g
         return logits
 
-    def _block_eos(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+    def _block_eos(self, logits: mx.array, seqs: list[Sequence], offsets: list[int]) -> mx.array:
         # A complete grammar may need EOS now: it wins over min_tokens.
-        rows = [i for i, s in enumerate(seqs) if s.num_completion_tokens < s.params.min_tokens
-                and not (s.grammar is not None and s.grammar.accepting)]
+        rows = [i for i, s in enumerate(seqs)
+                if s.num_completion_tokens + offsets[i] < s.params.min_tokens
+                and not _accepting(s, offsets[i])]
         if not rows or not self.eos_token_ids:
             return logits
         r = mx.array([i for i in rows for _ in self.eos_token_ids])
@@ -101,13 +113,18 @@ class Sampler:
             mx.async_eval(logits)  # the forward pass runs while the grammars catch up
             self.catch_up()
 
-    def _apply_grammars(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
-        rows = [i for i, s in enumerate(seqs)
-                if s.grammar is not None and s.grammar.active and not s.is_finished]
-        if not rows:
+    def _apply_grammars(self, logits: mx.array, seqs: list[Sequence],
+                        offsets: list[int]) -> mx.array:
+        drafted = [i for i, s in enumerate(seqs) if s.draft_masks is not None]
+        plain = [i for i, s in enumerate(seqs) if s.draft_masks is None and s.grammar is not None
+                 and s.grammar.active and not s.is_finished]
+        if not drafted and not plain:
             return logits
         vocab = logits.shape[-1]
-        words = mx.array(token_bitmasks([seqs[i].grammar for i in rows], vocab))
+        masks = [token_bitmasks([seqs[i].grammar for i in plain], vocab)] if plain else []
+        masks += [seqs[i].draft_masks[offsets[i]][None] for i in drafted]
+        rows = plain + drafted
+        words = mx.array(np.concatenate(masks))
         # Unpacked on the device (portable: no Metal kernel): token t is bit t % 32 of word t // 32.
         token = mx.arange(vocab)
         allowed = (mx.take(words, token // 32, axis=1) >> (token % 32)) & 1
@@ -116,13 +133,13 @@ class Sampler:
         return logits
 
     # ---- choosing -----------------------------------------------------------------------
-    def _choose(self, logits: mx.array, seqs: list[Sequence]) -> mx.array:
+    def _choose(self, logits: mx.array, seqs: list[Sequence], offsets: list[int]) -> mx.array:
         greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
         if all(s.params.is_greedy for s in seqs):
             return greedy
         temps = mx.array([s.params.temperature or 1.0 for s in seqs])[:, None]
         scaled = self._filter(logits / temps, seqs)
-        noise = self._gumbel(seqs, logits.shape[-1])
+        noise = self._gumbel(seqs, offsets, logits.shape[-1])
         sampled = mx.argmax(scaled + noise, axis=-1).astype(mx.int32)
         is_greedy = mx.array([s.params.is_greedy for s in seqs])
         return mx.where(is_greedy, greedy, sampled)
@@ -153,19 +170,18 @@ class Sampler:
         threshold = mx.maximum(kth, pth)
         return mx.where(logits >= threshold, logits, -mx.inf)
 
-    def _gumbel(self, seqs: list[Sequence], vocab: int) -> mx.array:
-        """Gumbel noise; seeded rows draw from their own key so batching never changes them."""
+    def _gumbel(self, seqs: list[Sequence], offsets: list[int], vocab: int) -> mx.array:
+        """Gumbel noise; a seeded row draws from a key of (seed, the token's position in the
+        completion), so neither batching nor speculation changes its tokens."""
         if not any(s.params.seed is not None for s in seqs):
             return mx.random.gumbel(shape=(len(seqs), vocab))
         rows = []
-        for seq in seqs:
+        for seq, offset in zip(seqs, offsets):
             if seq.params.seed is None:
                 rows.append(mx.random.gumbel(shape=(1, vocab)))
                 continue
-            if seq.rng_key is None:
-                seq.rng_key = mx.random.key(seq.params.seed % 2**63)
-            seq.rng_key, sub = mx.random.split(seq.rng_key)
-            rows.append(mx.random.gumbel(shape=(1, vocab), key=sub))
+            key = seeded_key(seq.params.seed, seq.num_completion_tokens + offset)
+            rows.append(mx.random.gumbel(shape=(1, vocab), key=key))
         return mx.concatenate(rows, axis=0)
 
     def _add_logprobs(self, out: SamplerOutput, logits: mx.array, seqs: list[Sequence]) -> None:
@@ -178,3 +194,28 @@ class Sampler:
             order = mx.argsort(-top_lp, axis=-1)
             out.top_ids = mx.take_along_axis(top, order, axis=-1)
             out.top_logprobs = mx.take_along_axis(top_lp, order, axis=-1)
+
+
+# Positions per seed: (seed, position) pairs map to distinct keys for positions below this.
+_POSITIONS = 1 << 24
+
+
+def seeded_key(seed: int, position: int) -> mx.array:
+    """The noise key of a seeded sequence's ``position``-th completion token."""
+    return mx.random.key((seed % (1 << 39)) * _POSITIONS + position % _POSITIONS)  # < 2**63
+
+
+def draft_offsets(seqs: list[Sequence]) -> list[int]:
+    """Each row's position within its sequence's rows: 0, or for a speculating sequence's
+    consecutive rows 0, 1, ..., k (the drafts before the row)."""
+    offsets: list[int] = []
+    for i, seq in enumerate(seqs):
+        offsets.append(offsets[-1] + 1 if i and seqs[i - 1] is seq else 0)
+    return offsets
+
+
+def _accepting(seq: Sequence, offset: int) -> bool:
+    """Is the sequence's grammar complete before its row at ``offset``?"""
+    if seq.draft_accepting:
+        return seq.draft_accepting[offset]
+    return seq.grammar is not None and seq.grammar.accepting

@@ -42,7 +42,6 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens reused from the cache at admission
     first_token_time: float | None = None
     last_token_time: float | None = None
-    rng_key: Any = None  # mx.array key when params.seed is set
     output_state: Any = None  # output_processor.OutputState: detokenizer, stop matcher
     # Prefill only: the last prompt token's final-norm hidden state is returned (an embedding)
     # instead of a sampled token, and the sequence ends after its prompt.
@@ -56,6 +55,13 @@ class Sequence:
     # when the step is read), and the adaptive draft length (speculative.SpecState).
     draft_ids: list[int] = field(default_factory=list)
     spec: Any = None
+    # A constrained speculating row: the mask of each sampled position (the mask after the
+    # drafts before it) and whether the grammar is accepting there (grammar.walk_drafts).
+    draft_masks: Any = None
+    draft_accepting: list[bool] = field(default_factory=list)
+    # A hybrid speculating row: the scratch state slots taking the state after each of its
+    # first k positions (state_manager.StateManager.take_draft_slots).
+    draft_slots: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -14,20 +14,35 @@ greedy output is token for token the same.
 Rejected drafts' KV stays in slots past the sequence's computed length: every reader masks by
 length, and the next step overwrites them; blocks past the sequence's need are freed.
 
-Not speculated (the row decodes one token as usual): penalties (each position would need the
-drafts before it counted), a grammar or thinking budget (``seq.grammar``), ``min_tokens`` not
-reached yet (the EOS block differs per position), a ``seed`` (its noise is drawn per sampled
-row, so drafts would make its tokens depend on whether a step speculated, i.e. on batching),
-and hybrid models (their recurrent state
-cannot be rolled back past rejected drafts: the engine turns speculation off for them).
+Every decoding row may speculate; row ``j`` of a speculating sequence (after ``j`` drafts)
+is processed exactly as the plain row would be once those drafts were its tokens:
+
+- a grammar or thinking budget (``seq.grammar``): before the step, the drafts are walked
+  through the matcher (``GrammarState.walk_drafts``), cut at the first token the constraint
+  forbids, and each position gets the mask after the drafts before it; the matcher then
+  rolls back, and verification advances it by the accepted tokens only;
+- penalties count the drafts before the position; ``min_tokens`` blocks EOS by the
+  position's own completion length (and the grammar's accepting state there);
+- a ``seed`` draws its noise from a key of (seed, position in the completion)
+  (``sampler.seeded_key``), so its tokens depend neither on batching nor on speculation;
+- a hybrid model's recurrent layers run the row token by token, keeping the state after
+  each of its first k positions in a scratch slot (``StateManager.take_draft_slots``, the
+  row's ``state_points``); verification copies the one after the accepted prefix into the
+  sequence's slot (lazily, before the next step reads it) and frees the scratch slots. The
+  pool's cap counts ``MAX_SPEC_ROWS * k`` scratch slots.
+
+Not speculated: pooling (embedding) requests; steps of more decode rows than
+``MAX_SPEC_ROWS`` (or ``SMALL_BATCH`` while acceptance is low). MTP heads are not used.
 
 ``draft_model.py`` adds the other source of drafts, a draft model (``DraftSpeculator``
-overrides ``may_draft`` and ``draft``); the rules here and the verification are shared.
+overrides ``may_draft`` and ``draft``); the rules here, ``attach`` and the verification are
+shared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -109,8 +124,11 @@ class SpecStats:
 class Speculator:
     """Plans the drafts of a step and learns each sequence's draft length from the results."""
 
-    def __init__(self, num_tokens: int, max_rows: int = MAX_SPEC_ROWS) -> None:
+    def __init__(self, num_tokens: int, max_rows: int = MAX_SPEC_ROWS,
+                 vocab_size: int | None = None, states: Any = None) -> None:
         self.num_tokens, self.max_rows = num_tokens, max_rows
+        self.vocab_size = vocab_size  # the logits' width: a grammar row's masks have it
+        self.states = states  # a hybrid model's StateManager (scratch slots per draft)
         self.stats = SpecStats()
         self.rate = 1.0  # engine-wide moving average of the acceptance rate
         self._since_probe = 0
@@ -122,9 +140,7 @@ class Speculator:
 
     def eligible(self, seq: Sequence) -> bool:
         """May this sequence draft now (its sampling allows it, its back-off is over)?"""
-        p = seq.params
-        return (not p.uses_penalties and p.seed is None and seq.grammar is None and not seq.pooling
-                and seq.num_completion_tokens >= p.min_tokens and self._state(seq).skip == 0)
+        return not seq.pooling and self._state(seq).skip == 0
 
     def wants(self, batch: ScheduledBatch) -> bool:
         """Will this step try to draft? Then the step in flight is read first (the drafts
@@ -155,17 +171,39 @@ class Speculator:
         for i, seq in enumerate(batch.seqs):
             k = self.draft_len(batch, i, max_model_len, budget)
             drafts = propose_ngram(seq.token_ids, k)
-            if not drafts or not blocks.can_append(seq, len(drafts)):
-                continue
-            blocks.append_slots(seq, len(drafts))
-            seq.draft_ids = drafts
-            batch.num_new_tokens[i] += len(drafts)
-            batch.num_drafts[i] = len(drafts)
-            budget -= len(drafts)
-            num_rows += 1
+            if self.attach(batch, i, drafts, blocks):
+                budget -= len(drafts)
+                num_rows += 1
         if num_rows:
             self.stats.steps += 1
         return num_rows
+
+    def attach(self, batch: ScheduledBatch, i: int, drafts: list[int], blocks: BlockManager,
+               reserved: bool = False) -> bool:
+        """Make row ``i`` verify ``drafts`` (cut where its grammar forbids one); False if it
+        cannot (nothing left, no room, no scratch state slots). ``reserved``: the row's
+        ``len(drafts)`` slots are appended already (a draft model wrote its KV there);
+        given back if the row does not speculate."""
+        seq = batch.seqs[i]
+        if seq.grammar is not None and drafts:  # cut at the first token it disallows
+            drafts, seq.draft_masks, seq.draft_accepting = \
+                seq.grammar.walk_drafts(drafts, self.vocab_size)
+        ok = bool(drafts) and (reserved or blocks.can_append(seq, len(drafts)))
+        if ok and self.states is not None:
+            ok = self.states.take_draft_slots(seq, len(drafts))
+        if not ok:
+            seq.draft_masks, seq.draft_accepting = None, []
+            if reserved:
+                blocks.trim(seq, len(seq.token_ids))
+            return False
+        if not reserved:
+            blocks.append_slots(seq, len(drafts))
+        seq.draft_ids = drafts
+        if self.states is not None:  # the state after each draft, for any rollback
+            batch.state_points[i] = batch.state_points[i] + self.states.draft_points(seq)
+        batch.num_new_tokens[i] += len(drafts)
+        batch.num_drafts[i] = len(drafts)
+        return True
 
     def may_draft(self, seq: Sequence) -> bool:
         """Could ``seq`` draft this step (before the step in flight is read)?"""

@@ -154,6 +154,45 @@ class StateManager(SnapshotReuse):
         seq.state_tokens = 0
         self._free.append(slot)
 
+    # ---- speculative decoding -------------------------------------------------------------
+    def reserve_draft_slots(self, num_slots: int) -> None:
+        """Room in the pool (and its memory cap) for the scratch slots of speculating rows."""
+        self.cap_slots += num_slots
+
+    def take_draft_slots(self, seq: Any, num_drafts: int) -> bool:
+        """Scratch slots for a row of ``seq``'s last token and ``num_drafts`` drafts: slot
+        ``j`` takes the state after ``j + 1`` of its tokens (``draft_points``), so any
+        accepted prefix has its state. False (nothing taken) if the pool has too few."""
+        slots: list[int] = []
+        while len(slots) < num_drafts:
+            slot = self._take_slot()
+            if slot is None:
+                self._free.extend(slots)
+                return False
+            slots.append(slot)
+        seq.draft_slots = slots
+        return True
+
+    @staticmethod
+    def draft_points(seq: Any) -> list[tuple[int, int]]:
+        """The speculating row's points for ``RecurrentStep``: (tokens into the row, slot)."""
+        return [(j + 1, slot) for j, slot in enumerate(seq.draft_slots)]
+
+    def keep_accepted(self, seq: Any, num_accepted: int) -> None:
+        """The row verified ``num_accepted`` drafts: the sequence's state becomes the one
+        after them (a copy queued before the next step reads it; after every draft the
+        row's own state already is) and the scratch slots go back."""
+        slots, seq.draft_slots = seq.draft_slots, []
+        if seq.state_slot is not None and num_accepted < len(slots):
+            self.device.copy_slots([slots[num_accepted]], [seq.state_slot])
+        seq.state_tokens -= len(slots) - num_accepted
+        self._free.extend(slots)
+
+    def drop_draft_slots(self, seq: Any) -> None:
+        """Give back a row's scratch slots without keeping any state (a failed step)."""
+        self._free.extend(seq.draft_slots)
+        seq.draft_slots = []
+
     # ---- snapshots while a step is scheduled ------------------------------------------------
     def plan(self, seq: Any, bm: BlockManager, start: int, num_tokens: int) -> list[tuple[int, int]]:
         """The snapshots the chunk ``[start, start + num_tokens)`` of ``seq`` takes, as
