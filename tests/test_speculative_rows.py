@@ -260,3 +260,19 @@ def test_a_failed_speculating_step_gives_back_its_scratch_slots(qwen_tokenizer_d
             finish = out.finish_reason or finish
     assert finish == "error" and seen["slots"] > 0
     assert_no_leaks(engine)
+
+
+def test_qwen3_5_with_a_draft_model_gives_its_tokens(qwen3_5_make, tiny_qwen3_dir):
+    """A hybrid model drafted by an attention-only model of its vocabulary: the draft's KV
+    follows the target's block ids, the target's state rolls back to each accepted prefix."""
+    plain = qwen3_5_make(num_kv_blocks=256)
+    spec = qwen3_5_make(num_kv_blocks=256, speculative="draft", draft_model=str(tiny_qwen3_dir),
+                        num_speculative_tokens=3)
+    from tests.test_hybrid_engine import drive
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=BIAS)
+    want, got = drive(plain, HYBRID_PROMPTS[:4], params), drive(spec, HYBRID_PROMPTS[:4], params)
+    assert got == want
+    # A random draft is rejected (it sees no logit_bias): every verification rolls back.
+    assert spec.get_stats()["speculative"]["draft_tokens"] > 0
+    assert_no_leaks(spec)
