@@ -76,6 +76,11 @@ def checkpoint_identity(path: Path) -> bytes:
     return h.digest()
 
 
+def block_bytes(kv: PagedKVCache) -> int:
+    """One block's file payload: every part of every layer's K and V rows."""
+    return kv.bytes_per_token * kv.block_size
+
+
 def block_key(parent: bytes, tokens: tuple[int, ...] | list[int]) -> bytes:
     """The chained key of a full block: its parent's key and its tokens."""
     return hashlib.sha256(parent + np.asarray(tokens, dtype="<u4").tobytes()).digest()
@@ -90,8 +95,12 @@ class DiskTier:
         self.cache, self.grow_pool = cache, grow_pool
         kv = cache()
         self.layers, self.block_size = len(kv.k_pools), kv.block_size
-        self.block_shape = (self.layers, 2, kv.num_kv_heads, kv.block_size, kv.head_dim)
-        self.block_bytes = int(np.prod(self.block_shape)) * kv.dtype.size
+        # Each stored part of a row (values; for a quantized layout also scales and biases):
+        # (its last-axis width, its dtype). A block file holds, per layer and K/V, each part's
+        # (heads, block_size, width) matrix in that order.
+        self.parts = [(w, d) for w, d in kv.layout.parts(kv.head_dim)]
+        self.part_shapes = [(kv.num_kv_heads, kv.block_size, w) for w, _ in self.parts]
+        self.block_bytes = block_bytes(kv)
         self._keys: dict[int, tuple[int | None, bytes]] = {}  # block id -> (its hash, disk key)
         self._to_capture: list[tuple[int, int | None, bytes]] = []
         self._captured: tuple[list[bytes], mx.array] | None = None
@@ -141,9 +150,11 @@ class DiskTier:
     def _capture(self, todo: list[tuple[int, int | None, bytes]]) -> None:
         kv = self.cache()
         ids = mx.array([t[0] for t in todo], mx.int32)
-        per_layer = [mx.stack([kv.k_pools[i][ids], kv.v_pools[i][ids]], axis=1)
-                     for i in range(self.layers)]
-        blocks = mx.stack(per_layer, axis=1).view(_UINT[kv.dtype.size][0])  # bytes as they are
+        # Every block's bytes, (blocks, block_bytes), in the file's order: per layer, K then
+        # V, each part (as uint8: the bytes as they are).
+        rows = [pools[i][ids].reshape(len(todo), -1).view(mx.uint8)
+                for i in range(self.layers) for side in (kv.k_parts, kv.v_parts) for pools in side]
+        blocks = mx.concatenate(rows, axis=1)
         mx.async_eval(blocks)
         self._captured = ([t[2] for t in todo], blocks)
 
@@ -186,21 +197,22 @@ class DiskTier:
             prev = h
         return num_full
 
-    def _read(self, keys: list[bytes]) -> tuple[np.ndarray | None, float]:
-        """Read the chain's files until the first miss, laid out already as the pool
-        writes want them, ``(layers, K/V, blocks, heads, block_size, head_dim)``: every copy
-        but the last one happens here, off the engine thread."""
+    def _read(self, keys: list[bytes]) -> tuple[list[np.ndarray] | None, float]:
+        """Read the chain's files until the first miss into one host array per stored part,
+        laid out already as the pool writes want them,
+        ``(layers, K/V, blocks, heads, block_size, width)``: every copy but the last one
+        happens here, off the engine thread."""
         t0, n = time.perf_counter(), 0
-        uint_np = _UINT[self.block_bytes // int(np.prod(self.block_shape))][1]
-        layers, kv, *rest = self.block_shape
         # Virtual memory until written: only the blocks actually read are touched.
-        host = np.empty((layers, kv, len(keys), *rest), uint_np)
-        for key in keys:  # a block's file holds its (layer, K/V) matrices in that order
-            chunks = [memoryview(host[i, j, n]).cast("B") for i in range(layers) for j in range(kv)]
+        host = [np.empty((self.layers, 2, len(keys), *shape), _UINT[dtype.size][1])
+                for shape, (_, dtype) in zip(self.part_shapes, self.parts)]
+        for key in keys:  # a block's file: per (layer, K/V), each part's matrix
+            chunks = [memoryview(h[i, j, n]).cast("B")
+                      for i in range(self.layers) for j in range(2) for h in host]
             if not self.store.get_into(key, chunks):
                 break
             n += 1
-        return (host[:, :, :n] if n else None), time.perf_counter() - t0
+        return ([h[:, :, :n] for h in host] if n else None), time.perf_counter() - t0
 
     @property
     def num_parked(self) -> int:
@@ -235,7 +247,7 @@ class DiskTier:
             return  # nothing read, or RAM blocks between were evicted: the chain has a gap
         _, start, host = entry
         first = matched - start
-        n = min(host.shape[2] - first, max_tokens // self.block_size - matched)
+        n = min(host[0].shape[2] - first, max_tokens // self.block_size - matched)
         if n > self.bm.num_free_blocks and self.grow_pool is not None:
             self.grow_pool(n - self.bm.num_free_blocks)
         n = min(n, self.bm.num_free_blocks)
@@ -243,19 +255,21 @@ class DiskTier:
             return
         seq.num_hashed_blocks, seq.num_computed_tokens = matched, matched * self.block_size
         self.bm.append_slots(seq, n * self.block_size)
-        self._write_pool(seq.block_table[matched:], host[:, :, first:first + n])
+        self._write_pool(seq.block_table[matched:], [h[:, :, first:first + n] for h in host])
         self.bm.seal_full_blocks(seq, len(seq.block_table) * self.block_size)
         self.num_loaded_blocks += n
         self.num_loaded_tokens += n * self.block_size
 
-    def _write_pool(self, block_ids: list[int], host: np.ndarray) -> None:
-        """Queue the pool writes (lazy, ordered before the step that reads them)."""
+    def _write_pool(self, block_ids: list[int], host: list[np.ndarray]) -> None:
+        """Queue the pool writes (lazy, ordered before the step that reads them): one
+        scatter per layer, K/V and part."""
         kv = self.cache()
-        blocks = mx.array(host).view(kv.dtype)  # the one copy on the engine thread
         ids = mx.array(block_ids, mx.int32)
-        for i in range(self.layers):
-            kv.k_pools[i][ids] = blocks[i, 0]
-            kv.v_pools[i][ids] = blocks[i, 1]
+        for p, (h, (_, dtype)) in enumerate(zip(host, self.parts)):
+            blocks = mx.array(h).view(dtype)  # the one copy on the engine thread
+            for i in range(self.layers):
+                kv.k_parts[p][i][ids] = blocks[i, 0]
+                kv.v_parts[p][i][ids] = blocks[i, 1]
 
     # ---- life and stats -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -283,16 +297,12 @@ def make_disk_tier(engine: Any) -> DiskTier | None:
     if getattr(engine.model, "state_layers", None):  # KV alone cannot resume a hybrid model
         log.warning("the prefix cache disk tier does not support hybrid models yet: it is off")
         return None
-    if engine.cache.bits:  # its files hold one float pool part per layer, not packed + scales
-        log.warning("the prefix cache disk tier does not support a quantized KV cache yet: it is off")
-        return None
     kv = engine.cache
     desc = {"format": FORMAT, "checkpoint": checkpoint_identity(engine.loaded.path).hex(),
             "quantize": config.quantize, "layers": len(kv.k_pools), "kv_heads": kv.num_kv_heads,
-            "head_dim": kv.head_dim, "dtype": str(kv.dtype), "block_size": kv.block_size}
+            "head_dim": kv.head_dim, "dtype": str(kv.dtype), "block_size": kv.block_size,
+            "kv_bits": kv.bits, "kv_group_size": kv.group_size if kv.bits else None}
     root = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).digest()
-    block_bytes = len(kv.k_pools) * 2 * kv.num_kv_heads * kv.block_size * kv.head_dim \
-        * kv.dtype.size
-    store = DiskStore(directory, cap, max_pending=max(8, WRITE_QUEUE_BYTES // block_bytes))
+    store = DiskStore(directory, cap, max_pending=max(8, WRITE_QUEUE_BYTES // block_bytes(kv)))
     return DiskTier(store, root, engine.block_manager, lambda: engine.cache,
                     engine._grow_pool if engine.pool.grows else None)
