@@ -12,7 +12,7 @@ import pytest
 
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.config import EngineConfig
-from nano_qwen3_mlx.engine.disk_tier import DEFAULT_DISK_GB, block_key, resolve_location
+from nano_qwen3_mlx.engine.disk_keys import DEFAULT_DISK_GB, block_key, resolve_location
 
 from .checkpoints import write_checkpoint
 

@@ -1,9 +1,8 @@
 """``DiskTier``: moves full KV blocks between the paged pool and a ``DiskStore``.
 
-Keys. A block's file key is ``sha256(parent key + its tokens as uint32)``, chained from a
-root that hashes the checkpoint's identity (config.json, weight file names, sizes and
-mtimes), the quantization, the KV geometry (layers, KV heads, head_dim), the pool dtype and
-the block size: a file can only ever match the same model, layout and token prefix.
+Keys (``engine/disk_keys.py``): a SHA-256 chained over the blocks' tokens from a root that
+hashes the checkpoint, the quantization and the KV layout. A file holds a block's bytes per
+layer, K then V, each stored part (values; a quantized layout's scales and biases too).
 
 Writes. ``BlockManager.seal_full_blocks`` reports each newly sealed block (``on_seal``).
 At the end of the engine step that queued its KV, ``after_step`` gathers the blocks from the
@@ -18,28 +17,26 @@ scheduler once read; at admission ``extend`` (called by ``BlockManager.allocate_
 after its RAM walk) puts the blocks into fresh pool blocks and seals them, so they count as
 cached tokens and are shared from RAM afterwards.
 
-Hybrid models (recurrent state) are not handled: a state snapshot at a block boundary would
-be one more payload stored under the same chained key (its own file suffix), loaded with
-the last block of the match.
+Hybrid models: their block-aligned recurrent-state snapshots go beside the blocks
+(``engine/disk_state.py``); a read chain is cut at its last snapshot, and both are put in
+RAM (cached blocks, a snapshot slot) before the request reaches the scheduler.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
-from ..paths import user_prefix_cache_dir
 from .block_manager import Block, BlockManager, chain_hash
 from .disk_cache import DiskStore
+from .disk_keys import block_bytes, block_key, resolve_location, root_key
+from .disk_state import DiskSnapshots
 
 if TYPE_CHECKING:
     from .kv_cache import PagedKVCache
@@ -47,51 +44,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the payload layout changes: every old file then simply misses
-DEFAULT_DISK_GB = 10.0  # the cap when only --prefix-cache-dir is given
 WRITE_QUEUE_BYTES = 256 * 1024 * 1024  # host memory the pending writes may hold
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz", ".bin")
 _UINT = {1: (mx.uint8, np.uint8), 2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}
-
-
-def resolve_location(directory: str | None, disk_gb: float | None) -> tuple[Path | None, int]:
-    """Where the tier lives and its cap in bytes; ``(None, 0)`` when it is off."""
-    if directory is None and disk_gb is None:
-        return None, 0
-    path = Path(directory).expanduser() if directory else user_prefix_cache_dir()
-    return path, int((disk_gb or DEFAULT_DISK_GB) * 1e9)
-
-
-def checkpoint_identity(path: Path) -> bytes:
-    """A digest of what makes a checkpoint itself: config.json's bytes and each weight
-    file's name, size and mtime (a re-written or re-downloaded file is a new identity)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        if f.name == "config.json":
-            h.update(f.read_bytes())
-    return h.digest()
-
-
-def block_bytes(kv: PagedKVCache) -> int:
-    """One block's file payload: every part of every layer's K and V rows."""
-    return kv.bytes_per_token * kv.block_size
-
-
-def block_key(parent: bytes, tokens: tuple[int, ...] | list[int]) -> bytes:
-    """The chained key of a full block: its parent's key and its tokens."""
-    return hashlib.sha256(parent + np.asarray(tokens, dtype="<u4").tobytes()).digest()
 
 
 class DiskTier:
     """The disk continuation of the prefix cache (see the module docstring)."""
 
     def __init__(self, store: DiskStore, root: bytes, block_manager: BlockManager,
-                 cache: Callable[[], PagedKVCache], grow_pool: Callable[[int], int] | None):
+                 cache: Callable[[], PagedKVCache], grow_pool: Callable[[int], int] | None,
+                 snapshots: DiskSnapshots | None = None):
         self.store, self.root, self.bm = store, root, block_manager
+        self.snapshots = snapshots  # a hybrid model's state snapshots; None: attention only
         self.cache, self.grow_pool = cache, grow_pool
         kv = cache()
         self.layers, self.block_size = len(kv.k_pools), kv.block_size
@@ -103,7 +67,7 @@ class DiskTier:
         self.block_bytes = block_bytes(kv)
         self._keys: dict[int, tuple[int | None, bytes]] = {}  # block id -> (its hash, disk key)
         self._to_capture: list[tuple[int, int | None, bytes]] = []
-        self._captured: tuple[list[bytes], mx.array] | None = None
+        self._captured: list[tuple[list[bytes], mx.array]] = []  # (file keys, one row each)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-disk-reader")
         self._parked: dict[Sequence, tuple[int, Future]] = {}
         self._loaded: dict[int, tuple[Sequence, int, np.ndarray]] = {}
@@ -144,6 +108,10 @@ class DiskTier:
             todo = todo[:room]
         if todo:
             self._capture(todo)
+        if self.snapshots is not None:
+            states = self.snapshots.capture(self._key_of, self.store.free_slots() - len(todo))
+            if states is not None:
+                self._captured.append(states)
         if idle:
             self._flush_captured()
 
@@ -156,16 +124,14 @@ class DiskTier:
                 for i in range(self.layers) for side in (kv.k_parts, kv.v_parts) for pools in side]
         blocks = mx.concatenate(rows, axis=1)
         mx.async_eval(blocks)
-        self._captured = ([t[2] for t in todo], blocks)
+        self._captured.append(([t[2] for t in todo], blocks))
 
     def _flush_captured(self) -> None:
-        if self._captured is None:
-            return
-        keys, blocks = self._captured
-        self._captured = None
-        host = np.array(blocks)  # computed by now: it was queued behind a step already read
-        for key, row in zip(keys, host):
-            self.store.put(key, row.tobytes())
+        captured, self._captured = self._captured, []
+        for keys, rows in captured:
+            host = np.array(rows)  # computed by now: it was queued behind a step already read
+            for key, row in zip(keys, host):
+                self.store.put(key, row.tobytes())
 
     # ---- reads --------------------------------------------------------------------------
     def park(self, seq: Sequence) -> bool:
@@ -182,8 +148,23 @@ class DiskTier:
             keys.append(parent)
         if not self.store.contains(keys[start]):
             return False
-        self._parked[seq] = (start, self._reader.submit(self._read, keys[start:]))
+        self._parked[seq] = (start, self._reader.submit(self._read_chain, keys, start))
         return True
+
+    def _read_chain(self, keys: list[bytes], start: int) -> tuple[list[np.ndarray] | None, float,
+                                                                   tuple | None]:
+        """The blocks ``start ..`` of the chain ``keys`` that are on disk, the seconds it
+        took, and for a hybrid model the last snapshot among them (the blocks cut there;
+        none without one: nothing could resume)."""
+        host, seconds = self._read(keys[start:])
+        if self.snapshots is None or host is None:
+            return host, seconds, None
+        t0 = time.perf_counter()
+        state = self.snapshots.read(keys, start, start + host[0].shape[2])
+        seconds += time.perf_counter() - t0
+        if state is None:
+            return None, seconds, None
+        return [h[:, :, :state[0] - start] for h in host], seconds, state
 
     def _ram_blocks(self, token_ids: list[int], num_full: int) -> int:
         """How many leading full blocks the RAM prefix cache holds now (as allocate_prefix
@@ -228,15 +209,28 @@ class DiskTier:
             if seq.is_finished or future.done():
                 del self._parked[seq]
             if future.done() and not seq.is_finished:
-                host, seconds = future.result()
+                host, seconds, state = future.result()
                 self.load_s += seconds
                 if host is not None:
                     self._loaded[seq.seq_id] = (seq, start, host)
+                if state is not None:
+                    self._install(seq, *state)
                 out.append(seq)
         for seq_id, (seq, _, _) in list(self._loaded.items()):
             if seq.is_finished:  # aborted before admission
                 del self._loaded[seq_id]
         return out
+
+    def _install(self, seq: Sequence, num_blocks: int, state: list[np.ndarray]) -> None:
+        """A hybrid model's read: the blocks into the pool (cached, as a freed sequence's)
+        and the state after them into a snapshot slot, so that admission finds both in RAM.
+        Where the blocks cannot all be had (the RAM chain before them was evicted since, no
+        room), nothing is resumed: the prompt is computed."""
+        position = num_blocks * self.block_size
+        if self.bm.allocate_prefix(seq, position) == position:  # the RAM walk, then extend
+            self.snapshots.install(seq, self.bm, position, state)
+        self.bm.undo_allocate_prefix(seq)
+        self._loaded.pop(seq.seq_id, None)
 
     def extend(self, seq: Sequence, max_tokens: int) -> None:
         """After the RAM walk of ``allocate_prefix``: load the read blocks that continue it
@@ -275,7 +269,9 @@ class DiskTier:
     def stats(self) -> dict[str, Any]:
         return self.store.stats() | {
             "tokens_loaded": self.num_loaded_tokens, "blocks_loaded": self.num_loaded_blocks,
-            "load_s": self.load_s, "requests_reading": len(self._parked)}
+            "load_s": self.load_s, "requests_reading": len(self._parked),
+            **({"snapshots_written": self.snapshots.num_written,
+                "snapshots_loaded": self.snapshots.num_loaded} if self.snapshots else {})}
 
     def close(self) -> None:
         """Write what was captured, finish queued writes, release the directory."""
@@ -294,15 +290,10 @@ def make_disk_tier(engine: Any) -> DiskTier | None:
     if not config.enable_prefix_caching:
         log.warning("the prefix cache disk tier needs prefix caching: it is off")
         return None
-    if getattr(engine.model, "state_layers", None):  # KV alone cannot resume a hybrid model
-        log.warning("the prefix cache disk tier does not support hybrid models yet: it is off")
-        return None
     kv = engine.cache
-    desc = {"format": FORMAT, "checkpoint": checkpoint_identity(engine.loaded.path).hex(),
-            "quantize": config.quantize, "layers": len(kv.k_pools), "kv_heads": kv.num_kv_heads,
-            "head_dim": kv.head_dim, "dtype": str(kv.dtype), "block_size": kv.block_size,
-            "kv_bits": kv.bits, "kv_group_size": kv.group_size if kv.bits else None}
-    root = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).digest()
+    root = root_key(engine.loaded.path, config.quantize, kv, engine.model.state_layers)
     store = DiskStore(directory, cap, max_pending=max(8, WRITE_QUEUE_BYTES // block_bytes(kv)))
+    snapshots = DiskSnapshots(store, engine.states, lambda: engine.state_cache,
+                              kv.block_size) if engine.states is not None else None
     return DiskTier(store, root, engine.block_manager, lambda: engine.cache,
-                    engine._grow_pool if engine.pool.grows else None)
+                    engine._grow_pool if engine.pool.grows else None, snapshots)
