@@ -149,7 +149,16 @@ class DiskTier:
         if not self.store.contains(keys[start]):
             return False
         self._parked[seq] = (start, self._reader.submit(self._read_chain, keys, start))
+        self._make_room(seq, start)  # meanwhile: the pool's growth overlaps the reads
         return True
+
+    def _make_room(self, seq: Sequence, matched: int) -> None:
+        """Grow the pool (where it may) so that the blocks of ``seq``'s prompt past its first
+        ``matched`` and its first decode fit at once: one growth, not one for the loaded
+        blocks and another (doubling the pool) for the prompt's last tokens."""
+        need = seq.num_tokens // self.block_size + 1 - matched
+        if need > self.bm.num_free_blocks and self.grow_pool is not None:
+            self.grow_pool(need - self.bm.num_free_blocks)
 
     def _read_chain(self, keys: list[bytes], start: int) -> tuple[list[np.ndarray] | None, float,
                                                                    tuple | None]:
@@ -242,8 +251,7 @@ class DiskTier:
         _, start, host = entry
         first = matched - start
         n = min(host[0].shape[2] - first, max_tokens // self.block_size - matched)
-        if n > self.bm.num_free_blocks and self.grow_pool is not None:
-            self.grow_pool(n - self.bm.num_free_blocks)
+        self._make_room(seq, matched)  # grown at park already, unless others took blocks since
         n = min(n, self.bm.num_free_blocks)
         if n <= 0:
             return
@@ -255,15 +263,17 @@ class DiskTier:
         self.num_loaded_tokens += n * self.block_size
 
     def _write_pool(self, block_ids: list[int], host: list[np.ndarray]) -> None:
-        """Queue the pool writes (lazy, ordered before the step that reads them): one
-        scatter per layer, K/V and part."""
+        """Queue the pool writes (lazy, ordered before the step that reads them). Fresh
+        blocks mostly have consecutive ids (a grown pool's): each run of them is one slice
+        update per layer, K/V and part, ~5x faster on the CPU than an indexed scatter."""
         kv = self.cache()
-        ids = mx.array(block_ids, mx.int32)
+        runs = _runs(block_ids)
         for p, (h, (_, dtype)) in enumerate(zip(host, self.parts)):
             blocks = mx.array(h).view(dtype)  # the one copy on the engine thread
             for i in range(self.layers):
-                kv.k_parts[p][i][ids] = blocks[i, 0]
-                kv.v_parts[p][i][ids] = blocks[i, 1]
+                for pools, side in ((kv.k_parts[p], 0), (kv.v_parts[p], 1)):
+                    for at, first, n in runs:
+                        pools[i][first:first + n] = blocks[i, side, at:at + n]
 
     # ---- life and stats -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -278,6 +288,17 @@ class DiskTier:
         self._flush_captured()
         self._reader.shutdown(wait=True, cancel_futures=True)
         self.store.close()
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """``ids`` as runs of consecutive values: (index in ``ids``, first value, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for k, block_id in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == block_id:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((k, block_id, 1))
+    return runs
 
 
 def make_disk_tier(engine: Any) -> DiskTier | None:
