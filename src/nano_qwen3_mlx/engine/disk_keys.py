@@ -1,4 +1,4 @@
-"""What the disk tier's files are keyed by, and where the tier lives.
+"""What the disk tier's files are keyed by, where the tier lives, and ``make_disk_tier``.
 
 A block's file key is ``sha256(parent key + its tokens as uint32)``, chained from a root
 that hashes the checkpoint's identity (config.json, weight file names, sizes and mtimes),
@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..paths import user_prefix_cache_dir
+from .disk_cache import DiskStore
+from .disk_state import DiskSnapshots
 
 if TYPE_CHECKING:
     from ..models.contract import LayerState
+    from .disk_tier import DiskTier
     from .kv_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the payload layout changes: every old file then simply misses
 DEFAULT_DISK_GB = 10.0  # the cap when only --prefix-cache-dir is given
@@ -70,3 +76,24 @@ def root_key(checkpoint: Path, quantize: object, kv: PagedKVCache,
             "states": [[list(s) for s in layer.shapes] + [str(d) for d in layer.dtypes]
                        for layer in state_layers or ()]}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).digest()
+
+
+def make_disk_tier(engine: Any) -> DiskTier | None:
+    """The engine's disk tier, or None when ``prefix_cache_dir``/``prefix_cache_disk_gb``
+    are unset (or prefix caching is off)."""
+    config = engine.config
+    directory, cap = resolve_location(config.prefix_cache_dir, config.prefix_cache_disk_gb)
+    if directory is None:
+        return None
+    if not config.enable_prefix_caching:
+        log.warning("the prefix cache disk tier needs prefix caching: it is off")
+        return None
+    kv = engine.cache
+    root = root_key(engine.loaded.path, config.quantize, kv, engine.model.state_layers)
+    from .disk_tier import WRITE_QUEUE_BYTES, DiskTier  # here: disk_tier imports the keys
+
+    store = DiskStore(directory, cap, max_pending=max(8, WRITE_QUEUE_BYTES // block_bytes(kv)))
+    snapshots = DiskSnapshots(store, engine.states, lambda: engine.state_cache,
+                              kv.block_size) if engine.states is not None else None
+    return DiskTier(store, root, engine.block_manager, lambda: engine.cache,
+                    engine._grow_pool if engine.pool.grows else None, snapshots)

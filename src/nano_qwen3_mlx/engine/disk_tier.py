@@ -24,7 +24,6 @@ RAM (cached blocks, a snapshot slot) before the request reaches the scheduler.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -35,16 +34,15 @@ import numpy as np
 
 from .block_manager import Block, BlockManager, chain_hash
 from .disk_cache import DiskStore
-from .disk_keys import block_bytes, block_key, resolve_location, root_key
-from .disk_state import DiskSnapshots
+from .disk_keys import block_bytes, block_key
 
 if TYPE_CHECKING:
+    from .disk_state import DiskSnapshots
     from .kv_cache import PagedKVCache
     from .sequence import Sequence
 
-log = logging.getLogger(__name__)
-
 WRITE_QUEUE_BYTES = 256 * 1024 * 1024  # host memory the pending writes may hold
+READ_THREADS = 2  # files read (and checksummed) at once
 _UINT = {1: (mx.uint8, np.uint8), 2: (mx.uint16, np.uint16), 4: (mx.uint32, np.uint32)}
 
 
@@ -69,6 +67,7 @@ class DiskTier:
         self._to_capture: list[tuple[int, int | None, bytes]] = []
         self._captured: list[tuple[list[bytes], mx.array]] = []  # (file keys, one row each)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kv-disk-reader")
+        self._io = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kv-disk-io")
         self._parked: dict[Sequence, tuple[int, Future]] = {}
         self._loaded: dict[int, tuple[Sequence, int, np.ndarray]] = {}
         self.num_loaded_blocks = self.num_loaded_tokens = 0
@@ -196,12 +195,23 @@ class DiskTier:
         # Virtual memory until written: only the blocks actually read are touched.
         host = [np.empty((self.layers, 2, len(keys), *shape), _UINT[dtype.size][1])
                 for shape, (_, dtype) in zip(self.part_shapes, self.parts)]
-        for key in keys:  # a block's file: per (layer, K/V), each part's matrix
-            chunks = [memoryview(h[i, j, n]).cast("B")
-                      for i in range(self.layers) for j in range(2) for h in host]
-            if not self.store.get_into(key, chunks):
+
+        def read(b: int) -> bool:  # a block's file: per (layer, K/V), each part's matrix
+            return self.store.get_into(keys[b], [memoryview(h[i, j, b]).cast("B")
+                                                 for i in range(self.layers) for j in range(2)
+                                                 for h in host])
+
+        # Reads and CRCs release the GIL: READ_THREADS files at a time, up to the first
+        # block the index does not hold (a damaged file still ends the chain there).
+        stored = next((b for b, key in enumerate(keys) if not self.store.contains(key)), len(keys))
+        futures = [self._io.submit(read, b) for b in range(stored)]
+        for future in futures:
+            if not future.result():
                 break
             n += 1
+        for future in futures[n:]:
+            future.cancel()
+        wait(futures[n:])  # none writes into ``host`` once it is handed over
         return ([h[:, :, :n] for h in host] if n else None), time.perf_counter() - t0
 
     @property
@@ -287,6 +297,7 @@ class DiskTier:
         """Write what was captured, finish queued writes, release the directory."""
         self._flush_captured()
         self._reader.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
 
@@ -299,22 +310,3 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((k, block_id, 1))
     return runs
-
-
-def make_disk_tier(engine: Any) -> DiskTier | None:
-    """The engine's disk tier, or None when ``prefix_cache_dir``/``prefix_cache_disk_gb``
-    are unset (or prefix caching is off)."""
-    config = engine.config
-    directory, cap = resolve_location(config.prefix_cache_dir, config.prefix_cache_disk_gb)
-    if directory is None:
-        return None
-    if not config.enable_prefix_caching:
-        log.warning("the prefix cache disk tier needs prefix caching: it is off")
-        return None
-    kv = engine.cache
-    root = root_key(engine.loaded.path, config.quantize, kv, engine.model.state_layers)
-    store = DiskStore(directory, cap, max_pending=max(8, WRITE_QUEUE_BYTES // block_bytes(kv)))
-    snapshots = DiskSnapshots(store, engine.states, lambda: engine.state_cache,
-                              kv.block_size) if engine.states is not None else None
-    return DiskTier(store, root, engine.block_manager, lambda: engine.cache,
-                    engine._grow_pool if engine.pool.grows else None, snapshots)

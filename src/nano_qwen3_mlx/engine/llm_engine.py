@@ -19,7 +19,7 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
-from .disk_tier import make_disk_tier
+from .disk_keys import make_disk_tier
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
