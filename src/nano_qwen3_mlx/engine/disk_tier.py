@@ -130,7 +130,7 @@ class DiskTier:
         for keys, rows in captured:
             host = np.array(rows)  # computed by now: it was queued behind a step already read
             for key, row in zip(keys, host):
-                self.store.put(key, row.tobytes())
+                self.store.put(key, memoryview(row))  # no copy: a view of ``host``
 
     # ---- reads --------------------------------------------------------------------------
     def park(self, seq: Sequence) -> bool:
