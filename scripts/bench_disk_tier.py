@@ -151,6 +151,7 @@ def main() -> None:
     _, report["tier_write_gaps"], report["tier_write_long_ttft_s"], _ = \
         gaps_while_arriving(first, other_ids, stream_ids)
     first.wait_written()
+    report["write_stats"] = first.stats()["disk_cache"]  # engine_write_s: the tier's share
     report["bytes_on_disk"] = first.stats()["disk_cache"]["bytes"]
     first.kill9()
 
@@ -186,6 +187,9 @@ def main() -> None:
           f"tier (disk load) {report['itl_p99_tier_s'] * 1e3:.1f} ms "
           f"({report['itl_p99_ratio_loads']:.2f}x); its TTFT {report['no_tier_long_ttft_s']:.2f} s, "
           f"{report['tier_write_long_ttft_s']:.2f} s, {report['tier_long_ttft_s']:.3f} s")
+    writes = report["write_stats"]
+    print(f"the writes' time on the engine thread: {writes['engine_write_s']:.2f} s in all, "
+          f"{writes['engine_write_max_s'] * 1e3:.0f} ms in the longest step")
     print(f"load average {report['load_average_start']} -> {report['load_average_end']}")
 
 

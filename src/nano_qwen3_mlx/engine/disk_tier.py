@@ -72,6 +72,9 @@ class DiskTier:
         self._loaded: dict[int, tuple[Sequence, int, np.ndarray]] = {}
         self.num_loaded_blocks = self.num_loaded_tokens = 0
         self.load_s = 0.0
+        # The writes' time on the engine thread (the capture and the host copy): what the
+        # tier adds to a step, so to running streams' inter-token gaps.
+        self.write_s = self.write_max_s = 0.0
         block_manager.on_seal, block_manager.disk_extend = self.on_seal, self.extend
 
     # ---- writes -------------------------------------------------------------------------
@@ -96,6 +99,13 @@ class DiskTier:
         include the writes of every sealed block, so the gather reads their KV. ``idle``:
         no step follows (none is in flight either), so this capture is handed over at once.
         """
+        t0 = time.perf_counter()
+        self._after_step(idle)
+        seconds = time.perf_counter() - t0
+        self.write_s += seconds
+        self.write_max_s = max(self.write_max_s, seconds)
+
+    def _after_step(self, idle: bool) -> None:
         self._flush_captured()
         # A block evicted and reused since it was sealed lost its hash: not that block any more.
         blocks = self.bm.blocks
@@ -290,6 +300,7 @@ class DiskTier:
         return self.store.stats() | {
             "tokens_loaded": self.num_loaded_tokens, "blocks_loaded": self.num_loaded_blocks,
             "load_s": self.load_s, "requests_reading": len(self._parked),
+            "engine_write_s": self.write_s, "engine_write_max_s": self.write_max_s,
             **({"snapshots_written": self.snapshots.num_written,
                 "snapshots_loaded": self.snapshots.num_loaded} if self.snapshots else {})}
 
