@@ -138,9 +138,12 @@ class DiskTier:
     def _flush_captured(self) -> None:
         captured, self._captured = self._captured, []
         for keys, rows in captured:
-            host = np.array(rows)  # computed by now: it was queued behind a step already read
+            # No copy: a view of the MLX array's own memory (computed by now: it was queued
+            # behind a step already read), which each row's view keeps alive until written.
+            # MLX arrays are immutable and nothing takes this one as an input to donate it.
+            host = np.asarray(memoryview(rows))
             for key, row in zip(keys, host):
-                self.store.put(key, memoryview(row))  # no copy: a view of ``host``
+                self.store.put(key, memoryview(row))
 
     # ---- reads --------------------------------------------------------------------------
     def park(self, seq: Sequence) -> bool:
