@@ -12,7 +12,7 @@ import pytest
 
 from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.config import EngineConfig
-from nano_qwen3_mlx.engine.disk_tier import DEFAULT_DISK_GB, block_key, resolve_location
+from nano_qwen3_mlx.engine.disk_keys import DEFAULT_DISK_GB, block_key, resolve_location
 
 from .checkpoints import write_checkpoint
 
@@ -177,3 +177,19 @@ def test_a_request_aborted_while_its_blocks_are_read(tmp_path: Path, tiny_qwen3_
         assert (tokens, cached) == (cold, 288)
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_a_quantized_kv_cache_persists_every_part_exactly(tmp_path: Path, tiny_qwen3_dir: Path,
+                                                         kv_cache_dtype: str) -> None:
+    cache, p = tmp_path / "c", prompt(300)
+    options = {"kv_cache_dtype": kv_cache_dtype}
+    (cold, _), = session(tiny_qwen3_dir, None, [p], **options)[0]
+    _, stats = session(tiny_qwen3_dir, cache, [p], **options)
+    assert stats["writes"] == 19
+    ((tokens, cached),), stats = session(tiny_qwen3_dir, cache, [p], **options)
+    assert (tokens, cached) == (cold, 288) and stats["hits"] == 18 and stats["corrupt"] == 0
+    # Files of the other quantization (or of the float pool) never match.
+    for other in ({"kv_cache_dtype": "int4" if kv_cache_dtype == "int8" else "int8"}, {}):
+        (_, cached), = session(tiny_qwen3_dir, cache, [p], **other)[0]
+        assert cached == 0

@@ -58,7 +58,7 @@ class DiskStore:
             self.writable = False
             log.warning("prefix cache dir %s is locked by another process: using it read-only",
                         self.directory)
-        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[tuple[bytes, bytes | memoryview] | None] = queue.Queue(max_pending)
         self._writer: threading.Thread | None = None
         if self.writable:
             self._scan()
@@ -113,7 +113,7 @@ class DiskStore:
         return self._queue.maxsize - self._queue.qsize() if self.writable else 0
 
     # ---- writes -------------------------------------------------------------------------
-    def put(self, key: bytes, payload: bytes) -> bool:
+    def put(self, key: bytes, payload: bytes | memoryview) -> bool:
         """Queue ``payload`` under ``key``; never blocks. False: skipped (queue full,
         read-only, larger than the cap) or already stored."""
         if not self.writable or HEADER.size + len(payload) > self.cap_bytes:
@@ -147,7 +147,7 @@ class DiskStore:
                     self._pending.discard(key)
                 self._queue.task_done()
 
-    def _write(self, key: bytes, payload: bytes) -> None:
+    def _write(self, key: bytes, payload: bytes | memoryview) -> None:
         size = HEADER.size + len(payload)
         with self._mu:  # make room first, so the directory never exceeds the cap
             self._evict_until(size)

@@ -21,7 +21,8 @@ from ..models.loader import LoadedModel, load
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
-from .disk_tier import DiskTier, make_disk_tier
+from .disk_keys import make_disk_tier
+from .disk_tier import DiskTier
 from .draft_model import DraftModel, DraftSpeculator
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
