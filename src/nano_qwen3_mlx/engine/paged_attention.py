@@ -222,8 +222,8 @@ def _softmax_base2(s: mx.array, group: DecodeGroup) -> tuple[mx.array, mx.array]
 
     ``2 ** x`` instead of ``exp``: MLX's CPU ``exp`` is the slowest part of this softmax
     (about 3.5 ms of a 2K x 8 layer's ~20), ``power(2, x)`` about a third of that, same
-    float32 result to ~1e-7. The mask is one add of the step's precomputed ``bias``; the
-    scores stay float32 only where the matmul made them so (CPU) or the bias promotes them.
+    float32 result to ~1e-7. The mask is one add of the step's precomputed float32 ``bias``,
+    which is also what makes bf16/fp16 scores (GPU) float32 for the softmax: no separate cast.
     """
     B, _, nb, _, bs = s.shape
     s = s + group.bias.reshape(B, 1, nb, 1, bs)
