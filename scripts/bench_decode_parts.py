@@ -1,9 +1,10 @@
 """Where one batched decode step's time goes, for this engine and for mlx-lm.
 
-usage: python scripts/bench_decode_parts.py [CONTEXT=2048] [BATCH=8] [SHAPE=kv] [KV_DTYPE]
+usage: python scripts/bench_decode_parts.py [CONTEXT=2048] [BATCH=8] [SHAPE=kv] [KV_DTYPE=float32] [BLOCK]
 
-``KV_DTYPE`` (``int8``, ``int4``): our attention reads a quantized pool
-(``decode_gather_qmm``, ``--kv-cache-dtype``); mlx-lm's stays float32.
+``KV_DTYPE`` (``int8``, ``int4``): the step estimate uses our attention over a quantized pool
+(``decode_gather_qmm``, ``--kv-cache-dtype``); mlx-lm's stays float32. ``BLOCK``: tokens per
+KV block (default: the engine's default on this backend, ``default_block_size()``).
 
 Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
 
@@ -16,9 +17,11 @@ Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
 
 It then adds them into a step per engine, prints the most ours could gain if its attention
 took no time at all (on a machine where the output layer dominates, no attention design
-reaches a large decode ratio), and our attention per layer as a fraction of the bandwidth
-limit: the time to read its K/V bytes once at the read bandwidth measured here. Compare the step estimates with the lengths suite's
-measured decode tok/s (``nano-qwen3 bench --shape kv --suite lengths``).
+reaches a large decode ratio), and, for a float32 and an int8 pool, our attention per layer
+as a fraction of the bandwidth limit: the time to read its K/V bytes (as stored: int8 with
+its scales and biases) once at the read bandwidth measured here, divided by the time it
+takes. Compare the step estimates with the lengths suite's measured decode tok/s
+(``nano-qwen3 bench --shape kv --suite lengths``).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ import mlx.core as mx
 import numpy as np
 
 from nano_qwen3_mlx.bench import SHAPES
+from nano_qwen3_mlx.config import default_block_size
 from nano_qwen3_mlx.engine.kv_cache import KVLayout, PagedKVCache
 from nano_qwen3_mlx.engine.paged_attention import DecodeGroup, decode_attention
 
-VOCAB, BLOCK = 151936, 16
+VOCAB = 151936
 
 
 def timed(f, repeats: int = 5) -> float:
@@ -83,15 +87,16 @@ def layer_rest(shape: dict, batch: int):
     return run
 
 
-def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str | None = None):
+def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str, block: int):
+    """Our decode attention over ``context`` keys per sequence, and the K/V bytes it reads."""
     n_kv, d, hq = shape["num_key_value_heads"], shape["head_dim"], shape["num_attention_heads"]
-    nb = -(-context // BLOCK)
+    nb = -(-context // block)
     layout = KVLayout.parse(kv_dtype, mx.float32, d)
-    cache = PagedKVCache(1, batch * nb, BLOCK, n_kv, d, mx.float32, bits=layout.bits,
+    cache = PagedKVCache(1, batch * nb, block, n_kv, d, mx.float32, bits=layout.bits,
                          group_size=layout.group_size)
-    slots = mx.arange(batch * nb * BLOCK)
-    kv = mx.random.normal((2, batch * nb * BLOCK, n_kv, d))
-    cache.write(0, slots // BLOCK, slots % BLOCK, kv[0], kv[1])
+    slots = mx.arange(batch * nb * block)
+    kv = mx.random.normal((2, batch * nb * block, n_kv, d))
+    cache.write(0, slots // block, slots % block, kv[0], kv[1])
     tables = np.arange(batch * nb, dtype=np.int32).reshape(batch, nb)  # as a fresh run lays them
     group = DecodeGroup.build(tables, np.full(batch, context, np.int32), cache)
     q = mx.random.normal((batch, hq, 1, d))
@@ -110,10 +115,10 @@ def attention_mlx_lm(shape: dict, batch: int, context: int):
 
 
 def main() -> None:
-    context = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-    name = sys.argv[3] if len(sys.argv) > 3 else "kv"
-    kv_dtype = sys.argv[4] if len(sys.argv) > 4 else None
+    args = sys.argv[1:] + [None] * 5
+    context, batch = int(args[0] or 2048), int(args[1] or 8)
+    name, kv_dtype = args[2] or "kv", args[3] or "float32"
+    block = int(args[4] or default_block_size())
     shape, mx_device = SHAPES[name], mx.default_device()
     layers = shape["num_hidden_layers"]
     embed = mx.random.normal((VOCAB, shape["hidden_size"])) * 0.02
@@ -121,11 +126,15 @@ def main() -> None:
     mx.eval(embed, x)
     head = timed(lambda: x @ embed.T)
     rest = timed(layer_rest(shape, batch))
-    attend, kv_bytes = attention_ours(shape, batch, context, kv_dtype)
-    ours, peer = timed(attend), timed(attention_mlx_lm(shape, batch, context))
+    peer = timed(attention_mlx_lm(shape, batch, context))
+    attention = {}  # KV dtype -> (ms per layer, K/V bytes read)
+    for dt in dict.fromkeys((kv_dtype, "float32", "int8")):
+        attend, kv_bytes = attention_ours(shape, batch, context, dt, block)
+        attention[dt] = timed(attend), kv_bytes
+    ours = attention[kv_dtype][0]
     step_ours, step_peer = head + layers * (rest + ours), head + layers * (rest + peer)
-    print(f"shape {name}, batch {batch}, context {context}, float32, our KV "
-          f"{kv_dtype or 'float32'}, {mx_device}; ms per call\n")
+    print(f"shape {name}, batch {batch}, context {context}, float32 model, our KV {kv_dtype} in "
+          f"{block}-token blocks, {mx_device}; ms per call\n")
     print("| part | ours | mlx-lm |\n|---|---:|---:|")
     print(f"| output layer (same matmul) | {head:.1f} | {head:.1f} |")
     print(f"| rest of a layer x {layers} (same matmuls) | {layers * rest:.1f} | {layers * rest:.1f} |")
@@ -135,9 +144,14 @@ def main() -> None:
           f"free for us: at most {step_peer / (head + layers * rest):.2f}x. Output layer: "
           f"{head / step_peer:.0%} of mlx-lm's step.")
     limit = read_bandwidth()
-    print(f"\nDecode attention per layer reads {kv_bytes / 1e6:.0f} MB of K/V: at the {limit / 1e9:.1f} "
-          f"GB/s this machine reads, {kv_bytes / limit * 1e3:.1f} ms; ours takes "
-          f"{ours:.1f} ms, {kv_bytes / limit * 1e3 / ours:.0%} of the bandwidth limit.")
+    print(f"\nDecode attention per layer against the bandwidth limit (K/V bytes / "
+          f"{limit / 1e9:.1f} GB/s, this machine's read bandwidth):\n")
+    print("| KV | reads | limit | takes | of the limit |\n|---|---:|---:|---:|---:|")
+    rows = [(f"ours, {dt}", ms, kv_bytes) for dt, (ms, kv_bytes) in attention.items()]
+    rows.append(("mlx-lm, float32", peer, attention["float32"][1]))
+    for label, ms, kv_bytes in rows:
+        print(f"| {label} | {kv_bytes / 1e6:.0f} MB | {kv_bytes / limit * 1e3:.1f} ms | "
+              f"{ms:.1f} ms | {kv_bytes / limit * 1e3 / ms:.0%} |")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def test_cli_bench_tiny_shape(tmp_path):
     (["--shape", "huge"], "unknown shape"),
     (["--gen-len", "1"], "--gen-len"),
     (["--max-itl-ratio", "1"], "--max-itl-ratio"),
+    (["--block-size", "0"], "block_size"),
     (["--speculative", "medusa"], "speculative"),
     (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
 ])

@@ -33,8 +33,9 @@ def server(model: Path, cache: Path, gb: float = 0.05) -> Iterator[tuple[str, su
     cmd = serve_command(str(model), port, ["--device", "cpu", "--served-model-name", "m",
                                            "--prefix-cache-dir", str(cache),
                                            "--prefix-cache-disk-gb", str(gb)])
+    # 16-token blocks (the block counts below; the CPU default is 64), through the environment.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+                            env={**subprocess_env(), "BLOCK_SIZE": str(BLOCK)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

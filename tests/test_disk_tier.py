@@ -39,6 +39,7 @@ def run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], int]]:
 
 def make(model: Path, cache: Path | None, **options) -> LLM:
     disk = {"prefix_cache_dir": str(cache), "prefix_cache_disk_gb": 0.5} if cache else {}
+    options.setdefault("block_size", 16)  # the block counts below are in 16-token blocks
     return LLM(str(model), device="cpu", **disk, **options)
 
 

@@ -115,7 +115,8 @@ def test_prefix_cache_skips_shared_prefix_and_keeps_output(tiny_qwen3_dir):
     prompt_len = result["usage"]["prompt_tokens"]
     computed = stats["tokens"]["prefill_computed"] - before
     assert computed <= prompt_len - 64, (computed, prompt_len)
-    assert stats["kv_cache"]["prefix_cache_hits"] >= 4
+    kv = stats["kv_cache"]
+    assert kv["prefix_cache_hits"] * kv["block_size"] >= 64  # whole cached blocks (16 or 64 tokens)
     assert result["token_ids"] == expected
 
 
@@ -206,7 +207,9 @@ def test_requests_in_the_same_step_share_a_prefix(tiny_qwen3_dir):
         stats = llm.get_stats()
     prompt_len = results[0]["usage"]["prompt_tokens"]
     assert [r["token_ids"] for r in results] == [expected] * 4
-    assert stats["tokens"]["prefill_computed"] < prompt_len + 3 * 16, stats["tokens"]
+    # Each follower computes at most the part of a block past the shared whole blocks.
+    bs = stats["kv_cache"]["block_size"]
+    assert stats["tokens"]["prefill_computed"] < prompt_len + 3 * bs, stats["tokens"]
     assert stats["kv_cache"]["num_used_blocks"] == 0
 
 

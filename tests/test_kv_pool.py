@@ -9,10 +9,13 @@ import mlx.core as mx
 import pytest
 
 from nano_qwen3_mlx import LLM, SamplingParams
+from nano_qwen3_mlx.config import EngineConfig
 from nano_qwen3_mlx.engine.kv_pool import KVPoolPolicy
 
-# The tiny checkpoint: 2 layers x (K + V) x 2 kv heads x 32 dims x 4 bytes, 16-token blocks.
-BLOCK_BYTES = 2 * 2 * 2 * 32 * 4 * 16
+# The tiny checkpoint: 2 layers x (K + V) x 2 kv heads x 32 dims x 4 bytes, 16-token blocks
+# (given: the default on CPU is 64).
+BS = 16
+BLOCK_BYTES = 2 * 2 * 2 * 32 * 4 * BS
 CAP_BLOCKS = 8
 
 
@@ -55,7 +58,7 @@ def test_pool_grows_to_the_cap_preempts_and_shrinks_back(tiny_qwen3_dir):
     with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, max_num_seqs=4) as fixed:
         expected, _ = _drive(fixed, prompts, params)
     with LLM(str(tiny_qwen3_dir), kv_cache_gb=cap_gb, max_num_seqs=4, max_num_batched_tokens=16,
-             kv_shrink_idle_s=0.2) as llm:
+             kv_shrink_idle_s=0.2, block_size=BS) as llm:
         engine = llm.engine
         start = engine.cache.num_blocks
         assert engine.pool.cap_blocks == CAP_BLOCKS and start < CAP_BLOCKS
@@ -76,7 +79,8 @@ def test_pool_grows_to_the_cap_preempts_and_shrinks_back(tiny_qwen3_dir):
 
 
 def test_a_fixed_pool_never_grows(tiny_qwen3_dir):
-    with LLM(str(tiny_qwen3_dir), num_kv_blocks=6, max_num_seqs=3) as llm:
+    # 96 slots for 3 x 40 tokens: it must preempt.
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=6, max_num_seqs=3, block_size=BS) as llm:
         params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
         _drive(llm, [[1000 + j + 50 * i for j in range(20)] for i in range(3)], params)
         assert llm.engine.cache.num_blocks == 6
@@ -86,3 +90,24 @@ def test_a_fixed_pool_never_grows(tiny_qwen3_dir):
 def test_max_memory_gb_too_small_for_the_weights_is_a_clear_error(tiny_qwen3_dir):
     with pytest.raises(ValueError, match="max-memory-gb .* no room for the KV cache"):
         LLM(str(tiny_qwen3_dir), max_memory_gb=0.001)
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"device": "cpu"}, 64), ({"device": "gpu"}, 16), ({"device": "cpu", "block_size": 16}, 16),
+])
+def test_the_block_size_defaults_by_device(options, expected):
+    """Unset, the KV block is 64 tokens where MLX runs on the CPU (measured faster decode
+    attention), 16 on a GPU; a given size is kept, and the engine builds its pool with it."""
+    assert EngineConfig.load(model="m", **options).block_size == expected
+
+
+def test_the_default_block_size_decodes_as_16_token_blocks_do(tiny_qwen3_dir):
+    """Greedy tokens over 64-token blocks (prompts ending inside, at and past a block's end)
+    equal those over 16-token blocks."""
+    prompts = [[1000 + 7 * i + j for j in range(n)] for i, n in enumerate((50, 64, 100))]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    got = {}
+    for bs in (None, BS):
+        with LLM(str(tiny_qwen3_dir), num_kv_blocks=40, device="cpu", block_size=bs) as llm:
+            got[llm.engine.cache.block_size] = [r["token_ids"] for r in llm.generate(prompts, params)]
+    assert got[64] == got[BS]

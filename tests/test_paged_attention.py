@@ -193,3 +193,17 @@ def test_copy_blocks_copies_every_layer_and_is_ordered_before_later_writes():
                 expected[5, :, 2] = 7.0
             np.testing.assert_array_equal(after, expected)
     cache.copy_blocks([], [])  # nothing to copy: nothing queued
+
+
+def test_copy_blocks_updates_the_pools_in_place():
+    """Copy-on-write moves the copied rows, not the pools: a lazy gather of the source rows
+    held each pool's buffer, so every update used to copy its whole pool."""
+    cache = PagedKVCache(2, 255, BS, 2, 64, mx.float32)  # 4 pools of 512 KiB
+    mx.eval(cache.k_pools, cache.v_pools)
+    pool_bytes = cache.k_pools[0].nbytes
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    cache.copy_blocks([0, 3], [5, 1])
+    mx.eval(cache.k_pools, cache.v_pools)
+    assert mx.get_peak_memory() - before < pool_bytes / 4

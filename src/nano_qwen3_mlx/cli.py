@@ -241,6 +241,7 @@ def bench(
     max_num_batched_tokens: Annotated[int, typer.Option(help="our step token budget and mlx-lm's prefill step size")] = 2048,
     max_itl_ratio: Annotated[float | None, typer.Option(help="our prefill pacing: a step with a prompt chunk takes at most this many decode steps (default: off)")] = None,
     kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help=f"ours: {KV_DTYPE_HELP}; mlx-lm keeps the model's dtype")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="ours: tokens per KV block (default: the engine's, 64 on CPU, 16 on a GPU)")] = None,
     speculative: Annotated[str | None, typer.Option(help="ngram: also run the speculative suite (this engine with and without it, on text that repeats and on text that does not); draft: with a draft model, also against mlx-lm's draft-model generation (one stream)")] = None,
     num_speculative_tokens: Annotated[int, typer.Option(help="with --speculative: most drafted tokens per step")] = 4,
     draft_model: Annotated[str | None, typer.Option(help="with --speculative draft: the draft checkpoint dir (default: a random draft/target pair built for the bench, see bench/draft_pair.py)")] = None,
@@ -284,7 +285,7 @@ def bench(
                      {"long_len": mixed_long_len, "running": mixed_running},
                      ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens,
                               step_tokens=max_num_batched_tokens),
-                     _bench_engine_options(max_itl_ratio, kv_cache_dtype),
+                     _bench_engine_options(max_itl_ratio, kv_cache_dtype, block_size),
                      {"speculative": speculative or "ngram",
                        "num_speculative_tokens": num_speculative_tokens,
                        **({"draft_model": draft_model} if draft_model else {})})
@@ -297,10 +298,12 @@ def bench(
     typer.echo(f"wrote {out}", err=True)
 
 
-def _bench_engine_options(max_itl_ratio: float | None, kv_cache_dtype: str | None) -> dict[str, Any]:
+def _bench_engine_options(max_itl_ratio: float | None, kv_cache_dtype: str | None,
+                          block_size: int | None = None) -> dict[str, Any]:
     """This engine's options for the bench, validated as the engine would (one error line)."""
-    options = {k: v for k, v in (("max_itl_ratio", max_itl_ratio), ("kv_cache_dtype", kv_cache_dtype))
-               if v is not None}
+    given = (("max_itl_ratio", max_itl_ratio), ("kv_cache_dtype", kv_cache_dtype),
+             ("block_size", block_size))
+    options = {k: v for k, v in given if v is not None}
     _engine_config(None, **options)
     return options
 

@@ -61,11 +61,12 @@ class Ours(Engine):
     name = "nano-qwen3-mlx"
 
     def __init__(self, path: Path, max_num_seqs: int, max_tokens: int, **options) -> None:
+        from ..config import default_block_size
         from ..llm import LLM
 
-        blocks = -(-max_tokens // 16) + 2 * max_num_seqs + 8
-        self.llm = LLM(str(path), max_num_seqs=max_num_seqs, num_kv_blocks=blocks, block_size=16,
-                       **options)
+        options.setdefault("block_size", default_block_size())
+        blocks = -(-max_tokens // options["block_size"]) + 2 * max_num_seqs + 8
+        self.llm = LLM(str(path), max_num_seqs=max_num_seqs, num_kv_blocks=blocks, **options)
         self.engine = self.llm.engine
         self.kv_bytes_per_token = self.engine.cache.bytes_per_token
         self.run([Req("warm-up", list(range(1000, 1016)), 4)])

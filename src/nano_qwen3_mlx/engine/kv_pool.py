@@ -11,6 +11,10 @@ from typing import Any
 
 from .stats import total_memory_bytes
 
+# The start pool's most room per sequence beside one prefill budget: one block each up to
+# 16-token blocks, as before the CPU default grew to 64 (a 64-token block each doubled it).
+START_TOKENS_PER_SEQ = 16
+
 
 @dataclass(slots=True)
 class KVPoolPolicy:
@@ -55,14 +59,17 @@ def pool_blocks(budget_bytes: float, block_bytes: int) -> int:
 def size_pool(config: Any, block_bytes: int, weights_nbytes: int, model_max_len: int,
               reserved_bytes: int = 0) -> KVPoolPolicy:
     """The policy for an ``EngineConfig``: a fixed ``num_kv_blocks`` pool, or one that starts
-    with room for one full token budget (a prefill chunk) and grows up to its cap.
+    with room for one full token budget (a prefill chunk) plus a block per sequence (blocks of
+    over ``START_TOKENS_PER_SEQ`` tokens: that many tokens per sequence), and grows up to its cap.
     ``reserved_bytes``: what the memory budget must also hold (a hybrid model's state pool)."""
     if config.num_kv_blocks:
         return KVPoolPolicy(config.num_kv_blocks, config.num_kv_blocks)
     seq_blocks = -(-model_max_len // config.block_size)
     cap = min(cap_blocks(config, block_bytes, weights_nbytes, reserved_bytes),
               config.max_num_seqs * seq_blocks)
-    initial = -(-config.max_num_batched_tokens // config.block_size) + config.max_num_seqs
+    bs = config.block_size
+    per_seq = -(-config.max_num_seqs * min(bs, START_TOKENS_PER_SEQ) // bs)  # a block each up to 16
+    initial = -(-config.max_num_batched_tokens // bs) + per_seq
     return KVPoolPolicy(initial, cap, config.kv_shrink_idle_s)
 
 
