@@ -1,0 +1,148 @@
+"""One rank of ``tests/test_distributed_sharding.py``, started by ``mlx.launch -n 2``.
+
+Every case builds the same tiny random model twice (same seed), shards one copy with
+``shard_model`` and runs both on the same prompts: through ``DenseCache`` (logits, chunked
+and step by step, batched) and, for some cases, through the engine (greedy tokens on the
+paged KV cache and state pool). Each rank writes what it saw to ``OUT/rank{r}.json``; the
+test asserts on it. Usage: ``distributed_sharding_worker.py OUT TOKENIZER_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
+
+# isort: split
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from nano_qwen3_mlx.config import EngineConfig
+from nano_qwen3_mlx.distributed.sharding import shard_model
+from nano_qwen3_mlx.engine.llm_engine import LLMEngine
+from nano_qwen3_mlx.models.base import DenseCache
+from nano_qwen3_mlx.models.loader import LoadedModel
+from nano_qwen3_mlx.sampling_params import SamplingParams
+from nano_qwen3_mlx.tokenizer import Tokenizer
+from tests.checkpoints import HYBRID_CONFIGS, TINY_QWEN3, TINY_QWEN3_MOE
+from tests.checkpoints import build_tiny_hybrid as hybrid
+from tests.checkpoints import build_tiny_model as dense
+
+VOCAB = 8192  # small, so the cases run in seconds; every id below is under it
+PROMPT = [9707 % VOCAB, 11, 847, 829, 374, 1207, 6948, 13, 358, 1075, 311, 3270] * 4  # 48 tokens
+PIECES = (PROMPT[:36], PROMPT[36:39], PROMPT[39:])  # chunked (>= 32), step by step, chunked
+BATCH = [PROMPT[5:17], PROMPT[20:32]]
+ENGINE_PROMPTS = [PROMPT[:30], PROMPT[:30] + [42, 43], PROMPT[7:11]]  # a shared prefix
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def small(config: dict, **overrides) -> dict:
+    """``config`` with ``VOCAB`` and ``overrides`` (in ``text_config`` where it has one)."""
+    config = json.loads(json.dumps(config))
+    config.get("text_config", config).update({"vocab_size": VOCAB, **overrides})
+    return config
+
+
+# name: (config, builder, quantization bits, run the engine too)
+CASES = {
+    "qwen3": (small(TINY_QWEN3), dense, None, True),
+    # One KV head (each rank keeps it), tied embeddings, a vocabulary 2 ranks do not divide.
+    "qwen3_tied_1kv": (small(TINY_QWEN3, num_key_value_heads=1, tie_word_embeddings=True,
+                             vocab_size=VOCAB + 1), dense, None, True),
+    # 6 query heads on 3 KV heads: rank 0 reads KV heads 0, 0, 1 and rank 1 reads 1, 2, 2.
+    "qwen3_6q_3kv": (small(TINY_QWEN3, num_attention_heads=6, num_key_value_heads=3),
+                     dense, None, False),
+    "qwen3_moe": (small(TINY_QWEN3_MOE), dense, None, False),
+    "qwen3_5": (small(HYBRID_CONFIGS["qwen3_5"]), hybrid, None, False),  # separate projections
+    "qwen3_5_moe": (small(HYBRID_CONFIGS["qwen3_5_moe"]), hybrid, None, True),  # shared expert
+    "qwen3_next": (small(HYBRID_CONFIGS["qwen3_next"]), hybrid, None, False),  # fused projections
+    "qwen3_moe_4bit": (small(TINY_QWEN3_MOE), dense, 4, True),
+    "qwen3_next_8bit": (small(HYBRID_CONFIGS["qwen3_next"]), hybrid, 8, False),
+}
+
+
+def build(config, builder, bits) -> nn.Module:
+    model = builder(config, seed=0)
+    if bits:
+        nn.quantize(model, group_size=32, bits=bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    mx.eval(model.parameters())
+    return model
+
+
+def nbytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def traces(model: nn.Module) -> list[np.ndarray]:
+    """Logits of one prompt in three passes on one cache, then a batch of two and a step."""
+    out = []
+    for calls in ([[p] for p in PIECES], [BATCH, [[5], [6]]]):
+        cache = DenseCache(len(model.kv_layers), model.state_layers)
+        for rows in calls:
+            ids = mx.array(rows[0]) if len(rows) == 1 else mx.array(rows)
+            logits = model(ids.reshape(len(rows), -1), cache)
+            cache.advance(ids.reshape(len(rows), -1).shape[1])
+            out.append(np.array(logits.astype(mx.float32)))
+    return out
+
+
+def engine_tokens(model: nn.Module, tokenizer: Tokenizer) -> tuple[list[list[int]], int]:
+    """Greedy tokens of ``ENGINE_PROMPTS`` batched on the engine, and its pool's KV heads."""
+    config = EngineConfig(model="tiny", device="cpu", num_kv_blocks=64, block_size=8,
+                          state_snapshot_interval=8)
+    engine = LLMEngine(config, LoadedModel(model, tokenizer, {}, Path("."), "tiny"))
+    ids = {engine.add_request(p, GREEDY): i for i, p in enumerate(ENGINE_PROMPTS)}
+    got = [[] for _ in ENGINE_PROMPTS]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.finish_reason != "error", out.error
+            got[ids[out.request_id]] += out.token_ids
+    return got, engine.cache.num_kv_heads
+
+
+def run_case(name: str, group, tokenizer: Tokenizer) -> dict:
+    config, builder, bits, with_engine = CASES[name]
+    full, sharded = build(config, builder, bits), build(config, builder, bits)
+    shard_model(sharded, group)
+    want, got = traces(full), traces(sharded)
+    result = {
+        "bytes_full": nbytes(full), "bytes_rank": nbytes(sharded),
+        "kv_heads_full": [kv.num_kv_heads for kv in full.kv_layers],
+        "kv_heads_rank": [kv.num_kv_heads for kv in sharded.kv_layers],
+        "states_full": [[list(s) for s in st.shapes] for st in full.state_layers],
+        "states_rank": [[list(s) for s in st.shapes] for st in sharded.state_layers],
+        "logit_shapes_equal": all(w.shape == g.shape for w, g in zip(want, got)),
+        "max_abs_diff": max(float(np.abs(w - g).max()) for w, g in zip(want, got)),
+        "max_abs_logit": max(float(np.abs(w).max()) for w in want),
+    }
+    if with_engine:
+        result["engine_full"], result["pool_heads_full"] = engine_tokens(full, tokenizer)
+        result["engine_rank"], result["pool_heads_rank"] = engine_tokens(sharded, tokenizer)
+    return result
+
+
+def main() -> None:
+    out, tokenizer_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    mx.set_default_device(mx.cpu)
+    group = mx.distributed.init()
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    results = {"world_size": group.size(), "rank": group.rank(), "cases": {}}
+    for name in CASES:
+        start = time.perf_counter()
+        try:
+            results["cases"][name] = run_case(name, group, tokenizer)
+        except Exception:  # recorded for the test; the ranks stay in step (same code path)
+            results["cases"][name] = {"error": traceback.format_exc()}
+        results["cases"][name]["seconds"] = round(time.perf_counter() - start, 2)
+    (out / f"rank{group.rank()}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Tensor parallelism (``distributed/sharding.py``) on two local ranks: ``mlx.launch -n 2
+--backend ring`` runs ``tests/distributed_sharding_worker.py`` once for every case; each rank
+compares its sharded model with the whole one (same seed) and writes what it saw.
+
+Per case: the logits (chunked prefill, one-token steps, a batch) equal the unsharded model's
+at float32, the weights per rank are about half, the KV heads and recurrent states the engine
+pools are per rank, and where the engine runs, its greedy tokens equal one rank's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed_sharding_worker import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
+RANKS = 2
+# Replicated per rank: norms, the router, the shared-expert gate, and for one KV head k/v_proj.
+MAX_BYTES_RATIO = 0.52
+
+
+def launcher() -> Path:
+    """``mlx.launch`` of the interpreter running the tests (the venv's)."""
+    path = Path(sys.executable).parent / "mlx.launch"
+    assert path.exists(), f"mlx.launch is not beside {sys.executable}"
+    return path
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, qwen_tokenizer_dir) -> list[dict]:
+    """Both ranks' results (one launch for every case)."""
+    out = tmp_path_factory.mktemp("ranks")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    cmd = [str(launcher()), "-n", str(RANKS), "--backend", "ring", "--python", sys.executable,
+           str(ROOT / "tests" / "distributed_sharding_worker.py"), str(out), str(qwen_tokenizer_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    assert [(r["rank"], r["world_size"]) for r in results] == [(0, RANKS), (1, RANKS)]
+    return results
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, ranks) -> list[dict]:
+    """One case's result on each rank (a worker error fails the case with its traceback)."""
+    results = [r["cases"][request.param] for r in ranks]
+    for r in results:
+        assert "error" not in r, r["error"]
+    return results
+
+
+def test_sharded_logits_equal_the_whole_model(case):
+    for r in case:
+        assert r["logit_shapes_equal"]  # the full vocabulary on every rank
+        # float32; the ranks' partial sums only reassociate additions
+        assert r["max_abs_diff"] <= 2e-5 * r["max_abs_logit"], r
+
+
+def test_each_rank_holds_about_half_the_weights(case):
+    for r in case:
+        assert 0.5 <= r["bytes_rank"] / r["bytes_full"] <= MAX_BYTES_RATIO, r
+
+
+def test_kv_heads_and_states_are_per_rank(case):
+    for r in case:
+        for full, rank in zip(r["kv_heads_full"], r["kv_heads_rank"], strict=True):
+            # split where the ranks divide the KV heads; else the ones a rank's queries read:
+            # the one KV head, or (6 query heads on 3) 3 of them, one per local query head
+            assert rank == (full // RANKS if full % RANKS == 0 else {1: 1, 3: 3}[full])
+        for full, rank in zip(r["states_full"], r["states_rank"], strict=True):
+            (k, conv_full), (k2, conv_rank) = full[0], rank[0]
+            assert (k2, conv_rank * RANKS) == (k, conv_full)  # convolution channels
+            assert [rank[1][0] * RANKS, *rank[1][1:]] == full[1]  # value heads
+
+
+def test_uneven_kv_heads_are_kept_by_query_group():
+    """6 query heads on 3 KV heads over 2 ranks: each rank keeps the 3 KV heads its 3 query
+    heads read (some twice), so its local groups are even (1 query head per KV head)."""
+    from nano_qwen3_mlx.distributed.sharding import kv_heads_for
+
+    assert kv_heads_for(6, 3, range(0, 3)) == [0, 0, 1]
+    assert kv_heads_for(6, 3, range(3, 6)) == [1, 2, 2]
+    assert kv_heads_for(8, 2, range(4, 8)) == [1]  # divisible: an even split
+    assert kv_heads_for(8, 1, range(2, 4)) == [0]  # fewer KV heads than ranks: one each
+    assert kv_heads_for(16, 4, range(12, 16)) == [3]
+    assert kv_heads_for(16, 8, range(8, 12)) == [4, 5]
+
+
+def test_the_engine_on_sharded_ranks_generates_what_one_rank_does(ranks):
+    ran = [name for name, (*_, with_engine) in CASES.items() if with_engine]
+    assert ran
+    for name in ran:
+        for r in (rank["cases"][name] for rank in ranks):
+            assert "error" not in r, r["error"]
+            assert r["engine_rank"] == r["engine_full"], name
+            assert all(len(tokens) == 8 for tokens in r["engine_rank"])
+            # the paged pool holds this rank's KV heads only
+            assert r["pool_heads_rank"] == r["kv_heads_rank"][0]
