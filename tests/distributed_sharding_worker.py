@@ -3,7 +3,8 @@
 Every case builds the same tiny random model twice (same seed), shards one copy with
 ``shard_model`` and runs both on the same prompts: through ``DenseCache`` (logits, chunked
 and step by step, batched) and, for some cases, through the engine (greedy tokens on the
-paged KV cache and state pool). Each rank writes what it saw to ``OUT/rank{r}.json``; the
+paged KV cache and state pool); two cases go through ``loader.load(prepare=shard_model)``
+from a checkpoint on disk (the rank's peak memory while loading). Each rank writes what it saw to ``OUT/rank{r}.json``; the
 test asserts on it. Usage: ``distributed_sharding_worker.py OUT TOKENIZER_DIR``.
 """
 
@@ -13,6 +14,8 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before MLX)
@@ -27,10 +30,10 @@ from nano_qwen3_mlx.config import EngineConfig
 from nano_qwen3_mlx.distributed.sharding import shard_model
 from nano_qwen3_mlx.engine.llm_engine import LLMEngine
 from nano_qwen3_mlx.models.base import DenseCache
-from nano_qwen3_mlx.models.loader import LoadedModel
+from nano_qwen3_mlx.models.loader import LoadedModel, load
 from nano_qwen3_mlx.sampling_params import SamplingParams
 from nano_qwen3_mlx.tokenizer import Tokenizer
-from tests.checkpoints import HYBRID_CONFIGS, TINY_QWEN3, TINY_QWEN3_MOE
+from tests.checkpoints import HYBRID_CONFIGS, TINY_QWEN3, TINY_QWEN3_MOE, write_checkpoint
 from tests.checkpoints import build_tiny_hybrid as hybrid
 from tests.checkpoints import build_tiny_model as dense
 
@@ -49,31 +52,55 @@ def small(config: dict, **overrides) -> dict:
     return config
 
 
-# name: (config, builder, quantization bits, run the engine too)
+@dataclass(frozen=True)
+class Case:
+    config: dict
+    builder: Callable = dense  # in memory, seed 0 (unless from_disk)
+    bits: int | None = None  # quantized: in memory at group size 32, or on load (64)
+    engine: bool = False  # also run the engine on both models
+    from_disk: bool = False  # written as a checkpoint, loaded by load(prepare=shard_model)
+
+
 CASES = {
-    "qwen3": (small(TINY_QWEN3), dense, None, True),
+    "qwen3": Case(small(TINY_QWEN3)),
     # One KV head (each rank keeps it), tied embeddings, a vocabulary 2 ranks do not divide.
-    "qwen3_tied_1kv": (small(TINY_QWEN3, num_key_value_heads=1, tie_word_embeddings=True,
-                             vocab_size=VOCAB + 1), dense, None, True),
+    "qwen3_tied_1kv": Case(small(TINY_QWEN3, num_key_value_heads=1, tie_word_embeddings=True,
+                                 vocab_size=VOCAB + 1), engine=True),
     # 6 query heads on 3 KV heads: rank 0 reads KV heads 0, 0, 1 and rank 1 reads 1, 2, 2.
-    "qwen3_6q_3kv": (small(TINY_QWEN3, num_attention_heads=6, num_key_value_heads=3),
-                     dense, None, False),
-    "qwen3_moe": (small(TINY_QWEN3_MOE), dense, None, False),
-    "qwen3_5": (small(HYBRID_CONFIGS["qwen3_5"]), hybrid, None, False),  # separate projections
-    "qwen3_5_moe": (small(HYBRID_CONFIGS["qwen3_5_moe"]), hybrid, None, True),  # shared expert
-    "qwen3_next": (small(HYBRID_CONFIGS["qwen3_next"]), hybrid, None, False),  # fused projections
-    "qwen3_moe_4bit": (small(TINY_QWEN3_MOE), dense, 4, True),
-    "qwen3_next_8bit": (small(HYBRID_CONFIGS["qwen3_next"]), hybrid, 8, False),
+    "qwen3_6q_3kv": Case(small(TINY_QWEN3, num_attention_heads=6, num_key_value_heads=3)),
+    "qwen3_5": Case(small(HYBRID_CONFIGS["qwen3_5"]), hybrid),  # separate projections
+    "qwen3_5_moe": Case(small(HYBRID_CONFIGS["qwen3_5_moe"]), hybrid, engine=True),  # shared expert
+    "qwen3_next": Case(small(HYBRID_CONFIGS["qwen3_next"]), hybrid),  # fused projections
+    "qwen3_moe_4bit": Case(small(TINY_QWEN3_MOE), bits=4, engine=True),
+    "qwen3_next_8bit": Case(small(HYBRID_CONFIGS["qwen3_next"]), hybrid, bits=8),
+    # Through the loader (HF layout: experts stacked on load), sharded before the weights are
+    # read (the rank's peak memory).
+    "qwen3_moe_loaded": Case(small(TINY_QWEN3_MOE), from_disk=True),
+    "qwen3_loaded_4bit": Case(small(TINY_QWEN3), bits=4, from_disk=True),  # quantize, then shard
 }
 
 
-def build(config, builder, bits) -> nn.Module:
-    model = builder(config, seed=0)
-    if bits:
-        nn.quantize(model, group_size=32, bits=bits,
+def build(case: Case) -> nn.Module:
+    model = case.builder(case.config, seed=0)
+    if case.bits:
+        nn.quantize(model, group_size=32, bits=case.bits,
                     class_predicate=lambda _, m: hasattr(m, "to_quantized"))
     mx.eval(model.parameters())
     return model
+
+
+def models(case: Case, group, checkpoint: Path) -> tuple[nn.Module, nn.Module, int | None]:
+    """The whole model, the sharded one, and for a loaded one the sharded load's peak bytes."""
+    if not case.from_disk:
+        sharded = build(case)
+        shard_model(sharded, group)
+        return build(case), sharded, None
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    sharded = load(str(checkpoint), quantize=case.bits,
+                   prepare=lambda model: shard_model(model, group)).model
+    peak = mx.get_peak_memory() - base
+    return load(str(checkpoint), quantize=case.bits).model, sharded, peak
 
 
 def nbytes(model: nn.Module) -> int:
@@ -107,12 +134,16 @@ def engine_tokens(model: nn.Module, tokenizer: Tokenizer) -> tuple[list[list[int
     return got, engine.cache.num_kv_heads
 
 
-def run_case(name: str, group, tokenizer: Tokenizer) -> dict:
-    config, builder, bits, with_engine = CASES[name]
-    full, sharded = build(config, builder, bits), build(config, builder, bits)
-    shard_model(sharded, group)
+def run_case(name: str, group, tokenizer_dir: Path, out: Path) -> dict:
+    case = CASES[name]
+    checkpoint = out / f"rank{group.rank()}-{name}"
+    if case.from_disk:
+        write_checkpoint(checkpoint, tokenizer_dir, base=case.config)
+    full, sharded, peak = models(case, group, checkpoint)
     want, got = traces(full), traces(sharded)
     result = {
+        "load_peak_bytes": peak,
+        "largest_tensor_full": max(v.nbytes for _, v in tree_flatten(full.parameters())),
         "bytes_full": nbytes(full), "bytes_rank": nbytes(sharded),
         "kv_heads_full": [kv.num_kv_heads for kv in full.kv_layers],
         "kv_heads_rank": [kv.num_kv_heads for kv in sharded.kv_layers],
@@ -122,7 +153,8 @@ def run_case(name: str, group, tokenizer: Tokenizer) -> dict:
         "max_abs_diff": max(float(np.abs(w - g).max()) for w, g in zip(want, got)),
         "max_abs_logit": max(float(np.abs(w).max()) for w in want),
     }
-    if with_engine:
+    if case.engine:
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
         result["engine_full"], result["pool_heads_full"] = engine_tokens(full, tokenizer)
         result["engine_rank"], result["pool_heads_rank"] = engine_tokens(sharded, tokenizer)
     return result
@@ -132,12 +164,11 @@ def main() -> None:
     out, tokenizer_dir = Path(sys.argv[1]), Path(sys.argv[2])
     mx.set_default_device(mx.cpu)
     group = mx.distributed.init()
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     results = {"world_size": group.size(), "rank": group.rank(), "cases": {}}
     for name in CASES:
         start = time.perf_counter()
         try:
-            results["cases"][name] = run_case(name, group, tokenizer)
+            results["cases"][name] = run_case(name, group, tokenizer_dir, out)
         except Exception:  # recorded for the test; the ranks stay in step (same code path)
             results["cases"][name] = {"error": traceback.format_exc()}
         results["cases"][name]["seconds"] = round(time.perf_counter() - start, 2)

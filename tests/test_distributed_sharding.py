@@ -15,9 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten
 
-from tests.distributed_sharding_worker import CASES
+from nano_qwen3_mlx.distributed.sharding import kv_heads_for, shard_model
+from tests.distributed_sharding_worker import CASES, build, small
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2
@@ -67,6 +71,15 @@ def test_each_rank_holds_about_half_the_weights(case):
         assert 0.5 <= r["bytes_rank"] / r["bytes_full"] <= MAX_BYTES_RATIO, r
 
 
+def test_a_rank_sharding_while_loading_never_holds_the_whole_model(ranks):
+    """``load(prepare=shard_model)`` shards before the weights are read, layer by layer:
+    a rank's peak is its share plus the largest full tensor (here the embedding table)."""
+    for r in (rank["cases"]["qwen3_moe_loaded"] for rank in ranks):
+        assert "error" not in r, r["error"]
+        assert r["load_peak_bytes"] <= r["bytes_rank"] + r["largest_tensor_full"] * 1.05, r
+        assert r["load_peak_bytes"] < 0.95 * r["bytes_full"], r
+
+
 def test_kv_heads_and_states_are_per_rank(case):
     for r in case:
         for full, rank in zip(r["kv_heads_full"], r["kv_heads_rank"], strict=True):
@@ -82,8 +95,6 @@ def test_kv_heads_and_states_are_per_rank(case):
 def test_uneven_kv_heads_are_kept_by_query_group():
     """6 query heads on 3 KV heads over 2 ranks: each rank keeps the 3 KV heads its 3 query
     heads read (some twice), so its local groups are even (1 query head per KV head)."""
-    from nano_qwen3_mlx.distributed.sharding import kv_heads_for
-
     assert kv_heads_for(6, 3, range(0, 3)) == [0, 0, 1]
     assert kv_heads_for(6, 3, range(3, 6)) == [1, 2, 2]
     assert kv_heads_for(8, 2, range(4, 8)) == [1]  # divisible: an even split
@@ -93,7 +104,7 @@ def test_uneven_kv_heads_are_kept_by_query_group():
 
 
 def test_the_engine_on_sharded_ranks_generates_what_one_rank_does(ranks):
-    ran = [name for name, (*_, with_engine) in CASES.items() if with_engine]
+    ran = [name for name, case in CASES.items() if case.engine]
     assert ran
     for name in ran:
         for r in (rank["cases"][name] for rank in ranks):
@@ -102,3 +113,41 @@ def test_the_engine_on_sharded_ranks_generates_what_one_rank_does(ranks):
             assert all(len(tokens) == 8 for tokens in r["engine_rank"])
             # the paged pool holds this rank's KV heads only
             assert r["pool_heads_rank"] == r["kv_heads_rank"][0]
+
+
+class RankOf:
+    """A stand-in for one rank of an ``mx.distributed`` group: sharding itself communicates
+    nothing, so its slicing (and its errors) can be checked in this process."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+@pytest.mark.parametrize(("name", "overrides", "bits", "message"), [
+    ("qwen3", {"num_attention_heads": 3, "num_key_value_heads": 1},
+     None, "num_attention_heads=3 cannot be split across 2 ranks"),
+    ("qwen3_moe_4bit", {"moe_intermediate_size": 63}, None, "moe_intermediate_size=63 cannot be split"),
+    # 64 input features of the experts' down_proj are one group of 64: no half group per rank
+    ("qwen3_moe_4bit", {}, 4, "switch_mlp.down_proj.scales columns"),
+])
+def test_a_size_the_ranks_do_not_divide_is_a_clear_error(name, overrides, bits, message):
+    case = CASES[name]
+    model = case.builder(small(case.config, **overrides), seed=0)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    with pytest.raises(ValueError, match=message):
+        shard_model(model, RankOf(0, 2))
+
+
+def test_one_rank_changes_nothing():
+    model = build(CASES["qwen3"])
+    before = dict(tree_flatten(model.parameters()))
+    shard_model(model, mx.distributed.init())  # a single process: size 1
+    assert all(v is before[k] for k, v in tree_flatten(model.parameters()))

@@ -46,17 +46,22 @@ def shard_model(model: nn.Module, group: mx.distributed.Group) -> None:
     Works on every family of ``models/`` (dense Qwen3/Llama, Qwen3-MoE, the hybrid Qwen3.5 /
     Qwen3.5-MoE / Qwen3-Next), quantized or not. Raises ``ValueError`` naming the size the
     ranks do not divide (attention heads, intermediate size, quantization groups, ...).
-    Best called before the weights are evaluated: each rank then reads only its slices.
+    Best called before the weights are evaluated (``loader.load(name, prepare=...)``): each
+    rank then holds at most its share plus one layer's full tensors.
     """
     if group.size() == 1:
         return
     for layer in model.layers:
         _shard_layer(layer, group)
+        # Layer by layer: from lazily loaded weights (``loader.load(prepare=...)``) a rank
+        # then reads one layer's full tensors at a time, never the whole model.
+        mx.eval(layer.parameters())
     backbone = model.model
     backbone.embed_tokens = _vocab_parallel(backbone.embed_tokens, group)
+    mx.eval(backbone.embed_tokens.parameters())
     if "lm_head" in model:  # tied embeddings: embed_tokens.as_linear gathers the logits
         model.lm_head = _vocab_parallel(model.lm_head, group)
-    mx.eval(model.parameters())
+    mx.eval(model.parameters())  # the rest: norms
 
 
 def _shard_layer(layer: nn.Module, group: mx.distributed.Group) -> None:
