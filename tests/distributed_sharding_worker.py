@@ -27,6 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from nano_qwen3_mlx.config import EngineConfig
+from nano_qwen3_mlx.distributed.pipeline import pipeline_model
 from nano_qwen3_mlx.distributed.sharding import shard_model
 from nano_qwen3_mlx.engine.llm_engine import LLMEngine
 from nano_qwen3_mlx.models.base import DenseCache
@@ -58,7 +59,12 @@ class Case:
     builder: Callable = dense  # in memory, seed 0 (unless from_disk)
     bits: int | None = None  # quantized: in memory at group size 32, or on load (64)
     engine: bool = False  # also run the engine on both models
-    from_disk: bool = False  # written as a checkpoint, loaded by load(prepare=shard_model)
+    from_disk: bool = False  # written as a checkpoint, loaded by load(prepare=split)
+    split: Callable = shard_model  # or pipeline_model
+
+    @property
+    def pipeline(self) -> bool:
+        return self.split is pipeline_model
 
 
 CASES = {
@@ -77,6 +83,11 @@ CASES = {
     # read (the rank's peak memory).
     "qwen3_moe_loaded": Case(small(TINY_QWEN3_MOE), from_disk=True),
     "qwen3_loaded_4bit": Case(small(TINY_QWEN3), bits=4, from_disk=True),  # quantize, then shard
+    # Pipeline parallel: layers split, hidden states sent rank to rank.
+    "qwen3_moe_pipeline_loaded": Case(small(TINY_QWEN3_MOE), engine=True, from_disk=True,
+                                      split=pipeline_model),
+    "qwen3_5_pipeline": Case(small(HYBRID_CONFIGS["qwen3_5"]), hybrid, engine=True,
+                             split=pipeline_model),
 }
 
 
@@ -93,18 +104,23 @@ def models(case: Case, group, checkpoint: Path) -> tuple[nn.Module, nn.Module, i
     """The whole model, the sharded one, and for a loaded one the sharded load's peak bytes."""
     if not case.from_disk:
         sharded = build(case)
-        shard_model(sharded, group)
+        case.split(sharded, group)
         return build(case), sharded, None
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     sharded = load(str(checkpoint), quantize=case.bits,
-                   prepare=lambda model: shard_model(model, group)).model
+                   prepare=lambda model: case.split(model, group)).model
     peak = mx.get_peak_memory() - base
     return load(str(checkpoint), quantize=case.bits).model, sharded, peak
 
 
 def nbytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def layer_bytes(model: nn.Module) -> int:
+    """The decoder layers' weights (a pipeline splits these, and keeps the rest whole)."""
+    return sum(v.nbytes for _, v in tree_flatten([layer.parameters() for layer in model.layers]))
 
 
 def traces(model: nn.Module) -> list[np.ndarray]:
@@ -144,6 +160,7 @@ def run_case(name: str, group, tokenizer_dir: Path, out: Path) -> dict:
     result = {
         "load_peak_bytes": peak,
         "largest_tensor_full": max(v.nbytes for _, v in tree_flatten(full.parameters())),
+        "layer_bytes_full": layer_bytes(full), "layer_bytes_rank": layer_bytes(sharded),
         "bytes_full": nbytes(full), "bytes_rank": nbytes(sharded),
         "kv_heads_full": [kv.num_kv_heads for kv in full.kv_layers],
         "kv_heads_rank": [kv.num_kv_heads for kv in sharded.kv_layers],

@@ -1,10 +1,12 @@
-"""Tensor parallelism (``distributed/sharding.py``) on two local ranks: ``mlx.launch -n 2
---backend ring`` runs ``tests/distributed_sharding_worker.py`` once for every case; each rank
-compares its sharded model with the whole one (same seed) and writes what it saw.
+"""Tensor and pipeline parallelism (``distributed/sharding.py``, ``distributed/pipeline.py``)
+on two local ranks: ``mlx.launch -n 2 --backend ring`` runs
+``tests/distributed_sharding_worker.py`` once for every case; each rank compares its split
+model with the whole one (same seed) and writes what it saw.
 
-Per case: the logits (chunked prefill, one-token steps, a batch) equal the unsharded model's
-at float32, the weights per rank are about half, the KV heads and recurrent states the engine
-pools are per rank, and where the engine runs, its greedy tokens equal one rank's.
+Per case: the logits (chunked prefill, one-token steps, a batch) equal the whole model's at
+float32 (exactly, for a pipeline), the weights per rank are about half (a pipeline: half the
+layers), the KV heads and recurrent states the engine pools are the rank's, and where the
+engine runs, its greedy tokens equal one rank's.
 """
 
 from __future__ import annotations
@@ -50,13 +52,26 @@ def ranks(tmp_path_factory, qwen_tokenizer_dir) -> list[dict]:
     return results
 
 
-@pytest.fixture(params=list(CASES))
-def case(request, ranks) -> list[dict]:
-    """One case's result on each rank (a worker error fails the case with its traceback)."""
-    results = [r["cases"][request.param] for r in ranks]
+TENSOR = [name for name, case in CASES.items() if not case.pipeline]
+PIPELINE = [name for name, case in CASES.items() if case.pipeline]
+
+
+def results_of(ranks: list[dict], name: str) -> list[dict]:
+    """One case's result on each rank (a worker error fails with its traceback)."""
+    results = [r["cases"][name] for r in ranks]
     for r in results:
         assert "error" not in r, r["error"]
     return results
+
+
+@pytest.fixture(params=TENSOR)
+def case(request, ranks) -> list[dict]:
+    return results_of(ranks, request.param)
+
+
+@pytest.fixture(params=PIPELINE)
+def pipeline_case(request, ranks) -> list[dict]:
+    return results_of(ranks, request.param)
 
 
 def test_sharded_logits_equal_the_whole_model(case):
@@ -69,6 +84,22 @@ def test_sharded_logits_equal_the_whole_model(case):
 def test_each_rank_holds_about_half_the_weights(case):
     for r in case:
         assert 0.5 <= r["bytes_rank"] / r["bytes_full"] <= MAX_BYTES_RATIO, r
+
+
+def test_pipelined_logits_are_the_whole_models(pipeline_case):
+    for r in pipeline_case:
+        assert r["logit_shapes_equal"] and r["max_abs_diff"] == 0.0, r  # the same arithmetic
+
+
+def test_a_pipeline_splits_the_layers_and_keeps_the_rest(pipeline_case):
+    first, second = pipeline_case
+    assert first["layer_bytes_rank"] + second["layer_bytes_rank"] == first["layer_bytes_full"]
+    for r in pipeline_case:
+        assert 0 < r["layer_bytes_rank"] < r["layer_bytes_full"]
+        assert r["bytes_rank"] - r["layer_bytes_rank"] == r["bytes_full"] - r["layer_bytes_full"]
+    # each rank pools only its own attention and recurrent layers
+    assert first["kv_heads_rank"] + second["kv_heads_rank"] == first["kv_heads_full"]
+    assert first["states_rank"] + second["states_rank"] == first["states_full"]
 
 
 def test_a_rank_sharding_while_loading_never_holds_the_whole_model(ranks):
