@@ -218,11 +218,9 @@ def _vocab_parallel(module: nn.Module, group: mx.distributed.Group) -> nn.Module
     rows = -(-vocab // group.size())
     start = group.rank() * rows
     _keep_rows(module, mx.arange(start, min(start + rows, vocab)), pad_to=rows)
-    sharded = cls.__new__(cls)
-    dict.update(sharded, module)  # parameters
-    sharded.__dict__.update(module.__dict__, group=group, vocab_start=start, vocab_rows=rows,
-                            vocab_size=vocab)
-    return sharded
+    module.__class__ = cls  # the same parameters and attributes, plus the collectives
+    module.group, module.vocab_start, module.vocab_rows, module.vocab_size = group, start, rows, vocab
+    return module
 
 
 def gather_vocab(local: mx.array, group: mx.distributed.Group, vocab: int) -> mx.array:
