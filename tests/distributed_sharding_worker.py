@@ -53,6 +53,9 @@ def small(config: dict, **overrides) -> dict:
     return config
 
 
+LINEAR_LAST = ["linear_attention", "linear_attention", "full_attention"] * 2 + ["linear_attention"] * 2
+
+
 @dataclass(frozen=True)
 class Case:
     config: dict
@@ -86,8 +89,9 @@ CASES = {
     # Pipeline parallel: layers split, hidden states sent rank to rank.
     "qwen3_moe_pipeline_loaded": Case(small(TINY_QWEN3_MOE), engine=True, from_disk=True,
                                       split=pipeline_model),
-    "qwen3_5_pipeline": Case(small(HYBRID_CONFIGS["qwen3_5"]), hybrid, engine=True,
-                             split=pipeline_model),
+    # A last layer that is linear attention (the last rank never prunes, nor may the first).
+    "qwen3_5_pipeline": Case(small(HYBRID_CONFIGS["qwen3_5"], layer_types=LINEAR_LAST), hybrid,
+                             engine=True, split=pipeline_model),
 }
 
 

@@ -43,11 +43,14 @@ def pipeline_model(model: nn.Module, group: mx.distributed.Group) -> None:
     start = rank * base + min(rank, extra)
     stop = start + base + (rank < extra)
     backbone = model.model
+    # Whether the whole model's last layer asks for the sampled rows only (a hybrid model's
+    # asks only if it is an attention layer): the other ranks then cut their output alike.
+    final_prunes = getattr(layers[-1], "prunes", True)
     backbone.layers = layers[start:stop]
     _renumber(backbone.layers)
     stage = _stage_class(type(backbone))
     backbone.__class__ = stage
-    backbone.group = group
+    backbone.group, backbone.final_prunes = group, final_prunes
     mx.eval(model.parameters())
 
 
@@ -70,6 +73,7 @@ class _PipelineStage:
     """Mixin over a backbone (embeddings, ``layers``, final ``norm``) running one stage."""
 
     group: mx.distributed.Group
+    final_prunes: bool
 
     def __call__(self, input_ids: mx.array, ctx: AttentionContext) -> mx.array:
         rank, last = self.group.rank(), self.group.size() - 1
@@ -81,8 +85,9 @@ class _PipelineStage:
             h = layer(h, stage_ctx)
         if rank < last:
             h = mx.distributed.send(h, rank + 1, group=self.group)
-            # The last rank may have kept only the sampled rows: gather arrays of one shape.
-            if (rows := ctx.output_rows(self.num_attention_layers - 1)) is not None:
+            # The last rank may keep only the sampled rows: gather arrays of one shape (the
+            # engine's last attention layer here is this rank's last one).
+            if self.final_prunes and (rows := ctx.output_rows(self.num_attention_layers - 1)) is not None:
                 h = h[rows]
         h = mx.distributed.all_gather(h[None], group=self.group)[last]
         return self.norm(h)
