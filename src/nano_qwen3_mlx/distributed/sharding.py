@@ -47,7 +47,8 @@ def shard_model(model: nn.Module, group: mx.distributed.Group) -> None:
     Qwen3.5-MoE / Qwen3-Next), quantized or not. Raises ``ValueError`` naming the size the
     ranks do not divide (attention heads, intermediate size, quantization groups, ...).
     Best called before the weights are evaluated (``loader.load(name, prepare=...)``): each
-    rank then holds at most its share plus one layer's full tensors.
+    rank then holds at most its share plus one layer's full tensors. After an error the
+    model is partly sharded: load it again.
     """
     if group.size() == 1:
         return

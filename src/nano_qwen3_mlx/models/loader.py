@@ -149,9 +149,10 @@ def load(name: str, *, dtype: str = "auto", quantize: int | None = None,
     """Resolve and load a model plus its tokenizer.
 
     ``prepare`` changes the model in place before its weights are read from the files (after
-    ``--dtype`` and ``--quantize``): tensor-parallel sharding there
-    (``distributed.sharding.shard_model``) makes each rank read, and ever hold, only its
-    share. A GGUF file is read first, then prepared.
+    ``--dtype`` and ``--quantize``): splitting it there (``distributed.sharding.shard_model``,
+    ``distributed.pipeline.pipeline_model``) makes a rank hold its share plus, while
+    loading, one layer's full tensors, never the whole model. A GGUF file is read first,
+    then prepared.
     """
     path = resolve_model(name)
     if path.is_file():
@@ -169,7 +170,7 @@ def load(name: str, *, dtype: str = "auto", quantize: int | None = None,
 
     def quantize_and_prepare(model: nn.Module) -> None:
         if quantize:
-            quantize_model(model, quantize, evaluate=False)
+            quantize_model(model, quantize)
         if prepare:
             prepare(model)
 
@@ -300,9 +301,10 @@ def _apply_quantization(model: nn.Module, quant: dict[str, Any], weights: dict[s
     nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"], class_predicate=predicate)
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64, evaluate: bool = True) -> None:
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> None:
     """Quantize-on-load (``--quantize 4|8``): every Linear/Embedding whose width allows it,
-    with the model's own per-layer choices (``quant_predicate``, e.g. an 8-bit MoE router)."""
+    with the model's own per-layer choices (``quant_predicate``, e.g. an 8-bit MoE router).
+    Lazy: ``load_model_dir`` evaluates the weights once, after ``prepare``."""
     own = getattr(model, "quant_predicate", None)
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
@@ -311,8 +313,6 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, evaluate: 
         return own(path, module) if own else True
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    if evaluate:
-        mx.eval(model.parameters())
 
 
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
