@@ -6,7 +6,8 @@ model with the whole one (same seed) and writes what it saw.
 Per case: the logits (chunked prefill, one-token steps, a batch) equal the whole model's at
 float32 (exactly, for a pipeline), the weights per rank are about half (a pipeline: half the
 layers), the KV heads and recurrent states the engine pools are the rank's, and where the
-engine runs, its greedy tokens equal one rank's.
+engine runs, its greedy tokens equal one rank's. In this process (a stand-in group: splitting
+communicates nothing): the KV heads a rank keeps, clear errors, a pipeline rank's layers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
+from nano_qwen3_mlx.distributed.pipeline import pipeline_model
 from nano_qwen3_mlx.distributed.sharding import kv_heads_for, shard_model
+from tests.checkpoints import TINY_QWEN3
+from tests.checkpoints import build_tiny_model as dense
 from tests.distributed_sharding_worker import CASES, build, small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,3 +186,21 @@ def test_one_rank_changes_nothing():
     before = dict(tree_flatten(model.parameters()))
     shard_model(model, mx.distributed.init())  # a single process: size 1
     assert all(v is before[k] for k, v in tree_flatten(model.parameters()))
+
+
+def test_a_pipeline_needs_a_layer_per_rank():
+    model = build(CASES["qwen3"])  # 2 layers
+    with pytest.raises(ValueError, match="2 layers cannot be split across 3 ranks"):
+        pipeline_model(model, RankOf(0, 3))
+
+
+@pytest.mark.parametrize(("rank", "layers", "kv_indices"), [(0, 2, [0, 1]), (1, 1, [0]), (2, 1, [0])])
+def test_a_pipeline_rank_keeps_its_run_of_layers_renumbered(rank, layers, kv_indices):
+    """4 layers on 3 ranks: 2 + 1 + 1, the first ranks taking the extra one."""
+    model = dense(small(TINY_QWEN3, num_hidden_layers=4), seed=0)
+    whole = [id(layer) for layer in model.layers]
+    pipeline_model(model, RankOf(rank, 3))
+    first = [0, 2, 3][rank]
+    assert [id(layer) for layer in model.layers] == whole[first:first + layers]
+    assert [layer.self_attn.layer_idx for layer in model.layers] == kv_indices  # pool indices
+    assert len(model.kv_layers) == layers
