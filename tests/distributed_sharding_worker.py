@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 from nano_qwen3_mlx.config import EngineConfig
 from nano_qwen3_mlx.distributed.pipeline import pipeline_model
 from nano_qwen3_mlx.distributed.sharding import shard_model
+from nano_qwen3_mlx.distributed.world import World
 from nano_qwen3_mlx.engine.llm_engine import LLMEngine
 from nano_qwen3_mlx.models.base import DenseCache
 from nano_qwen3_mlx.models.loader import LoadedModel, load
@@ -144,7 +145,9 @@ def engine_tokens(model: nn.Module, tokenizer: Tokenizer) -> tuple[list[list[int
     """Greedy tokens of ``ENGINE_PROMPTS`` batched on the engine, and its pool's KV heads."""
     config = EngineConfig(model="tiny", device="cpu", num_kv_blocks=64, block_size=8,
                           state_snapshot_interval=8)
-    engine = LLMEngine(config, LoadedModel(model, tokenizer, {}, Path("."), "tiny"))
+    # Every rank runs the same requests on its own engine (World(): no leader, no follower),
+    # the model split (or not) already: the collectives inside the model keep them in step.
+    engine = LLMEngine(config, LoadedModel(model, tokenizer, {}, Path("."), "tiny"), world=World())
     ids = {engine.add_request(p, GREEDY): i for i, p in enumerate(ENGINE_PROMPTS)}
     got = [[] for _ in ENGINE_PROMPTS]
     while engine.has_unfinished_requests():
