@@ -10,6 +10,7 @@ test asserts on it. Usage: ``distributed_sharding_worker.py OUT TOKENIZER_DIR``.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ from nano_qwen3_mlx.distributed.sharding import shard_model
 from nano_qwen3_mlx.distributed.world import World
 from nano_qwen3_mlx.engine.llm_engine import LLMEngine
 from nano_qwen3_mlx.models.base import DenseCache
-from nano_qwen3_mlx.models.loader import LoadedModel, load
+from nano_qwen3_mlx.models.loader import LoadedModel, load, load_model_dir, quantize_model
 from nano_qwen3_mlx.sampling_params import SamplingParams
 from nano_qwen3_mlx.tokenizer import Tokenizer
 from tests.checkpoints import HYBRID_CONFIGS, TINY_QWEN3, TINY_QWEN3_MOE, write_checkpoint
@@ -116,7 +117,9 @@ def models(case: Case, group, checkpoint: Path) -> tuple[nn.Module, nn.Module, i
     sharded = load(str(checkpoint), quantize=case.bits,
                    prepare=lambda model: case.split(model, group)).model
     peak = mx.get_peak_memory() - base
-    return load(str(checkpoint), quantize=case.bits).model, sharded, peak
+    # The whole model without its tokenizer (parsing it takes a second per load).
+    quantize = (lambda model: quantize_model(model, case.bits)) if case.bits else None
+    return load_model_dir(checkpoint, prepare=quantize)[0], sharded, peak
 
 
 def nbytes(model: nn.Module) -> int:
@@ -157,6 +160,11 @@ def engine_tokens(model: nn.Module, tokenizer: Tokenizer) -> tuple[list[list[int
     return got, engine.cache.num_kv_heads
 
 
+@functools.cache
+def tokenizer_of(path: Path) -> Tokenizer:
+    return Tokenizer.from_pretrained(path)
+
+
 def run_case(name: str, group, tokenizer_dir: Path, out: Path) -> dict:
     case = CASES[name]
     checkpoint = out / f"rank{group.rank()}-{name}"
@@ -178,7 +186,7 @@ def run_case(name: str, group, tokenizer_dir: Path, out: Path) -> dict:
         "max_abs_logit": max(float(np.abs(w).max()) for w in want),
     }
     if case.engine:
-        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = tokenizer_of(tokenizer_dir)
         result["engine_full"], result["pool_heads_full"] = engine_tokens(full, tokenizer)
         result["engine_rank"], result["pool_heads_rank"] = engine_tokens(sharded, tokenizer)
     return result

@@ -1,8 +1,9 @@
 """Run by tests/test_distributed.py, alone or under ``mlx.launch``: generates with the
 ``LLM`` API on each checkpoint it is given and prints one JSON line (a list: one report per
 checkpoint) of what it got; rank 0 only prints. Usage: ``distributed_worker.py KIND=PATH ...``
-with KIND ``full`` (everything), ``batch`` (one batch) or ``pipeline`` (one batch, the model
-split by layers). Several engines run one after the other in one job: the other ranks follow
+with KIND ``full`` (everything), ``states`` (everything but structured output, whose grammar
+set-up costs seconds: for a hybrid model's state pool), ``batch`` (one batch) or ``pipeline``
+(one batch, the model split by layers). Several engines run one after the other in one job: the other ranks follow
 each one until rank 0 closes it (``Follower.follow(exit_when_stopped=False)``)."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def generate_report(model: str, kind: str) -> dict:
     """What the ``LLM`` API gives on ``model`` (token ids, texts, stats), as a dict; on a
     rank other than 0, follows rank 0's engine and returns {}."""
     # full: n-gram speculation on too (its steps carry drafts), penalties, embeddings.
-    full = kind == "full"
+    full = kind in ("full", "states")
     config = engine_config(None, model, {
         "device": "cpu", "max_num_seqs": 4, "enable_prefix_caching": True,
         "pipeline": kind == "pipeline", **({"speculative": "ngram"} if full else {})})
@@ -39,8 +40,10 @@ def generate_report(model: str, kind: str) -> dict:
         first, again = (llm.generate([long_prompt], greedy)[0] for _ in range(2))
         report["again"] = [first["token_ids"], again["token_ids"]]
         report["reused"] = llm.get_stats()["kv_cache"]["prefix_cache_reused_tokens"]
-        structured = SamplingParams(max_tokens=24, temperature=0, json_schema=SCHEMA)
-        report["json"] = llm.generate(["Give me a name as JSON:"], structured)[0]["generated_text"]
+        if kind == "full":
+            structured = SamplingParams(max_tokens=10, temperature=0, json_schema=SCHEMA)
+            report["json"] = llm.generate(["Give me a name as JSON:"],
+                                          structured)[0]["generated_text"]
         seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, presence_penalty=0.5)
         report["sampled"] = llm.generate(["Tell me"], seeded)[0]["token_ids"]
         report["embedding"] = [round(x, 5) for x in llm.embed(["Hello there"])[0][:8]]
