@@ -229,3 +229,37 @@ def test_bench_times_this_engine_on_two_ranks_pipelined(tmp_path):
     report = json.loads(out.read_text())
     assert [r["rank"] for r in report["distributed"]["ranks"]] == [0, 1]
     assert report["lengths"][0]["decode_tok_s"] > 0
+
+
+class _RankOf:
+    """A stand-in for rank ``rank`` of a 2-rank group: splitting communicates nothing."""
+
+    def __init__(self, rank: int) -> None:
+        self._rank = rank
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return 2
+
+
+def test_a_model_the_ranks_cannot_split_is_a_load_error_naming_pipeline(tmp_path,
+                                                                         qwen_tokenizer_dir):
+    """9 query heads on 2 ranks (SmolLM2-135M's): a clear load error suggesting --pipeline;
+    split by layers the same model loads, counted whole, each rank holding one layer."""
+    from nano_qwen3_mlx.config import EngineConfig
+    from nano_qwen3_mlx.distributed.attach import load_share
+    from nano_qwen3_mlx.distributed.world import World
+    from nano_qwen3_mlx.models.loader import ModelLoadError
+    from tests.checkpoints import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "nine", qwen_tokenizer_dir, config_overrides={
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 16})
+    config = EngineConfig(model=str(path), device="cpu")
+    tensor = World(0, 2, "tensor", _RankOf(0))
+    with pytest.raises(ModelLoadError, match=r"num_attention_heads=9 cannot be split across 2 "
+                                             r"ranks \(tensor parallel\); --pipeline splits"):
+        load_share(config, tensor)
+    loaded, counts = load_share(config, tensor.with_mode(pipeline=True))
+    assert len(loaded.model.layers) == 1 and counts == load_share(config, World())[1]

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..models.loader import LoadedModel, load
+from ..models.loader import LoadedModel, ModelLoadError, load
 from .channel import Channel
 from .follower import Follower
 from .leader import Leader
@@ -41,8 +41,13 @@ def load_share(config: EngineConfig, world: World) -> tuple[LoadedModel, dict[st
 
     def prepare(model: nn.Module) -> None:
         counts.update(model.num_parameters())  # shapes only: nothing is read yet
-        if split is not None:
+        if split is None:
+            return
+        try:
             split(model)
+        except ValueError as exc:  # a size the ranks do not divide
+            hint = "; --pipeline splits by layers instead" if world.mode == "tensor" else ""
+            raise ModelLoadError(f"{exc} ({world.mode} parallel){hint}") from None
 
     loaded = load(config.model, dtype=config.dtype, quantize=config.quantize, prepare=prepare)
     if split is not None:
