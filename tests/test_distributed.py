@@ -111,20 +111,35 @@ def test_pipeline_parity_through_the_engine(parity):
     assert all(0 < r["weights_bytes"] < one["weights_bytes"] for r in dist["ranks"])
 
 
-def test_generate_cli_prints_once_pipelined_and_refuses_the_draft_model(tiny_qwen3_dir):
-    """``generate --pipeline`` on two ranks prints what one process does; a draft model is
-    turned off across ranks with a warning (it would run on rank 0 alone)."""
+def test_generate_cli_prints_once_pipelined_and_refuses_the_draft_model(smollm2_gguf):
+    """``generate --pipeline`` of the demo GGUF (read whole, then split by layers: its 9
+    attention heads do not split across 2 ranks) prints on two ranks what one process does;
+    a draft model is turned off across ranks with a warning (it would run on rank 0 alone)."""
     # --max-tokens, not -n: mlx.launch would take -n as its own.
-    args = ["generate", "Hello there", "--model", str(tiny_qwen3_dir), "--max-tokens", "6",
+    args = ["generate", "Hello there", "--model", str(smollm2_gguf), "--max-tokens", "6",
             "--temperature", "0", "--no-chat"]
     one = _run([str(BIN / "nano-qwen3"), *args])
     two = _run(_launch(str(BIN / "nano-qwen3"), *args, "--pipeline", "--speculative", "draft",
-                       "--draft-model", str(tiny_qwen3_dir)))
+                       "--draft-model", str(smollm2_gguf)))
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
     assert two.stderr.count("6 tokens, finish=length") == 1, two.stderr
     assert two.stderr.count("speculative decoding with a draft model is off under "
                             "mlx.launch") == 1, two.stderr
+
+
+def test_the_mode_comes_from_the_config(tmp_path):
+    """``pipeline = true`` under ``[engine]`` (or --pipeline) picks the split; one process
+    stays "single" whatever it says."""
+    from nano_qwen3_mlx.config import EngineConfig
+    from nano_qwen3_mlx.distributed.world import World
+
+    (tmp_path / "job.toml").write_text("[engine]\npipeline = true\n")
+    assert EngineConfig.load(tmp_path / "job.toml").pipeline and not EngineConfig().pipeline
+    assert World().with_mode(pipeline=True) == World()
+    job = World(1, 2, "tensor")
+    assert (job.with_mode(pipeline=True).mode, job.with_mode(pipeline=False).mode) == \
+        ("pipeline", "tensor")
 
 
 def _free_port() -> int:
