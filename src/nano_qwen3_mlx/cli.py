@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import DRAFT_MODEL_HELP, KV_DTYPE_HELP, SPECULATIVE_HELP
+from .config import DRAFT_MODEL_HELP, KV_DTYPE_HELP, PIPELINE_HELP, SPECULATIVE_HELP
 from .errors import exit_with_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -71,6 +71,7 @@ def generate(
     speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
     num_speculative_tokens: Annotated[int | None, typer.Option(help="most tokens drafted per step with --speculative (default 4)")] = None,
     draft_model: Annotated[str | None, typer.Option(help=DRAFT_MODEL_HELP)] = None,
+    pipeline: Annotated[bool | None, typer.Option("--pipeline/--tensor", help=PIPELINE_HELP)] = None,
 ) -> None:
     """Generate text for one prompt; text on stdout, a one-line summary on stderr."""
     from .sampling_params import SamplingParams
@@ -87,7 +88,8 @@ def generate(
                                     prefix_cache_dir=prefix_cache_dir,
                                     prefix_cache_disk_gb=prefix_cache_disk_gb,
                                     speculative=speculative, draft_model=draft_model,
-                                    num_speculative_tokens=num_speculative_tokens))
+                                    num_speculative_tokens=num_speculative_tokens,
+                                    pipeline=pipeline))
     use_chat = llm.tokenizer.has_chat_template if chat is None else chat
     if use_chat:
         messages = [{"role": "user", "content": prompt}]
@@ -251,6 +253,7 @@ def bench(
     chat_clients: Annotated[int, typer.Option(help="chat: clients sharing the system prompt")] = 8,
     system_tokens: Annotated[int, typer.Option(help="chat: length of the shared system prompt")] = 2000,
     out: Annotated[str, typer.Option(help="JSON report path")] = "bench-results/bench.json",
+    pipeline: Annotated[bool, typer.Option("--pipeline/--tensor", help=PIPELINE_HELP)] = False,
 ) -> None:
     """Benchmark this engine against mlx-lm on one checkpoint, in one run: decode tok/s, TTFT,
     memory, inter-token latency under arriving prompts, multi-turn prefix reuse."""
@@ -285,7 +288,7 @@ def bench(
                      {"long_len": mixed_long_len, "running": mixed_running},
                      ChatPlan(turns=chat_turns, clients=chat_clients, system_words=system_tokens,
                               step_tokens=max_num_batched_tokens),
-                     _bench_engine_options(max_itl_ratio, kv_cache_dtype, block_size),
+                     _bench_engine_options(max_itl_ratio, kv_cache_dtype, block_size, pipeline),
                      {"speculative": speculative or "ngram",
                        "num_speculative_tokens": num_speculative_tokens,
                        **({"draft_model": draft_model} if draft_model else {})})
@@ -299,11 +302,11 @@ def bench(
 
 
 def _bench_engine_options(max_itl_ratio: float | None, kv_cache_dtype: str | None,
-                          block_size: int | None = None) -> dict[str, Any]:
+                          block_size: int | None = None, pipeline: bool = False) -> dict[str, Any]:
     """This engine's options for the bench, validated as the engine would (one error line)."""
     given = (("max_itl_ratio", max_itl_ratio), ("kv_cache_dtype", kv_cache_dtype),
              ("block_size", block_size))
-    options = {k: v for k, v in given if v is not None}
+    options = {k: v for k, v in given if v is not None} | ({"pipeline": True} if pipeline else {})
     _engine_config(None, **options)
     return options
 

@@ -27,6 +27,9 @@ SPECULATIVE_HELP = ("speculative decoding: ngram (prompt lookup: drafts what fol
                     "last tokens earlier) or draft (a smaller model of the same tokenizer, "
                     "--draft-model); drafts are verified in the same step, output unchanged at "
                     "any temperature")
+PIPELINE_HELP = ("under mlx.launch: split the model by layers across the ranks (pipeline parallel, "
+                 "for a slow link such as Ethernet) instead of within every layer (tensor "
+                 "parallel, the default, for a fast link such as Thunderbolt)")
 DRAFT_MODEL_HELP = ("with --speculative draft: the draft model (alias, directory, .gguf), "
                     "loaded like the model; it must share the model's tokenizer")
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
@@ -188,6 +191,10 @@ class EngineConfig(_Settings):
     # speculative="draft": the draft model (alias, directory, .gguf, hub id), loaded as the
     # target is (same dtype and quantize).
     draft_model: str | None = None
+    # Under mlx.launch: split the model by layers (pipeline parallel: one hidden-state
+    # transfer per rank and step, for a slow link) instead of within every layer (tensor
+    # parallel: sums every layer over the ranks, for a fast link); one process: ignored.
+    pipeline: bool = False
 
     @field_validator("sampling_defaults")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Any, NoReturn
+from typing import Any
 
 import mlx.core as mx
 
@@ -38,8 +38,9 @@ class Follower:
     def stats(self) -> dict[str, Any]:
         return {}
 
-    def follow(self) -> NoReturn:
-        """Run every plan until rank 0 says stop (exit 0); a lost rank 0 exits 1. Ctrl-C and
+    def follow(self, exit_when_stopped: bool = True) -> None:
+        """Run every plan until rank 0 says stop, then exit 0 (or, ``exit_when_stopped=False``,
+        return: the job goes on, e.g. to another engine); a lost rank 0 exits 1. Ctrl-C and
         SIGTERM are rank 0's to act on (it drains, then stops this rank)."""
         with contextlib.suppress(ValueError):  # not the main thread: left as they are
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,7 +58,8 @@ class Follower:
             report(f"error: rank {self.world.rank} stopped following rank 0: "
                    f"{type(exc).__name__}: {first_line(exc)}")
             exit_now(1)
-        exit_now(0)
+        if exit_when_stopped:
+            exit_now(0)
 
     def _sync_pools(self, plan: Plan) -> None:
         """Rank 0's pool sizes and state-slot copies, before its step."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 # Set by the launchers: mlx.launch (every backend sets MLX_RANK), Open MPI, MPICH / PMI.
@@ -14,8 +14,9 @@ LAUNCH_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job. ``mode``: ``"single"`` (one process) or ``"tensor"``
-    (every rank holds a shard of every layer; rank 0 schedules, the others follow)."""
+    """This process's place in the job. ``mode``: ``"single"`` (one process), ``"tensor"``
+    (every rank holds a shard of every layer) or ``"pipeline"`` (every rank holds a run of
+    the layers); in both, rank 0 schedules and the others follow."""
 
     rank: int = 0
     size: int = 1
@@ -30,6 +31,13 @@ class World:
     def is_follower(self) -> bool:
         """A rank that runs rank 0's plans and never schedules, serves or prints."""
         return self.rank > 0
+
+    def with_mode(self, pipeline: bool) -> World:
+        """This job split by layers (``pipeline``) or within every layer (tensor parallel);
+        a single process stays ``"single"``."""
+        if not self.distributed:
+            return self
+        return replace(self, mode="pipeline" if pipeline else "tensor")
 
     def as_dict(self) -> dict[str, Any]:
         return {"world_size": self.size, "rank": self.rank, "mode": self.mode}

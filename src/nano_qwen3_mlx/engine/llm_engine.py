@@ -13,11 +13,11 @@ from mlx.utils import tree_flatten
 
 from ..blas import blas_info
 from ..config import EngineConfig
-from ..distributed.attach import attach, shard_once
-from ..distributed.world import get_world
+from ..distributed.attach import attach, load_share, share_loaded
+from ..distributed.world import World, get_world
 from ..errors import InvalidRequestError
 from ..models.contract import CausalLM, uniform_kv
-from ..models.loader import LoadedModel, load
+from ..models.loader import LoadedModel
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
 from .block_manager import BlockManager
@@ -44,22 +44,27 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     """One model, one paged KV cache, many requests. Not thread-safe: one thread drives it."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 world: World | None = None) -> None:
+        """``loaded``: a model loaded already (else ``config.model`` is loaded). ``world``:
+        the job this engine belongs to (default: the one ``mlx.launch`` started, or a single
+        process); under a distributed job each rank keeps its share of the model."""
         self.config = config
         if config.device == "cpu":
             mx.set_default_device(mx.cpu)
-        self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
+        # Under mlx.launch every rank keeps its share of the model (before the pools are
+        # sized: each rank's KV heads or layers are its own): tensor parallel, or by layers
+        # with --pipeline; distributed/. The parameter counts ({"total", "active"},
+        # quantized weights counted unpacked) are the whole model's, taken before the split.
+        self.world = (world or get_world()).with_mode(config.pipeline)
+        if loaded is None:
+            self.loaded, self.num_parameters = load_share(config, self.world)
+        else:
+            self.loaded, self.num_parameters = loaded, share_loaded(loaded, self.world)
         self.model: CausalLM = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         # speculative="draft": the draft model (its KV pool shares the target's block ids).
-        self.drafter = DraftModel.load(config, self.loaded) if config.speculative == "draft" else None
-        # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
-        # counted once here, on the thread that owns the model.
-        self.num_parameters: dict[str, int] = self.model.num_parameters()
-        # Under mlx.launch every rank keeps its shard (before the pools are sized: each
-        # rank's KV heads are its own); distributed/.
-        self.world = get_world()
-        shard_once(self.model, self.world)
+        self.drafter = DraftModel.load(config, self.loaded) if self._draft_allowed() else None
         # A hybrid model's recurrent states (None: attention only, nothing changes).
         self.state_cache, self.states = self._make_states()
         self.cache = self._make_cache()
@@ -103,6 +108,17 @@ class LLMEngine:
         pool_tokens = self.pool.cap_blocks * self.config.block_size
         return min(self.model_max_len, pool_tokens)
 
+    def _draft_allowed(self) -> bool:
+        if self.config.speculative != "draft":
+            return False
+        if self.world.distributed:
+            # Its KV pool and steps would run on rank 0 alone, outside the plans the other
+            # ranks follow, next to a target split across them: not supported (yet).
+            log.warning("speculative decoding with a draft model is off under mlx.launch "
+                        "(distributed); --speculative ngram works there")
+            return False
+        return True
+
     def _make_states(self) -> tuple[StateCache | None, StateManager | None]:
         if not self.model.state_layers:
             return None, None
@@ -130,6 +146,8 @@ class LLMEngine:
         options = {"vocab_size": self.model.vocab_size, "states": self.states}
         if self.drafter is not None:
             return DraftSpeculator(self.config.num_speculative_tokens, self.drafter, **options)
+        if self.config.speculative == "draft":  # the draft model is off (_draft_allowed)
+            return None
         return Speculator(self.config.num_speculative_tokens, **options)
 
     @property

@@ -141,8 +141,9 @@ class HybridLM(DecoderLM):
 
     @property
     def kv_layers(self) -> list[LayerKV]:
-        kv = LayerKV(self.args.num_key_value_heads, self.args.head_dim)
-        return [kv for layer in self.layers if not layer.is_linear]
+        # Read from the layers: a tensor-parallel rank holds only its share of the KV heads.
+        return [LayerKV(layer.self_attn.n_kv_heads, layer.self_attn.head_dim)
+                for layer in self.layers if not layer.is_linear]
 
     @property
     def state_layers(self) -> list[LayerState]:

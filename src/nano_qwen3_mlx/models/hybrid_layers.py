@@ -147,4 +147,4 @@ class SharedExpertMoeBlock(SparseMoeBlock):
 
     def __call__(self, x: mx.array) -> mx.array:
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return super().__call__(x) + shared
+        return self.all_sum(self.routed(x) + shared)  # sharded: one sum for both

@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -143,20 +144,38 @@ def _download(repo_id: str, download: bool) -> Path:
         ) from None
 
 
-def load(name: str, *, dtype: str = "auto", quantize: int | None = None) -> LoadedModel:
-    """Resolve and load a model plus its tokenizer."""
+def load(name: str, *, dtype: str = "auto", quantize: int | None = None,
+         prepare: Callable[[nn.Module], None] | None = None) -> LoadedModel:
+    """Resolve and load a model plus its tokenizer.
+
+    ``prepare`` changes the model in place before its weights are read from the files (after
+    ``--dtype`` and ``--quantize``): splitting it there (``distributed.sharding.shard_model``,
+    ``distributed.pipeline.pipeline_model``) makes a rank hold its share plus, while
+    loading, one layer's full tensors, never the whole model. A GGUF file is read first,
+    then prepared.
+    """
     path = resolve_model(name)
     if path.is_file():
         if quantize:
             log.warning("--quantize %d ignored: %s is a GGUF file, loaded as it is quantized",
                         quantize, path.name)
-        return _load_gguf(path, name, dtype)
-    model, config = load_model_dir(path, dtype=dtype)
-    if quantize and config.get("quantization"):
+        loaded = _load_gguf(path, name, dtype)
+        if prepare:
+            prepare(loaded.model)
+        return loaded
+    if quantize and (bits := read_config(path).get("quantization")):
         log.warning("--quantize %d ignored: %s is already quantized (%s bits)", quantize, name,
-                    config["quantization"].get("bits"))
-    elif quantize:
-        quantize_model(model, quantize)
+                    bits.get("bits"))
+        quantize = None
+
+    def quantize_and_prepare(model: nn.Module) -> None:
+        if quantize:
+            quantize_model(model, quantize)
+        if prepare:
+            prepare(model)
+
+    model, config = load_model_dir(path, dtype=dtype, prepare=quantize_and_prepare)
+    if quantize:
         config["quantization"] = {"group_size": 64, "bits": quantize}
     from ..tokenizer import Tokenizer
 
@@ -210,8 +229,10 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
-    """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not)."""
+def load_model_dir(path: Path, *, dtype: str = "auto",
+                   prepare: Callable[[nn.Module], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not);
+    ``prepare`` runs on the model before the (lazily loaded) weights are evaluated."""
     config = read_config(path)
     try:
         module = model_module(config["model_type"])
@@ -227,6 +248,9 @@ def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[
     load_strict(model, weights, path)
     if dtype != "auto":
         _cast_floats(model, DTYPES[dtype])
+    del weights  # the model holds them now; a tensor ``prepare`` slices is freed once read
+    if prepare:
+        prepare(model)
     mx.eval(model.parameters())
     return model, config
 
@@ -279,7 +303,8 @@ def _apply_quantization(model: nn.Module, quant: dict[str, Any], weights: dict[s
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> None:
     """Quantize-on-load (``--quantize 4|8``): every Linear/Embedding whose width allows it,
-    with the model's own per-layer choices (``quant_predicate``, e.g. an 8-bit MoE router)."""
+    with the model's own per-layer choices (``quant_predicate``, e.g. an 8-bit MoE router).
+    Lazy: ``load_model_dir`` evaluates the weights once, after ``prepare``."""
     own = getattr(model, "quant_predicate", None)
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
@@ -288,7 +313,6 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> None:
         return own(path, module) if own else True
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    mx.eval(model.parameters())
 
 
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:

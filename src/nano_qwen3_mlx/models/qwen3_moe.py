@@ -70,7 +70,20 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
 
+    # Tensor parallel (``distributed/sharding.py``): each rank holds a slice of every
+    # expert, and the block sums the ranks' partial outputs over this group.
+    sharding_group: mx.distributed.Group | None = None
+
     def __call__(self, x: mx.array) -> mx.array:
+        return self.all_sum(self.routed(x))
+
+    def all_sum(self, y: mx.array) -> mx.array:
+        """The ranks' partial outputs summed (unchanged when not sharded)."""
+        group = self.sharding_group
+        return y if group is None else mx.distributed.all_sum(y, group=group)
+
+    def routed(self, x: mx.array) -> mx.array:
+        """The routed experts' output (this rank's part of it when sharded)."""
         # Any leading shape ((B, L) padded or (1, T) packed): route the tokens as one list.
         tokens = x.reshape(-1, x.shape[-1])
         probs = mx.softmax(self.gate(tokens), axis=-1, precise=True)

@@ -14,7 +14,14 @@ from typing import Annotated, Any
 import typer
 from aiohttp import web
 
-from ..config import DRAFT_MODEL_HELP, KV_DTYPE_HELP, SPECULATIVE_HELP, EngineConfig, ServerConfig
+from ..config import (
+    DRAFT_MODEL_HELP,
+    KV_DTYPE_HELP,
+    PIPELINE_HELP,
+    SPECULATIVE_HELP,
+    EngineConfig,
+    ServerConfig,
+)
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
@@ -62,6 +69,7 @@ def serve(
     speculative: Annotated[str | None, Opt(help=SPECULATIVE_HELP)] = None,
     num_speculative_tokens: Annotated[int | None, Opt(help="most tokens a sequence drafts per step with --speculative (default 4; adaptive below)")] = None,
     draft_model: Annotated[str | None, Opt(help=DRAFT_MODEL_HELP)] = None,
+    pipeline: Annotated[bool | None, Opt("--pipeline/--tensor", help=PIPELINE_HELP)] = None,
     api_key: Annotated[str | None, Opt(help="require Authorization: Bearer <key> or x-api-key: <key> (env API_KEY)")] = None,
     served_model_name: Annotated[str | None, Opt(help="model name shown to clients")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning, error")] = None,
@@ -84,7 +92,8 @@ def serve(
                           device=device, dtype=dtype, quantize=quantize,
                           kv_cache_dtype=kv_cache_dtype, prefix_cache_dir=prefix_cache_dir,
                           prefix_cache_disk_gb=prefix_cache_disk_gb, speculative=speculative,
-                          num_speculative_tokens=num_speculative_tokens, draft_model=draft_model)
+                          num_speculative_tokens=num_speculative_tokens, draft_model=draft_model,
+                          pipeline=pipeline)
     for entry in entries or [{"model": engine_config.model}]:
         _check_model(entry.get("model", engine_config.model))
     if engine_config.draft_model:
