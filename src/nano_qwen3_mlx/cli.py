@@ -342,9 +342,10 @@ def main() -> None:
     except ImportError:
         from click import exceptions as click
 
-    _join_distributed_job()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        # Inside the try: it imports MLX, and a Ctrl-C there must end in os._exit too.
+        _join_distributed_job()
         code = app(standalone_mode=False)
     except click.NoArgsIsHelpError as exc:  # `nano-qwen3` alone: the help text
         exc.show()
