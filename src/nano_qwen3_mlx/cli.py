@@ -342,10 +342,11 @@ def main() -> None:
     except ImportError:
         from click import exceptions as click
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        # Inside the try: it imports MLX, and a Ctrl-C there must end in os._exit too.
+        # Inside the try (a Ctrl-C there must end in os._exit too), and before logging is
+        # set up: a silenced rank's log handler must get the silenced stderr.
         _join_distributed_job()
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         code = app(standalone_mode=False)
     except click.NoArgsIsHelpError as exc:  # `nano-qwen3` alone: the help text
         exc.show()
