@@ -28,6 +28,7 @@ from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
+from .mtp import MTPDrafter, MTPSpeculator
 from .output_processor import OutputProcessor
 from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
@@ -48,11 +49,17 @@ class LLMEngine:
         self.config = config
         if config.device == "cpu":
             mx.set_default_device(mx.cpu)
-        self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize)
+        self.loaded = loaded or load(config.model, dtype=config.dtype, quantize=config.quantize,
+                                     mtp=config.speculative == "mtp")
         self.model: CausalLM = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
-        # speculative="draft": the draft model (its KV pool shares the target's block ids).
-        self.drafter = DraftModel.load(config, self.loaded) if config.speculative == "draft" else None
+        # speculative="draft": the draft model; "mtp": the checkpoint's MTP head (engine/mtp.py).
+        # Either keeps a KV pool on the target's block ids and follows every step.
+        self.drafter: DraftModel | MTPDrafter | None = None
+        if config.speculative == "draft":
+            self.drafter = DraftModel.load(config, self.loaded)
+        elif config.speculative == "mtp":
+            self.drafter = MTPDrafter(self.loaded, config.block_size, config.kv_cache_dtype)
         # {"total", "active"} (quantized weights counted unpacked; active < total for MoE),
         # counted once here, on the thread that owns the model.
         self.num_parameters: dict[str, int] = self.model.num_parameters()
@@ -78,7 +85,8 @@ class LLMEngine:
                                                 config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
-        self.runner = ModelRunner(self.model, self.cache, self.sampler, self.state_cache)
+        self.runner = ModelRunner(self.model, self.cache, self.sampler, self.state_cache,
+                                  keep_hidden=isinstance(self.drafter, MTPDrafter))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self.speculator = self._make_speculator()
@@ -128,6 +136,8 @@ class LLMEngine:
         if self.config.speculative is None:
             return None
         options = {"vocab_size": self.model.vocab_size, "states": self.states}
+        if isinstance(self.drafter, MTPDrafter):
+            return MTPSpeculator(self.config.num_speculative_tokens, self.drafter, **options)
         if self.drafter is not None:
             return DraftSpeculator(self.config.num_speculative_tokens, self.drafter, **options)
         return Speculator(self.config.num_speculative_tokens, **options)
@@ -325,7 +335,7 @@ class LLMEngine:
         prev, start = self._in_flight, time.perf_counter()
         out = self.runner.run(batch, prev) if batch else None
         if batch and self.drafter is not None:  # the draft's KV follows every step
-            self.drafter.follow(batch, prev)
+            self.drafter.follow(batch, prev, out)
         if self.states is not None:  # the step's rows' states (and snapshots) are queued
             self.states.commit(batch)
         queued = time.perf_counter()
@@ -550,7 +560,7 @@ class LLMEngine:
                                "prefill_token_s": self.pacer.token_s},
             **({"speculative": {"method": self.config.speculative,
                                 "num_speculative_tokens": self.config.num_speculative_tokens,
-                                **({"draft_model": self.config.draft_model} if self.drafter else {})}
+                                **({"draft_model": self.config.draft_model} if self.config.draft_model else {})}
                 | self.speculator.stats.as_dict()} if self.speculator is not None else {}),
             "memory": memory_stats() | {"weights_bytes": self.weights_nbytes},
             "blas": blas_info().as_dict(),

@@ -143,15 +143,20 @@ def _download(repo_id: str, download: bool) -> Path:
         ) from None
 
 
-def load(name: str, *, dtype: str = "auto", quantize: int | None = None) -> LoadedModel:
-    """Resolve and load a model plus its tokenizer."""
+def load(name: str, *, dtype: str = "auto", quantize: int | None = None,
+         mtp: bool = False) -> LoadedModel:
+    """Resolve and load a model plus its tokenizer. ``mtp``: also its multi-token prediction
+    head (``model.mtp``; a ``ModelLoadError`` where the checkpoint has none)."""
     path = resolve_model(name)
+    if path.is_file() and mtp:
+        raise ModelLoadError(f"speculative='mtp': {path.name} is a GGUF file, which carries no "
+                             "multi-token prediction (mtp.*) weights")
     if path.is_file():
         if quantize:
             log.warning("--quantize %d ignored: %s is a GGUF file, loaded as it is quantized",
                         quantize, path.name)
         return _load_gguf(path, name, dtype)
-    model, config = load_model_dir(path, dtype=dtype)
+    model, config = load_model_dir(path, dtype=dtype, mtp=mtp)
     if quantize and config.get("quantization"):
         log.warning("--quantize %d ignored: %s is already quantized (%s bits)", quantize, name,
                     config["quantization"].get("bits"))
@@ -210,14 +215,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def load_model_dir(path: Path, *, dtype: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
-    """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not)."""
+def load_model_dir(path: Path, *, dtype: str = "auto",
+                   mtp: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not);
+    ``mtp``: with the multi-token prediction head."""
     config = read_config(path)
     try:
         module = model_module(config["model_type"])
         model = module.Model(module.ModelArgs.from_dict(config))
     except (TypeError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: bad model config ({exc})") from None
+    if mtp:
+        if not hasattr(model, "add_mtp"):
+            raise ModelLoadError(f"speculative='mtp' needs a Qwen3.5 / Qwen3-Next checkpoint "
+                                 f"with mtp.* weights; {config['model_type']} has no MTP head")
+        try:
+            model.add_mtp()
+        except ValueError as exc:
+            raise ModelLoadError(f"speculative='mtp': {path}: {exc}") from None
     try:
         weights = model.sanitize(_read_safetensors(path))
     except ValueError as exc:  # e.g. an MoE checkpoint missing an expert's tensor

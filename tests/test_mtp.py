@@ -1,0 +1,123 @@
+"""Speculative decoding with the checkpoint's MTP head (engine/mtp.py, models/mtp.py) on tiny
+random Qwen3.5 and Qwen3-Next checkpoints in the Hugging Face layout (with ``mtp.*``): the
+same greedy tokens as without it, batched and under preemption, drafts made, accepted and
+rolled back, no KV block or state slot leaked; a clear error where there is no head."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from nano_qwen3_mlx import SamplingParams
+from nano_qwen3_mlx.config import EngineConfig
+from nano_qwen3_mlx.engine.llm_engine import LLMEngine
+from nano_qwen3_mlx.models.loader import ModelLoadError
+from tests.checkpoints import write_checkpoint, write_hybrid_checkpoint
+from tests.test_hybrid_engine import assert_no_leaks, drive
+from tests.test_speculative import BIAS
+from tests.test_speculative_rows import HYBRID_PROMPTS
+
+OPTS = dict(block_size=4, state_snapshot_interval=8, max_num_batched_tokens=16, max_num_seqs=4,
+            device="cpu")
+
+
+def _edit_mtp(path, edit) -> None:
+    """Rewrite the checkpoint's tensors with ``edit(weights)`` applied."""
+    weights = mx.load(str(path / "model.safetensors"))
+    edit(weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_next"])
+def family_dir(request, tmp_path_factory, qwen_tokenizer_dir):
+    return write_hybrid_checkpoint(tmp_path_factory.mktemp(request.param), qwen_tokenizer_dir,
+                                   request.param)
+
+
+def make(path, **options) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), **(OPTS | {"num_kv_blocks": 64} | options)))
+
+
+def both(path, prompts, params, **options) -> tuple[dict, LLMEngine]:
+    """The tokens with and without MTP (asserted equal) and the MTP engine."""
+    plain, spec = make(path, **options), make(path, speculative="mtp", **options)
+    want, got = drive(plain, prompts, params), drive(spec, prompts, params)
+    assert got == want
+    assert_no_leaks(spec)
+    return got, spec
+
+
+@pytest.mark.parametrize("num_kv_blocks", [64, 20])  # 20: preemption mid-generation
+def test_greedy_tokens_are_the_ones_without_mtp(family_dir, num_kv_blocks):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=BIAS)
+    _, spec = both(family_dir, HYBRID_PROMPTS[:5], params, num_kv_blocks=num_kv_blocks)
+    stats = spec.get_stats()["speculative"]
+    assert stats["method"] == "mtp" and stats["draft_tokens"] > 0
+    if num_kv_blocks == 20:
+        assert spec.scheduler.num_preemptions > 0
+
+
+def test_sampled_tokens_follow_the_seed_with_mtp(family_dir):
+    """T > 0: the rejection keeps each request's seeded stream (drafts are rejected here)."""
+    params = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=7)
+    both(family_dir, HYBRID_PROMPTS[:3], params)
+
+
+def test_drafts_are_accepted_and_continue_from_the_last_accepted_token(tmp_path, family_dir):
+    """A head with ``fc`` zeroed sees zeros: its logits are all 0, its draft always token 0;
+    a target biased to token 0 accepts every draft. So each speculating row emits two tokens,
+    and its next draft is read at the bonus token's position."""
+    import shutil
+
+    path = shutil.copytree(family_dir, tmp_path / "zero-fc")
+    _edit_mtp(path, lambda w: w.update({"mtp.fc.weight": mx.zeros_like(w["mtp.fc.weight"])}))
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True, logit_bias={0: 100.0})
+    got, spec = both(path, HYBRID_PROMPTS[:3], params)
+    assert all(tokens == [0] * 13 for tokens in got.values())
+    stats = spec.get_stats()["speculative"]
+    assert stats["accepted_tokens"] == stats["draft_tokens"] > 0
+    assert stats["tokens_per_step"] > 1.5
+
+
+def test_a_checkpoint_without_mtp_weights_is_a_clear_error(tmp_path, qwen_tokenizer_dir, family_dir):
+    import shutil
+
+    path = shutil.copytree(family_dir, tmp_path / "no-mtp")
+    _edit_mtp(path, lambda w: [w.pop(k) for k in [k for k in w if k.startswith("mtp.")]])
+    make(path)  # fine without speculative="mtp"
+    with pytest.raises(ModelLoadError, match=r"no mtp\.\* .*speculative='mtp'"):
+        make(path, speculative="mtp")
+    mlx_dir = write_hybrid_checkpoint(tmp_path / "mlx", qwen_tokenizer_dir, layout="mlx")
+    with pytest.raises(ModelLoadError, match="speculative='mtp'"):
+        make(mlx_dir, speculative="mtp")
+    with pytest.raises(ModelLoadError, match="speculative='mtp'.*qwen3 has no MTP head"):
+        make(write_checkpoint(tmp_path / "qwen3", qwen_tokenizer_dir), speculative="mtp")
+
+
+def test_the_draft_after_decoding_is_the_draft_after_prefilling_the_same_text(family_dir):
+    """The head's KV written step by step (decode rows, rejected drafts, corrections) gives
+    the draft a fresh engine computes from the same text as one chunked prompt: the next
+    tokens, positions and slots of ``follow`` line up with the target's."""
+    from types import SimpleNamespace
+
+    spec, seen = make(family_dir, speculative="mtp"), []
+    draft_for = spec.drafter.draft_for
+
+    def record(seq):
+        draft = draft_for(seq)
+        if draft is not None:
+            seen.append((list(seq.token_ids), draft))
+        return draft
+
+    spec.drafter.draft_for = record
+    spec.speculator.verified = lambda *args: None  # no back-off: a draft every step
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    drive(spec, [HYBRID_PROMPTS[4]], params)
+    assert len(seen) >= 10
+    for tokens, draft in seen[::2]:
+        fresh = make(family_dir, speculative="mtp")
+        fresh.add_request(tokens[:-1], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        while not any(out.token_ids for out in fresh.step()):
+            pass
+        (seq_id,) = fresh.drafter._where
+        assert fresh.drafter.draft_for(SimpleNamespace(seq_id=seq_id, token_ids=tokens)) == draft
