@@ -1,5 +1,5 @@
 """Speculative decoding with the checkpoint's MTP head (engine/mtp.py, models/mtp.py) on tiny
-random Qwen3.5 and Qwen3-Next checkpoints in the Hugging Face layout (with ``mtp.*``): the
+random Qwen3.5 (dense and MoE: the head's layer has experts) and Qwen3-Next checkpoints in the Hugging Face layout (with ``mtp.*``): the
 same greedy tokens as without it, batched and under preemption, drafts made, accepted and
 rolled back, no KV block or state slot leaked; a clear error where there is no head."""
 
@@ -28,7 +28,7 @@ def _edit_mtp(path, edit) -> None:
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
-@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_next"])
+@pytest.fixture(scope="module", params=["qwen3_5", "qwen3_5_moe", "qwen3_next"])
 def family_dir(request, tmp_path_factory, qwen_tokenizer_dir):
     return write_hybrid_checkpoint(tmp_path_factory.mktemp(request.param), qwen_tokenizer_dir,
                                    request.param)

@@ -42,9 +42,8 @@ class MTPHead(nn.Module):
         if n < 1:
             raise ValueError("the model config declares no MTP layers (mtp_num_hidden_layers: 0)")
         # The head's layers are full-attention layers numbered from 0 in its own KV pool;
-        # every layer is sparse where the model has experts (Hugging Face builds it so).
-        sub = replace(args, num_hidden_layers=n, layer_types=[FULL] * n, mlp_only_layers=[],
-                      decoder_sparse_step=1)
+        # whether one has experts follows the model's rule at its own index (as vLLM's).
+        sub = replace(args, num_hidden_layers=n, layer_types=[FULL] * n)
         hidden = args.hidden_size
         self.pre_fc_norm_embedding = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
         self.pre_fc_norm_hidden = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
