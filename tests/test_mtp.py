@@ -47,10 +47,11 @@ def both(path, prompts, params, **options) -> tuple[dict, LLMEngine]:
     return got, spec
 
 
-@pytest.mark.parametrize("num_kv_blocks", [64, 20])  # 20: preemption mid-generation
-def test_greedy_tokens_are_the_ones_without_mtp(family_dir, num_kv_blocks):
+@pytest.mark.parametrize("num_kv_blocks, k", [(64, 4), (64, 1), (20, 3)])  # 20: preemption
+def test_greedy_tokens_are_the_ones_without_mtp(family_dir, num_kv_blocks, k):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=BIAS)
-    _, spec = both(family_dir, HYBRID_PROMPTS[:5], params, num_kv_blocks=num_kv_blocks)
+    _, spec = both(family_dir, HYBRID_PROMPTS[:5], params, num_kv_blocks=num_kv_blocks,
+                   num_speculative_tokens=k)
     stats = spec.get_stats()["speculative"]
     assert stats["method"] == "mtp" and stats["draft_tokens"] > 0
     if num_kv_blocks == 20:
@@ -64,19 +65,20 @@ def test_sampled_tokens_follow_the_seed_with_mtp(family_dir):
 
 
 def test_drafts_are_accepted_and_continue_from_the_last_accepted_token(tmp_path, family_dir):
-    """A head with ``fc`` zeroed sees zeros: its logits are all 0, its draft always token 0;
-    a target biased to token 0 accepts every draft. So each speculating row emits two tokens,
-    and its next draft is read at the bonus token's position."""
+    """A head with ``fc`` zeroed sees zeros: its logits are all 0, its draft always token 0
+    (chained ones too); a target biased to token 0 accepts every draft. So k grows to 4, each
+    speculating row emits up to five tokens, and its next first draft is read at the bonus
+    token's position."""
     import shutil
 
     path = shutil.copytree(family_dir, tmp_path / "zero-fc")
     _edit_mtp(path, lambda w: w.update({"mtp.fc.weight": mx.zeros_like(w["mtp.fc.weight"])}))
-    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True, logit_bias={0: 100.0})
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logit_bias={0: 100.0})
     got, spec = both(path, HYBRID_PROMPTS[:3], params)
-    assert all(tokens == [0] * 13 for tokens in got.values())
+    assert all(tokens == [0] * 24 for tokens in got.values())
     stats = spec.get_stats()["speculative"]
     assert stats["accepted_tokens"] == stats["draft_tokens"] > 0
-    assert stats["tokens_per_step"] > 1.5
+    assert stats["tokens_per_step"] > 3
 
 
 def test_a_checkpoint_without_mtp_weights_is_a_clear_error(tmp_path, qwen_tokenizer_dir, family_dir):
@@ -104,10 +106,10 @@ def test_the_draft_after_decoding_is_the_draft_after_prefilling_the_same_text(fa
     draft_for = spec.drafter.draft_for
 
     def record(seq):
-        draft = draft_for(seq)
-        if draft is not None:
-            seen.append((list(seq.token_ids), draft))
-        return draft
+        found = draft_for(seq)
+        if found is not None:
+            seen.append((list(seq.token_ids), found[0]))
+        return found
 
     spec.drafter.draft_for = record
     spec.speculator.verified = lambda *args: None  # no back-off: a draft every step
@@ -120,4 +122,4 @@ def test_the_draft_after_decoding_is_the_draft_after_prefilling_the_same_text(fa
         while not any(out.token_ids for out in fresh.step()):
             pass
         (seq_id,) = fresh.drafter._where
-        assert fresh.drafter.draft_for(SimpleNamespace(seq_id=seq_id, token_ids=tokens)) == draft
+        assert fresh.drafter.draft_for(SimpleNamespace(seq_id=seq_id, token_ids=tokens))[0] == draft

@@ -1,5 +1,5 @@
 """Speculative decoding with the checkpoint's own multi-token prediction (MTP) head
-(Qwen3.5 / Qwen3-Next ``mtp.*``, ``models/mtp.py``): one draft per speculating row per step.
+(Qwen3.5 / Qwen3-Next ``mtp.*``, ``models/mtp.py``).
 
 The head predicts token t + 2 from the target's final hidden state at t and token t + 1. It
 has one attention layer with a paged KV pool of its own, on the target's block ids (as the
@@ -8,19 +8,19 @@ K/V of (token t + 1, hidden t). So the head runs right after every target step (
 over every token the target computed, with the target's hidden states
 (``StepOutput.hidden``: the runner keeps them all) and, where a position sampled, the token
 it sampled (still lazy). Its argmax at each sampled position is the draft after that token;
-when the step is read, a row's draft is the one at its last accepted position, so a rejected
-draft's correction still gets a draft (the head ran at the correction's position too). No
-extra pass and no extra sync: the drafts are read with the step.
+when the step is read, a row's first draft is the one at its last accepted position, so a
+rejected draft's correction still gets a draft (the head ran at the correction's position
+too): no extra pass and no extra sync. Further drafts (k > 1) chain the head on its own
+output (``chain``: one one-token pass per draft, one read), as vLLM's MTP does.
 
 Drafts are greedy (argmax), so the exact rejection of ``speculative.py`` keeps the output
 distribution at any temperature and greedy output token for token. KV the head never wrote
 for a sequence (a prefix cached by a sequence with another next token, blocks loaded by the
-disk tier) only lowers the acceptance. Chaining the head for k > 1 is not done yet.
+disk tier) only lowers the acceptance.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import mlx.core as mx
@@ -32,8 +32,6 @@ from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .model_runner import ModelRunner, StepOutput, packed_order
 from .scheduler import ScheduledBatch
 from .speculative import Speculator
-
-log = logging.getLogger(__name__)
 
 
 class MTPDrafter:
@@ -53,6 +51,7 @@ class MTPDrafter:
         # index of that token's draft, number of sampled tokens), and the drafts (lazy).
         self._where: dict[int, tuple[int, int, int]] = {}
         self._drafts: mx.array | None = None
+        self._picked: mx.array | None = None  # the head's output there (chained drafts)
         self._read: list[int] | None = None
 
     weights_nbytes = 0  # the head is part of the target's parameters
@@ -90,7 +89,7 @@ class MTPDrafter:
         next_ids, where = self._next_tokens(batch, order, out)
         ctx = self.runner.attention_context(batch, order)
         hidden = self.model.mtp_hidden_states(next_ids[:, None], out.hidden[:, None], ctx)[:, 0]
-        picked = hidden[ctx.sampled.tokens]
+        picked = self._picked = hidden[ctx.sampled.tokens]
         self._drafts = (mx.argmax(self.model.compute_logits(picked), axis=-1).astype(mx.int32)
                         if picked.shape[0] else None)
         self._where, self._read = where, None
@@ -129,9 +128,9 @@ class MTPDrafter:
         """Did the latest followed step sample for ``seq`` (so it may have a draft)?"""
         return seq.seq_id in self._where
 
-    def draft_for(self, seq: Any) -> int | None:
-        """The head's draft after ``seq``'s last token, if the latest followed step (read
-        by now) sampled that token; else None."""
+    def draft_for(self, seq: Any) -> tuple[int, int] | None:
+        """The head's draft after ``seq``'s last token and its row among the followed
+        step's picked ones, if that step (read by now) sampled the token; else None."""
         entry = self._where.get(seq.seq_id)
         if entry is None or self._drafts is None:
             return None
@@ -141,18 +140,52 @@ class MTPDrafter:
             return None
         if self._read is None:
             self._read = self._drafts.tolist()
-        return self._read[index + j]
+        return self._read[index + j], index + j
+
+    def chain(self, batch: ScheduledBatch, rows: list[tuple[int, int, tuple[int, int]]]
+              ) -> list[list[int]]:
+        """For each (batch row, k, its first draft and picked row): k greedy drafts.
+
+        Draft j + 1 is the head run once more at the next position on draft j and on the
+        head's own output there in place of the model's hidden state (not computed yet).
+        Those writes to the head's pool lie at positions the verifying step rewrites. The
+        rows' blocks must already hold k more slots; one read for all the chained tokens.
+        """
+        drafts = [[first] for _, _, (first, _) in rows]
+        ks = [k for _, k, _ in rows]
+        if max(ks, default=0) < 2:
+            return drafts
+        seqs = [batch.seqs[i] for i, _, _ in rows]
+        tokens = mx.array([d[0] for d in drafts], mx.int32)
+        hidden = self._picked[mx.array([at for _, _, (_, at) in rows])]
+        active, steps = list(range(len(rows))), []
+        for j in range(1, max(ks)):
+            still = [a for a, r in enumerate(active) if ks[r] > j]
+            if len(still) < len(active):
+                keep = mx.array(still)
+                tokens, hidden, active = tokens[keep], hidden[keep], [active[a] for a in still]
+            step = ScheduledBatch()
+            for r in active:
+                step.add(seqs[r], 1)
+                step.start_positions[-1] = len(seqs[r].token_ids) - 2 + j
+                step.samples[-1] = True
+            ctx = self.runner.attention_context(step, list(range(len(step))))
+            hidden = self.model.mtp_hidden_states(tokens[:, None], hidden[:, None], ctx)[:, 0]
+            tokens = mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32)
+            steps.append((active, tokens))
+        mx.eval([t for _, t in steps])
+        for active_rows, sampled in steps:
+            for r, t in zip(active_rows, sampled.tolist()):
+                drafts[r].append(t)
+        return drafts
 
 
 class MTPSpeculator(Speculator):
-    """``Speculator`` whose one draft per row comes from the MTP head (adaptive pauses,
-    step-size rules and ``/stats`` counters are the n-gram method's)."""
+    """``Speculator`` whose drafts come from the MTP head (adaptive k, step-size rules and
+    ``/stats`` counters are the n-gram method's)."""
 
     def __init__(self, num_tokens: int, drafter: MTPDrafter, **options: Any) -> None:
-        if num_tokens > 1:
-            log.warning("speculative='mtp' drafts one token per step: num_speculative_tokens "
-                        "%d is used as 1", num_tokens)
-        super().__init__(1, **options)
+        super().__init__(num_tokens, **options)
         self.drafter = drafter
 
     def may_draft(self, seq) -> bool:
@@ -160,16 +193,21 @@ class MTPSpeculator(Speculator):
 
     def draft(self, batch: ScheduledBatch, blocks: BlockManager, max_model_len: int,
               budget: int) -> int:
-        """Give each eligible decode row the head's draft after its last token."""
+        """Reserve each eligible row's k slots, chain the head's k drafts after its first,
+        and mark the rows as speculating (``seq.draft_ids``, ``batch.num_drafts``)."""
         budget -= batch.num_tokens
-        num_rows = 0
+        rows = []
         for i, seq in enumerate(batch.seqs):
-            if self.draft_len(batch, i, max_model_len, budget) < 1:
-                continue
-            token = self.drafter.draft_for(seq)
-            if token is not None and self.attach(batch, i, [token], blocks):
-                budget -= 1
-                num_rows += 1
-        if num_rows:
+            k = self.draft_len(batch, i, max_model_len, budget)
+            first = self.drafter.draft_for(seq) if k else None
+            if first is not None and blocks.can_append(seq, k):
+                blocks.append_slots(seq, k)
+                rows.append((i, k, first))
+                budget -= k
+        if not rows:
+            return 0
+        taken = [i for (i, _, _), drafts in zip(rows, self.drafter.chain(batch, rows))
+                 if self.attach(batch, i, drafts, blocks, reserved=True)]
+        if taken:
             self.stats.steps += 1
-        return num_rows
+        return len(taken)
