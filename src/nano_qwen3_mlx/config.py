@@ -26,8 +26,8 @@ KV_DTYPE_HELP = ("KV cache storage: int8, int4 (group-wise quantized, read in pl
 SPECULATIVE_HELP = ("speculative decoding: ngram (prompt lookup: drafts what followed the text's "
                     "last tokens earlier) or draft (a smaller model of the same tokenizer, "
                     "--draft-model) or mtp (the checkpoint's multi-token prediction head, "
-                    "Qwen3.5 / Qwen3-Next with mtp.* weights); drafts are verified in the same step, output unchanged at "
-                    "any temperature")
+                    "Qwen3.5 / Qwen3-Next with mtp.* weights); drafts are verified in the same "
+                    "step, output unchanged at any temperature")
 DRAFT_MODEL_HELP = ("with --speculative draft: the draft model (alias, directory, .gguf), "
                     "loaded like the model; it must share the model's tokenizer")
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
