@@ -123,3 +123,28 @@ def test_the_draft_after_decoding_is_the_draft_after_prefilling_the_same_text(fa
             pass
         (seq_id,) = fresh.drafter._where
         assert fresh.drafter.draft_for(SimpleNamespace(seq_id=seq_id, token_ids=tokens))[0] == draft
+
+
+def test_with_a_grammar_the_tokens_are_the_ones_without_mtp(family_dir, qwen_tokenizer_dir):
+    """Drafts cut at the first token the grammar forbids, the matcher and the recurrent state
+    rolled back: the same tokens."""
+    from nano_qwen3_mlx.tokenizer import Tokenizer
+    from tests.test_speculative_rows import grammar_case
+
+    tokenizer = Tokenizer.from_pretrained(qwen_tokenizer_dir)
+    prompt, bias = grammar_case(tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=16, logit_bias=bias, regex="(ab| ab| cd)+")
+    both(family_dir, [prompt, prompt[1:], prompt[:-1]], params)  # drafts cut to none here
+
+
+def test_drafts_a_grammar_allows_are_accepted(tmp_path, family_dir):
+    """The zeroed head's drafts (token 0, "!") under a grammar that allows them."""
+    import shutil
+
+    path = shutil.copytree(family_dir, tmp_path / "zero-fc")
+    _edit_mtp(path, lambda w: w.update({"mtp.fc.weight": mx.zeros_like(w["mtp.fc.weight"])}))
+    params = SamplingParams(temperature=0, max_tokens=12, logit_bias={0: 100.0}, regex="!+")
+    got, spec = both(path, HYBRID_PROMPTS[:2], params)
+    assert all(tokens and set(tokens) == {0} for tokens in got.values())
+    stats = spec.get_stats()["speculative"]
+    assert stats["accepted_tokens"] == stats["draft_tokens"] > 0
