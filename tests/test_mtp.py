@@ -148,3 +148,73 @@ def test_drafts_a_grammar_allows_are_accepted(tmp_path, family_dir):
     assert all(tokens and set(tokens) == {0} for tokens in got.values())
     stats = spec.get_stats()["speculative"]
     assert stats["accepted_tokens"] == stats["draft_tokens"] > 0
+
+
+def _prefill_hidden(path, prompt: list[int]) -> mx.array:
+    """The model's final hidden state at every prompt position, from one prefill chunk."""
+    engine, kept = make(path, speculative="mtp", max_num_batched_tokens=256), []
+    follow = engine.drafter.follow
+
+    def keep(batch, prev, out):
+        kept.append(out.hidden)
+        follow(batch, prev, out)
+
+    engine.drafter.follow = keep
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert kept[0].shape[0] == len(prompt)
+    return kept[0]
+
+
+class DenseContext:
+    """One sequence, causal attention over the call's own keys (an oracle for the paged
+    pool: no slots, no block tables)."""
+
+    offsets = 0
+
+    def attend(self, layer_idx, queries, keys, values, scale):
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale,
+                                                    mask="causal")
+
+    def output_rows(self, layer_idx):
+        return None
+
+
+def _sharpen(weights) -> None:
+    """The head's attention made peaky (q_norm, k_norm x 4: scores x 16), so a wrong position
+    or slot changes its output (a random head attends almost uniformly)."""
+    for name in ("q_norm", "k_norm"):
+        key = f"mtp.layers.0.self_attn.{name}.weight"
+        weights[key] = (weights[key] + 1.0) * 4.0 - 1.0  # stored zero-centred
+
+
+def test_chained_drafts_are_the_dense_heads_predictions(tmp_path, family_dir):
+    """Drafts 1 and 2 of a decoding sequence equal the head run densely over the whole text
+    (the model's hidden states from one prefill), draft 2 on draft 1 and the head's own
+    output: the paged slots, positions and next tokens of ``follow`` and ``chain`` agree."""
+    import shutil
+
+    path = shutil.copytree(family_dir, tmp_path / "sharp")
+    _edit_mtp(path, _sharpen)
+    spec, seen = make(path, speculative="mtp", num_speculative_tokens=2), []
+    spec.speculator.verified = lambda *args: None  # no back-off: k = 2 every step
+    chain = spec.drafter.chain
+
+    def record(batch, rows):
+        drafts = chain(batch, rows)
+        seen.extend((list(batch.seqs[i].token_ids), d) for (i, _, _), d in zip(rows, drafts))
+        return drafts
+
+    spec.drafter.chain = record
+    drive(spec, [HYBRID_PROMPTS[4]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    seen = [(tokens, d) for tokens, d in seen if len(d) == 2]  # (max_tokens cuts the last)
+    assert len(seen) >= 4
+    model = spec.model
+    for tokens, (d1, d2) in seen[::2]:
+        hidden = _prefill_hidden(path, tokens[:-1])
+        out = model.mtp_hidden_states(mx.array([tokens[1:]]), hidden[None], DenseContext())[0]
+        assert mx.argmax(model.compute_logits(out[-1])).item() == d1
+        out = model.mtp_hidden_states(mx.array([tokens[1:] + [d1]]),
+                                      mx.concatenate([hidden, out[-1:]])[None], DenseContext())[0]
+        assert mx.argmax(model.compute_logits(out[-1])).item() == d2
