@@ -210,7 +210,8 @@ TINY_QWEN3_NEXT: dict[str, Any] = {
 
 HYBRID_CONFIGS = {"qwen3_5": TINY_QWEN3_5, "qwen3_5_moe": TINY_QWEN3_5_MOE, "qwen3_next": TINY_QWEN3_NEXT}
 ZERO_CENTRED = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
-                ".q_norm.weight", ".k_norm.weight")
+                ".q_norm.weight", ".k_norm.weight", "mtp.norm.weight",
+                "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight")
 
 
 def build_tiny_hybrid(config: dict[str, Any], seed: int = 0) -> nn.Module:
@@ -242,6 +243,8 @@ def write_hybrid_checkpoint(
     text.update(config_overrides or {})
     config["torch_dtype"] = dtype
     model = build_tiny_hybrid(config, seed)
+    if layout == "hf":  # the published checkpoints carry an MTP head; mlx-lm drops it
+        _add_random_mtp(model, seed)
     model.load_weights([(k, v if k.endswith("A_log") else v.astype(getattr(mx, dtype)))
                         for k, v in tree_flatten(model.parameters())])
     if layout == "hf":
@@ -262,6 +265,16 @@ def write_hybrid_checkpoint(
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
     return path
+
+
+def _add_random_mtp(model: nn.Module, seed: int) -> None:
+    """A random ``mtp.*`` head as the hub's (``mtp.fc`` (H, 2H), the pre-fc norms, one
+    decoder layer, ``mtp.norm``), norms perturbed; drawn after the model's own weights."""
+    mx.random.seed(seed + 1000)
+    model.add_mtp()
+    noisy = [(k, v + 0.2 * mx.random.normal(v.shape)) for k, v in tree_flatten(model.mtp.parameters())
+             if k.endswith("norm.weight")]
+    model.mtp.load_weights(noisy, strict=False)
 
 
 def _mlx_name(key: str, family: str) -> str:
@@ -287,8 +300,6 @@ def _hf_layout(weights: dict[str, mx.array], family: str) -> dict[str, mx.array]
             out[f"{prefix}.experts.down_proj"] = out.pop(f"{prefix}.switch_mlp.down_proj.weight")
     else:
         out = unstack_experts(out)
-    out["mtp.fc.weight"] = mx.zeros((64, 128))  # the published checkpoints carry an MTP head
-    out["mtp.layers.0.input_layernorm.weight"] = mx.zeros((64,))
     if family.startswith("qwen3_5"):
         out["model.visual.patch_embed.proj.weight"] = mx.zeros((32, 3, 2, 16, 16))
     return out

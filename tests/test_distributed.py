@@ -124,8 +124,8 @@ def test_generate_cli_prints_once_pipelined_and_refuses_the_draft_model(smollm2_
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
     assert two.stderr.count("6 tokens, finish=length") == 1, two.stderr
-    assert two.stderr.count("speculative decoding with a draft model is off under "
-                            "mlx.launch") == 1, two.stderr
+    assert two.stderr.count("speculative decoding with a draft model or MTP head is off "
+                            "under mlx.launch") == 1, two.stderr
 
 
 def test_the_mode_comes_from_the_config(tmp_path):

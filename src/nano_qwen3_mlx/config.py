@@ -25,8 +25,9 @@ KV_DTYPE_HELP = ("KV cache storage: int8, int4 (group-wise quantized, read in pl
                  "bfloat16, float32 (default: the model's dtype)")
 SPECULATIVE_HELP = ("speculative decoding: ngram (prompt lookup: drafts what followed the text's "
                     "last tokens earlier) or draft (a smaller model of the same tokenizer, "
-                    "--draft-model); drafts are verified in the same step, output unchanged at "
-                    "any temperature")
+                    "--draft-model) or mtp (the checkpoint's multi-token prediction head, "
+                    "Qwen3.5 / Qwen3-Next with mtp.* weights); drafts are verified in the same "
+                    "step, output unchanged at any temperature")
 PIPELINE_HELP = ("under mlx.launch: split the model by layers across the ranks (pipeline parallel, "
                  "for a slow link such as Ethernet) instead of within every layer (tensor "
                  "parallel, the default, for a fast link such as Thunderbolt)")
@@ -183,9 +184,10 @@ class EngineConfig(_Settings):
     max_queue_size: int = Field(1024, ge=1)
     # Speculative decoding: "ngram" drafts tokens by prompt lookup (the sequence's last
     # tokens matched against its earlier text), "draft" by a smaller model of the same
-    # tokenizer (draft_model; engine/draft_model.py); both are verified inside the packed
-    # step. None: off. Attention-only models; see engine/speculative.py.
-    speculative: Literal["ngram", "draft"] | None = None
+    # tokenizer (draft_model; engine/draft_model.py), "mtp" by the checkpoint's multi-token
+    # prediction head (Qwen3.5 / Qwen3-Next with mtp.* weights; engine/mtp.py); all are
+    # verified inside the packed step. None: off. See engine/speculative.py.
+    speculative: Literal["ngram", "draft", "mtp"] | None = None
     # The most tokens one sequence drafts per step (adaptive below this).
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     # speculative="draft": the draft model (alias, directory, .gguf, hub id), loaded as the

@@ -32,10 +32,12 @@ def splitter(world: World) -> Callable[[nn.Module], None] | None:
     return lambda model: split(model, world.group)
 
 
-def load_share(config: EngineConfig, world: World) -> tuple[LoadedModel, dict[str, int]]:
+def load_share(config: EngineConfig, world: World,
+               mtp: bool = False) -> tuple[LoadedModel, dict[str, int]]:
     """Load ``config.model`` as this rank's share, split before its weights are read (so a
     rank never holds the whole model: the point for a model larger than one machine), and
-    the whole model's parameter counts (taken before the split)."""
+    the whole model's parameter counts (taken before the split). ``mtp``: with the
+    checkpoint's multi-token prediction head (one process only)."""
     counts: dict[str, int] = {}
     split = splitter(world)
 
@@ -49,7 +51,8 @@ def load_share(config: EngineConfig, world: World) -> tuple[LoadedModel, dict[st
             hint = "; --pipeline splits by layers instead" if world.mode == "tensor" else ""
             raise ModelLoadError(f"{exc} ({world.mode} parallel){hint}") from None
 
-    loaded = load(config.model, dtype=config.dtype, quantize=config.quantize, prepare=prepare)
+    loaded = load(config.model, dtype=config.dtype, quantize=config.quantize, prepare=prepare,
+                  mtp=mtp)
     if split is not None:
         log.info("rank %d of %d holds its %s share of %s", world.rank, world.size, world.mode,
                  config.model)

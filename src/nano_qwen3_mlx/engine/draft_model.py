@@ -88,10 +88,12 @@ class DraftModel:
     def grow(self, num_new_blocks: int) -> None:
         self.cache.grow(num_new_blocks)
 
-    def follow(self, batch: ScheduledBatch, prev: StepOutput | None) -> None:
+    def follow(self, batch: ScheduledBatch, prev: StepOutput | None,
+               out: StepOutput | None = None) -> None:
         """Queue the draft's forward pass over the target's step: the same tokens (a token
         still being sampled comes lazily from ``prev``) written to the same slots. Nothing
-        is sampled; a speculating row runs only its last draft (``propose`` wrote the rest)."""
+        is sampled; a speculating row runs only its last draft (``propose`` wrote the rest).
+        ``out`` (the step's own output, which the MTP head reads) is not needed here."""
         self._ends = {seq.seq_id: start + n for seq, start, n in
                       zip(batch.seqs, batch.start_positions, batch.num_new_tokens)}
         _, hidden = self.runner.forward(_kv_only(batch), prev)

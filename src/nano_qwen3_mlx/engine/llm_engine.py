@@ -28,6 +28,7 @@ from .grammar import GRAMMAR_FAILED, GrammarCompiler
 from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from .kv_pool import memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
+from .mtp import MTPDrafter, MTPSpeculator
 from .output_processor import OutputProcessor
 from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
@@ -57,14 +58,20 @@ class LLMEngine:
         # with --pipeline; distributed/. The parameter counts ({"total", "active"},
         # quantized weights counted unpacked) are the whole model's, taken before the split.
         self.world = (world or get_world()).with_mode(config.pipeline)
+        mtp = self._mtp_allowed()
         if loaded is None:
-            self.loaded, self.num_parameters = load_share(config, self.world)
+            self.loaded, self.num_parameters = load_share(config, self.world, mtp=mtp)
         else:
             self.loaded, self.num_parameters = loaded, share_loaded(loaded, self.world)
         self.model: CausalLM = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
-        # speculative="draft": the draft model (its KV pool shares the target's block ids).
-        self.drafter = DraftModel.load(config, self.loaded) if self._draft_allowed() else None
+        # speculative="draft": the draft model; "mtp": the checkpoint's MTP head (engine/mtp.py).
+        # Either keeps a KV pool on the target's block ids and follows every step.
+        self.drafter: DraftModel | MTPDrafter | None = None
+        if self._draft_allowed():
+            self.drafter = DraftModel.load(config, self.loaded)
+        elif mtp:
+            self.drafter = MTPDrafter(self.loaded, config.block_size, config.kv_cache_dtype)
         # A hybrid model's recurrent states (None: attention only, nothing changes).
         self.state_cache, self.states = self._make_states()
         self.cache = self._make_cache()
@@ -83,7 +90,8 @@ class LLMEngine:
                                                 config.sampling_defaults, config.max_tokens_default)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, catch_up=self._catch_up)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size)
-        self.runner = ModelRunner(self.model, self.cache, self.sampler, self.state_cache)
+        self.runner = ModelRunner(self.model, self.cache, self.sampler, self.state_cache,
+                                  keep_hidden=isinstance(self.drafter, MTPDrafter))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self.speculator = self._make_speculator()
@@ -109,13 +117,17 @@ class LLMEngine:
         return min(self.model_max_len, pool_tokens)
 
     def _draft_allowed(self) -> bool:
-        if self.config.speculative != "draft":
-            return False
+        return self.config.speculative == "draft" and self._drafter_allowed()
+
+    def _mtp_allowed(self) -> bool:
+        return self.config.speculative == "mtp" and self._drafter_allowed()
+
+    def _drafter_allowed(self) -> bool:
         if self.world.distributed:
             # Its KV pool and steps would run on rank 0 alone, outside the plans the other
             # ranks follow, next to a target split across them: not supported (yet).
-            log.warning("speculative decoding with a draft model is off under mlx.launch "
-                        "(distributed); --speculative ngram works there")
+            log.warning("speculative decoding with a draft model or MTP head is off under "
+                        "mlx.launch (distributed); --speculative ngram works there")
             return False
         return True
 
@@ -144,9 +156,11 @@ class LLMEngine:
         if self.config.speculative is None:
             return None
         options = {"vocab_size": self.model.vocab_size, "states": self.states}
+        if isinstance(self.drafter, MTPDrafter):
+            return MTPSpeculator(self.config.num_speculative_tokens, self.drafter, **options)
         if self.drafter is not None:
             return DraftSpeculator(self.config.num_speculative_tokens, self.drafter, **options)
-        if self.config.speculative == "draft":  # the draft model is off (_draft_allowed)
+        if self.config.speculative in ("draft", "mtp"):  # off across ranks (_drafter_allowed)
             return None
         return Speculator(self.config.num_speculative_tokens, **options)
 
@@ -343,7 +357,7 @@ class LLMEngine:
         prev, start = self._in_flight, time.perf_counter()
         out = self.runner.run(batch, prev) if batch else None
         if batch and self.drafter is not None:  # the draft's KV follows every step
-            self.drafter.follow(batch, prev)
+            self.drafter.follow(batch, prev, out)
         if self.states is not None:  # the step's rows' states (and snapshots) are queued
             self.states.commit(batch)
         queued = time.perf_counter()
@@ -568,7 +582,7 @@ class LLMEngine:
                                "prefill_token_s": self.pacer.token_s},
             **({"speculative": {"method": self.config.speculative,
                                 "num_speculative_tokens": self.config.num_speculative_tokens,
-                                **({"draft_model": self.config.draft_model} if self.drafter else {})}
+                                **({"draft_model": self.config.draft_model} if self.config.draft_model else {})}
                 | self.speculator.stats.as_dict()} if self.speculator is not None else {}),
             "memory": memory_stats() | {"weights_bytes": self.weights_nbytes},
             "blas": blas_info().as_dict(),

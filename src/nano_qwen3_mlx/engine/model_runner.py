@@ -31,6 +31,9 @@ class StepOutput:
     num_chunk_tokens: int = 0  # tokens of the rows of more than one token
     # Speculating rows: first sampled row -> the drafts its next rows verify (speculative.py).
     drafts: dict[int, list[int]] = field(default_factory=dict)
+    # (T, hidden): every packed token's final hidden state, in packed order; only from a
+    # runner built with ``keep_hidden`` (the MTP head reads it, engine/mtp.py).
+    hidden: mx.array | None = None
 
 
 class ModelRunner:
@@ -41,9 +44,13 @@ class ModelRunner:
     """
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, sampler: Sampler,
-                 states: StateCache | None = None) -> None:
+                 states: StateCache | None = None, keep_hidden: bool = False) -> None:
         self.model, self.cache, self.sampler = model, cache, sampler
         self.states = states  # a hybrid model's recurrent-state pool; None: attention only
+        # Keep every token's hidden state (``StepOutput.hidden``): the last layer then
+        # computes all rows, not only the sampled ones.
+        self.keep_hidden = keep_hidden
+        self._hidden: mx.array | None = None
         # Distributed rank 0: broadcasts each batch's plan before its forward is queued, so
         # the other ranks run the same step (distributed/leader.py). None: one process.
         self.before_run: Callable[[ScheduledBatch], None] | None = None
@@ -53,7 +60,7 @@ class ModelRunner:
         if self.before_run is not None:
             self.before_run(batch)
         rows, last = self.forward(batch, prev)  # rows: batch indices that sample or pool
-        out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)))
+        out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)), hidden=self._hidden)
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache
             mx.async_eval(last)
             return self._stamp(out, batch)
@@ -89,6 +96,7 @@ class ModelRunner:
         ctx = self.attention_context(batch, order)
         hidden = self.model.hidden_states(self._input_ids(batch, order, prev), ctx)[:, 0]
         rows = [i for i in order if batch.samples[i] for _ in range(1 + batch.num_drafts[i])]
+        self._hidden = hidden if self.keep_hidden else None
         if ctx.pruned:  # the last layer already kept only these rows
             return rows, hidden
         return rows, hidden[ctx.sampled.tokens]
@@ -164,7 +172,8 @@ class ModelRunner:
         keep = [r for r in decode if samples[r]]
         tokens = [t for r, i in enumerate(order) if samples[r]
                   for t in range(last[r] - batch.num_drafts[i], last[r] + 1)]
-        return SampledRows(len(self.model.kv_layers) - 1, mx.array(np.array(tokens, np.int32)),
+        last_layer = -1 if self.keep_hidden else len(self.model.kv_layers) - 1  # -1: no pruning
+        return SampledRows(last_layer, mx.array(np.array(tokens, np.int32)),
                            None if len(keep) == len(decode) else mx.array(keep, mx.int32))
 
     def _decode_group(self, batch: ScheduledBatch, rows: list[int]) -> DecodeGroup | None:

@@ -32,7 +32,8 @@ is processed exactly as the plain row would be once those drafts were its tokens
   pool's cap counts ``MAX_SPEC_ROWS * k`` scratch slots.
 
 Not speculated: pooling (embedding) requests; steps of more decode rows than
-``MAX_SPEC_ROWS`` (or ``SMALL_BATCH`` while acceptance is low). MTP heads are not used.
+``MAX_SPEC_ROWS`` (or ``SMALL_BATCH`` while acceptance is low). The draft model
+(``draft_model.py``) and the MTP head (``mtp.py``) reuse this class.
 
 ``draft_model.py`` adds the other source of drafts, a draft model (``DraftSpeculator``
 overrides ``may_draft`` and ``draft``); the rules here, ``attach`` and the verification are

@@ -4,7 +4,8 @@ dense or MoE MLP, pre-norm residuals. Implements ``contract.CausalLM`` with ``st
 
 Loads both layouts (``sanitize``): Hugging Face (conv1d weights ``(C, 1, K)``, decoder RMSNorm
 weights stored zero-centred, experts per expert or fused) and mlx-community (as mlx-lm saves
-them). ``mtp.*`` (multi-token prediction) and vision tensors are dropped with a log line.
+them). Vision tensors are dropped with a log line; so are ``mtp.*`` (multi-token prediction)
+unless ``add_mtp`` built the MTP head first (``--speculative mtp``, ``models/mtp.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 LINEAR, FULL = "linear_attention", "full_attention"
 # Hugging Face stores these RMSNorm weights as w - 1 (the norm multiplies by 1 + w).
 ZERO_CENTRED_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight",
-                      "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+                      "model.norm.weight", ".q_norm.weight", ".k_norm.weight", "mtp.norm.weight",
+                      "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight")
 VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.")
 
 
@@ -155,8 +157,10 @@ class HybridLM(DecoderLM):
         """A checkpoint tensor's (or quantization entry's) path in this module; None: not
         ours (``mtp.*``, vision). Maps Qwen3.5's ``model.language_model.*`` (Hugging Face)
         and ``language_model.model.*`` / ``language_model.lm_head.*`` (mlx-lm)."""
-        if key.startswith("mtp.") or ".mtp." in key or key.startswith(VISION_PREFIXES):
+        if key.startswith(VISION_PREFIXES):
             return None
+        if key.startswith("mtp.") or ".mtp." in key:  # kept only when the head was built
+            return key[key.index("mtp."):] if "mtp" in self else None
         for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
                          ("language_model.", "")):
             if key.startswith(old):
@@ -169,14 +173,35 @@ class HybridLM(DecoderLM):
         if skipped := sorted(k for k in weights if self.checkpoint_key(k) is None):
             log.info("ignoring %d checkpoint tensors not used for text generation "
                      "(multi-token prediction, vision), e.g. %s", len(skipped), skipped[0])
+        if "mtp" in self and not any(k.startswith("mtp.") for k in renamed):
+            raise ValueError("the checkpoint has no mtp.* (multi-token prediction) weights: "
+                             "speculative='mtp' needs a Qwen3.5 / Qwen3-Next checkpoint that "
+                             "ships them (mlx-lm conversions drop them)")
         weights = super().sanitize(renamed)
         if any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in weights.items()):
             _from_hugging_face(weights)
-        for i, layer in enumerate(self.layers):
+        layers = [(f"model.layers.{i}", layer) for i, layer in enumerate(self.layers)]
+        if "mtp" in self:
+            layers += [(f"mtp.layers.{i}", layer) for i, layer in enumerate(self.mtp.layers)]
+        for prefix, layer in layers:
             if isinstance(layer.mlp, SharedExpertMoeBlock):
-                _split_fused_experts(weights, f"model.layers.{i}.mlp")
-                _stack_experts(weights, f"model.layers.{i}.mlp", self.args.num_experts)
+                _split_fused_experts(weights, f"{prefix}.mlp")
+                _stack_experts(weights, f"{prefix}.mlp", self.args.num_experts)
         return weights
+
+    def add_mtp(self) -> None:
+        """Build the multi-token prediction head (``self.mtp``) before loading, so that
+        ``sanitize`` keeps the checkpoint's ``mtp.*`` weights (speculative="mtp")."""
+        from .mtp import MTPHead
+
+        self.mtp = MTPHead(self.args, self.fused_projections)
+
+    def mtp_hidden_states(self, next_ids: mx.array, hidden: mx.array,
+                          ctx: AttentionContext) -> mx.array:
+        """The MTP head (``add_mtp``) over packed ``(T, 1)`` next tokens and the target's
+        ``(T, 1, H)`` final hidden states; ``compute_logits`` of the result predicts the
+        token after each next token."""
+        return self.mtp(self.model.embed_tokens(next_ids), hidden, ctx)
 
     def num_parameters(self) -> dict[str, int]:
         """``total`` and ``active`` (per token: top-k of each sparse layer's experts)."""

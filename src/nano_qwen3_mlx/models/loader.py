@@ -145,16 +145,20 @@ def _download(repo_id: str, download: bool) -> Path:
 
 
 def load(name: str, *, dtype: str = "auto", quantize: int | None = None,
-         prepare: Callable[[nn.Module], None] | None = None) -> LoadedModel:
+         prepare: Callable[[nn.Module], None] | None = None, mtp: bool = False) -> LoadedModel:
     """Resolve and load a model plus its tokenizer.
 
     ``prepare`` changes the model in place before its weights are read from the files (after
     ``--dtype`` and ``--quantize``): splitting it there (``distributed.sharding.shard_model``,
     ``distributed.pipeline.pipeline_model``) makes a rank hold its share plus, while
     loading, one layer's full tensors, never the whole model. A GGUF file is read first,
-    then prepared.
+    then prepared. ``mtp``: also the multi-token prediction head (``model.mtp``; a
+    ``ModelLoadError`` where the checkpoint has none).
     """
     path = resolve_model(name)
+    if path.is_file() and mtp:
+        raise ModelLoadError(f"speculative='mtp': {path.name} is a GGUF file, which carries no "
+                             "multi-token prediction (mtp.*) weights")
     if path.is_file():
         if quantize:
             log.warning("--quantize %d ignored: %s is a GGUF file, loaded as it is quantized",
@@ -174,7 +178,7 @@ def load(name: str, *, dtype: str = "auto", quantize: int | None = None,
         if prepare:
             prepare(model)
 
-    model, config = load_model_dir(path, dtype=dtype, prepare=quantize_and_prepare)
+    model, config = load_model_dir(path, dtype=dtype, prepare=quantize_and_prepare, mtp=mtp)
     if quantize:
         config["quantization"] = {"group_size": 64, "bits": quantize}
     from ..tokenizer import Tokenizer
@@ -230,15 +234,25 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def load_model_dir(path: Path, *, dtype: str = "auto",
-                   prepare: Callable[[nn.Module], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                   prepare: Callable[[nn.Module], None] | None = None,
+                   mtp: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``config.json`` + safetensors (single or sharded, MLX-quantized or not);
-    ``prepare`` runs on the model before the (lazily loaded) weights are evaluated."""
+    ``prepare`` runs on the model before the (lazily loaded) weights are evaluated; ``mtp``:
+    with the multi-token prediction head."""
     config = read_config(path)
     try:
         module = model_module(config["model_type"])
         model = module.Model(module.ModelArgs.from_dict(config))
     except (TypeError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: bad model config ({exc})") from None
+    if mtp:
+        if not hasattr(model, "add_mtp"):
+            raise ModelLoadError(f"speculative='mtp' needs a Qwen3.5 / Qwen3-Next checkpoint "
+                                 f"with mtp.* weights; {config['model_type']} has no MTP head")
+        try:
+            model.add_mtp()
+        except ValueError as exc:
+            raise ModelLoadError(f"speculative='mtp': {path}: {exc}") from None
     try:
         weights = model.sanitize(_read_safetensors(path))
     except ValueError as exc:  # e.g. an MoE checkpoint missing an expert's tensor
