@@ -13,7 +13,15 @@ from nano_qwen3_mlx import LLM, SamplingParams
 from nano_qwen3_mlx.errors import InvalidRequestError
 from nano_qwen3_mlx.models.loader import ModelLoadError
 from tests.checkpoints import TINY_QWEN3, write_checkpoint
-from tests.test_speculative import BIAS, CHI2_CRIT, FEW, PROMPTS, _chi2_same, run
+from tests.test_speculative import (
+    BIAS,
+    CHI2_CRIT,
+    FEW,
+    PROMPTS,
+    _chi2_same,
+    check_aborts_and_preemption,
+    run,
+)
 
 SMALL = {**TINY_QWEN3, "vocab_size": 1024}
 OPTS = dict(num_kv_blocks=128, block_size=4, max_num_seqs=8, device="cpu")
@@ -114,30 +122,9 @@ def test_sampled_distribution_is_the_one_without_speculation(engines):
 
 
 def test_no_block_leaks_with_aborts_and_preemption(target_dir):
-    opts = dict(num_kv_blocks=14, block_size=4, max_num_seqs=4, device="cpu",
-                max_num_batched_tokens=16)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    prompts = PROMPTS + [FEW * 2, FEW]
-    with LLM(str(target_dir), **opts) as plain:
-        want = [r["tokens"] for r in run(plain, prompts, [params] * len(prompts))]
-    with LLM(str(target_dir), speculative="draft", draft_model=str(target_dir), **opts) as llm:
-        engine = llm.engine
-        ids = [engine.add_request(p, params) for p in prompts]
-        got, step = {i: [] for i in ids}, 0
-        while engine.has_unfinished_requests():
-            if step == 6:
-                engine.abort_request(ids[1])
-            for out in engine.step():
-                got[out.request_id] += out.token_ids
-            step += 1
-        stats = engine.get_stats()
-        assert stats["requests"]["preemptions"] > 0
-        assert stats["speculative"]["accepted_tokens"] > 0
-        assert stats["kv_cache"]["num_used_blocks"] == 0
-        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        for i, rid in enumerate(ids):
-            if i != 1:  # the aborted one stopped early
-                assert got[rid] == want[i]
+    check_aborts_and_preemption(target_dir, params, speculative="draft",
+                                draft_model=str(target_dir))
 
 
 def test_the_draft_pool_grows_with_the_target_pool(target_dir):

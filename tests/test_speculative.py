@@ -145,14 +145,19 @@ def test_sampled_distribution_is_the_one_without_speculation(engines, filters):
 
 
 def test_no_block_leaks_with_aborts_and_preemption(small_vocab_dir):
-    tiny_qwen3_dir = small_vocab_dir
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logit_bias=BIAS)
+    check_aborts_and_preemption(small_vocab_dir, params, speculative="ngram")
+
+
+def check_aborts_and_preemption(model_dir, params: SamplingParams, **speculation) -> None:
+    """A pool of 14 blocks (preemption), one request aborted mid-way: the others give their
+    tokens without speculation, drafts were accepted, and every block is back."""
     opts = dict(num_kv_blocks=14, block_size=4, max_num_seqs=4, device="cpu",
                 max_num_batched_tokens=16)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logit_bias=BIAS)
     prompts = PROMPTS + [FEW * 2, FEW]
-    with LLM(str(tiny_qwen3_dir), **opts) as plain:
+    with LLM(str(model_dir), **opts) as plain:
         want = [r["tokens"] for r in run(plain, prompts, [params] * len(prompts))]
-    with LLM(str(tiny_qwen3_dir), speculative="ngram", **opts) as llm:
+    with LLM(str(model_dir), **speculation, **opts) as llm:
         engine = llm.engine
         ids = [engine.add_request(p, params) for p in prompts]
         got, step = {i: [] for i in ids}, 0
