@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from nano_qwen3_mlx.engine import paged_attention
 from nano_qwen3_mlx.engine.kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from nano_qwen3_mlx.engine.model_runner import ModelRunner, packed_order
 from tests.test_paged_attention import (
@@ -36,12 +37,16 @@ def stored_kv(cache, table, n):
     return tuple(p[blocks, :, rows].swapaxes(0, 1)[None] for p in (k_pool, v_pool))
 
 
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("read_path", ["gather_qmm", "gather"])
 @pytest.mark.parametrize(("bits", "group_size"), [(8, 64), (8, 32), (4, 32)])
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=steps())
-def test_quantized_attention_equals_dequantize_then_attend(bits, group_size, read_path, case):
+def test_quantized_attention_equals_dequantize_then_attend(bits, group_size, read_path, parts, case,
+                                                           monkeypatch):
+    """``parts``: decode rows split over that many streams (by sequence, or kv head for one)."""
+    monkeypatch.setattr(paged_attention, "decode_parts", lambda: parts)
     lengths, news, shares, order, n_kv, group, unsampled, prune = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, mx.float32, read_path, bits, group_size)

@@ -90,15 +90,18 @@ def dense_reference(q, k, v, scale):
     return mx.fast.scaled_dot_product_attention(*f32, scale=scale, mask=mask)
 
 
+@pytest.mark.parametrize("parts", [1, 3], ids=["one-stream", "3-streams"])
 @pytest.mark.parametrize("max_scores", [paged_attention.MAX_SCORES, 40], ids=["whole", "split"])
 @pytest.mark.parametrize(("dtype", "read_path"), PATHS, ids=lambda p: str(p))
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=steps())
-def test_paged_attention_equals_dense(dtype, read_path, max_scores, case, monkeypatch):
+def test_paged_attention_equals_dense(dtype, read_path, max_scores, parts, case, monkeypatch):
     """``split``: a prefill chunk's queries attend in pieces (the long-context score cap);
-    ``prune``: the layer asks for the sampled rows only, as the engine's last layer does."""
+    ``prune``: the layer asks for the sampled rows only, as the engine's last layer does;
+    ``parts``: decode rows split over that many streams (by sequence, or by kv head for one)."""
     monkeypatch.setattr(paged_attention, "MAX_SCORES", max_scores)
+    monkeypatch.setattr(paged_attention, "decode_parts", lambda: parts)
     lengths, news, shares, order, n_kv, group, unsampled, prune = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, dtype, read_path=read_path)

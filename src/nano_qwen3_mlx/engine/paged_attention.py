@@ -6,7 +6,8 @@ and RoPE gets one position per token. Attention then needs to know each token's 
 
 - decode tokens (one per sequence) come first and attend together, reading the pool in
   place with ``mx.gather_mm`` (per-block scores, one softmax across blocks, per-block values),
-  or ``mx.gather_qmm`` where the cache is quantized (``--kv-cache-dtype int8|int4``);
+  or ``mx.gather_qmm`` where the cache is quantized (``--kv-cache-dtype int8|int4``); on
+  CPU split by sequence (or, for one sequence, by kv head) over one stream per core;
 - each prefill chunk (several tokens of one sequence) attends with SDPA over its sequence's
   blocks gathered into a contiguous ``(1, n_kv, S, D)`` copy, causal from its start.
 """
@@ -14,6 +15,8 @@ and RoPE gets one position per token. Attention then needs to know each token's 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -27,32 +30,98 @@ MAX_SCORES = 1 << 26  # attention scores one SDPA call may hold (256 MB in float
 LOG2E = math.log2(math.e)  # decode scores in base 2: exp(x) = 2 ** (x * log2(e))
 
 
+MAX_PARTS = 8  # most streams one layer's decode attention is split over (CPU)
+
+
+def decode_parts() -> int:
+    """How many pieces one layer's decode attention is split into, each on its own stream.
+
+    MLX runs each CPU op on one thread, and a thread alone cannot draw the memory bandwidth a
+    long-context decode needs: a piece per core reads the pool with every core (2K x 8 on two
+    cores: 14 -> 7 ms per layer). A GPU spreads each op over all its cores already: one piece.
+    """
+    if mx.default_device() != mx.cpu:
+        return 1
+    return max(1, min(MAX_PARTS, os.cpu_count() or 1))
+
+
+_streams: list[mx.Stream] = []
+
+
+def part_stream(index: int) -> mx.Stream:
+    """Piece ``index``'s stream: the default one for piece 0, one more CPU stream (thread)
+    for each further piece, made once per process."""
+    if index == 0:
+        return mx.default_stream(mx.default_device())
+    while len(_streams) < index:
+        _streams.append(mx.new_stream(mx.default_device()))
+    return _streams[index - 1]
+
+
+@dataclass(slots=True)
+class DecodePart:
+    """The query rows of a decode group one stream attends: sequences ``seqs`` x kv heads
+    ``heads``, with the indices its block products and mask use."""
+
+    seqs: slice
+    heads: slice
+    bias: mx.array  # (Bp, 1, nb, 1, bs) float32: 0 where the key position is valid, -inf past it
+    lhs: mx.array  # (Bp * Hp * nb,) uint32: query row (sequence, kv head) of each block product
+    rhs: mx.array  # (Bp * Hp * nb,) uint32: pool row (block, kv head) of each block product
+    rows: mx.array  # (Bp * Hp * nb,) uint32: 0, 1, ...: each block product's own score rows
+
+    @classmethod
+    def build(cls, seqs: slice, heads: slice, bias: np.ndarray, pool_rows: np.ndarray) -> DecodePart:
+        """``bias`` (B, 1, nb, 1, bs) and ``pool_rows`` (B, n_kv, nb) of the whole group."""
+        rhs = pool_rows[seqs, heads]
+        n, nb = rhs.shape[0] * rhs.shape[1], rhs.shape[2]
+        return cls(seqs, heads, mx.array(bias[seqs]), mx.array(np.repeat(np.arange(n, dtype=np.uint32), nb)),
+                   mx.array(rhs.reshape(-1).astype(np.uint32)), mx.arange(n * nb, dtype=mx.uint32))
+
+
 @dataclass(slots=True)
 class DecodeGroup:
-    """The step's one-token rows: their block tables (padded with the scratch block) and the
-    indices and masks every layer's decode attention reuses (built once per step)."""
+    """The step's one-token rows: their block tables (padded with the scratch block), the
+    mask, and the pieces every layer's decode attention is split into (built once per step).
+
+    Pieces split the sequences, or, for one sequence, its kv heads (``split_heads``)."""
 
     tables: mx.array  # (B, nb) int32
     valid: mx.array  # (B, 1, nb, bs, 1) bool: key position < sequence length (SDPA path)
-    bias: mx.array  # (B, nb * bs) float32: 0 where the key position is valid, -inf past it
-    lhs: mx.array  # (B * n_kv * nb,) uint32: query row (sequence, kv head) of each block product
-    rhs: mx.array  # (B * n_kv * nb,) uint32: pool row (block, kv head) of each block product
-    rows: mx.array  # (B * n_kv * nb,) uint32: 0, 1, ...: each block product's own score rows
+    parts: list[DecodePart]
+    split_heads: bool
 
     @classmethod
-    def build(cls, tables: np.ndarray, lengths: np.ndarray, cache: PagedKVCache) -> DecodeGroup:
+    def build(cls, tables: np.ndarray, lengths: np.ndarray, cache: PagedKVCache,
+              num_parts: int | None = None) -> DecodeGroup:
         B, nb = tables.shape
         n_kv, bs = cache.num_kv_heads, cache.block_size
         valid = np.arange(nb * bs)[None] < lengths[:, None]  # (B, nb * bs)
-        bias = np.where(valid, np.float32(0), np.float32(-np.inf))
-        rhs = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
-        lhs = np.repeat(np.arange(B * n_kv, dtype=np.uint32), nb)
-        return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), mx.array(bias),
-                   mx.array(lhs), mx.array(rhs.reshape(-1).astype(np.uint32)),
-                   mx.arange(B * n_kv * nb, dtype=mx.uint32))
+        bias = np.where(valid, np.float32(0), np.float32(-np.inf)).reshape(B, 1, nb, 1, bs)
+        pool_rows = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
+        split_heads = B == 1
+        pieces = _ranges(n_kv if split_heads else B, num_parts or decode_parts())
+        parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
+                 else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
+        return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), parts, split_heads)
 
     def __len__(self) -> int:
         return self.tables.shape[0]
+
+    def attend(self, fn: Callable[[DecodePart], mx.array]) -> mx.array:
+        """``fn`` of every piece, each on its stream, joined: ``(B, n_kv, ...)``."""
+        outs = []
+        for i, part in enumerate(self.parts):
+            with mx.stream(part_stream(i)):
+                outs.append(fn(part))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1 if self.split_heads else 0)
+
+
+def _ranges(n: int, pieces: int) -> list[slice]:
+    """``range(n)`` cut into at most ``pieces`` contiguous slices of near-equal size."""
+    pieces = max(1, min(n, pieces))
+    cuts = [n * i // pieces for i in range(pieces + 1)]
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
 @dataclass(slots=True)
@@ -176,21 +245,27 @@ def decode_gather_mm(cache: PagedKVCache, layer: int, q: mx.array, group: Decode
                      scale: float) -> mx.array:
     """One query per sequence against its blocks, read where they lie in the pool.
 
-    Scores are ``q @ K_block^T`` per (sequence, kv head, block), ``(B, n_kv, nb, G, bs)`` (G
+    Scores are ``q @ K_block^T`` per (sequence, kv head, block), ``(Bp, Hp, nb, G, bs)`` (G
     query heads per kv head; K is read through a transposed view, not copied), then one
     softmax across the (block, position) axes (``_softmax_base2``), then each block's values
-    weighted in place and the blocks summed.
+    weighted in place and the blocks summed. Each of the group's pieces runs on its stream.
     """
     B, H, _, D = q.shape
     dtype, n_kv, bs = q.dtype, cache.num_kv_heads, cache.block_size
     G, nb = H // n_kv, group.tables.shape[1]
     k_pool = cache.k_pools[layer].reshape(-1, bs, D).swapaxes(-1, -2)  # (blocks*n_kv, D, bs): a view
     v_pool = cache.v_pools[layer].reshape(-1, bs, D)
-    q_g = (q.reshape(B * n_kv, G, D) * (scale * LOG2E)).astype(cache.dtype)
-    s = mx.gather_mm(q_g, k_pool, group.lhs, group.rhs).reshape(B, n_kv, nb, G, bs)
-    p, denom = _softmax_base2(s, group)
-    o = mx.gather_mm(p.astype(cache.dtype).reshape(-1, G, bs), v_pool, group.rows, group.rhs)
-    return _sum_blocks(o, denom, (B, n_kv, nb, G, D), dtype)
+    q_g = (q.reshape(B, n_kv, G, D) * (scale * LOG2E)).astype(cache.dtype)
+
+    def attend(part: DecodePart) -> mx.array:
+        qp = q_g[part.seqs, part.heads]
+        shape = (*qp.shape[:2], nb, G, bs)
+        s = mx.gather_mm(qp.reshape(-1, G, D), k_pool, part.lhs, part.rhs).reshape(shape)
+        p, denom = _softmax_base2(s, part.bias)
+        o = mx.gather_mm(p.astype(cache.dtype).reshape(-1, G, bs), v_pool, part.rows, part.rhs)
+        return _sum_blocks(o, denom, (*shape[:4], D))
+
+    return group.attend(attend).reshape(B, H, 1, D).astype(dtype)
 
 
 def decode_gather_qmm(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
@@ -199,7 +274,7 @@ def decode_gather_qmm(cache: PagedKVCache, layer: int, q: mx.array, group: Decod
     packed rows where they lie, dequantizing group by group inside the kernel.
 
     Scores are ``q @ K_block^T`` (``transpose=True``: K rows are quantized along head_dim),
-    ``(B, n_kv, nb, G, bs)``; values are ``p @ V_block`` (``transpose=False``: V's
+    ``(Bp, Hp, nb, G, bs)``; values are ``p @ V_block`` (``transpose=False``: V's
     quantization groups run along the output axis, head_dim, as the kernel wants).
     """
     B, H, _, D = q.shape
@@ -208,31 +283,37 @@ def decode_gather_qmm(cache: PagedKVCache, layer: int, q: mx.array, group: Decod
     quant = {"group_size": cache.group_size, "bits": cache.bits}
     k = [pools[layer].reshape(-1, bs, pools[layer].shape[-1]) for pools in cache.k_parts]
     v = [pools[layer].reshape(-1, bs, pools[layer].shape[-1]) for pools in cache.v_parts]
-    q_g = (q.reshape(B * n_kv, G, D) * (scale * LOG2E)).astype(cache.dtype)  # (B*n_kv, G, D)
-    s = mx.gather_qmm(q_g, *k, lhs_indices=group.lhs, rhs_indices=group.rhs, transpose=True, **quant)
-    p, denom = _softmax_base2(s.reshape(B, n_kv, nb, G, bs), group)
-    o = mx.gather_qmm(p.astype(cache.dtype).reshape(-1, G, bs), *v, lhs_indices=group.rows,
-                      rhs_indices=group.rhs, transpose=False, **quant)
-    return _sum_blocks(o, denom, (B, n_kv, nb, G, D), dtype)
+    q_g = (q.reshape(B, n_kv, G, D) * (scale * LOG2E)).astype(cache.dtype)
+
+    def attend(part: DecodePart) -> mx.array:
+        qp = q_g[part.seqs, part.heads]
+        shape = (*qp.shape[:2], nb, G, bs)
+        s = mx.gather_qmm(qp.reshape(-1, G, D), *k, lhs_indices=part.lhs, rhs_indices=part.rhs,
+                          transpose=True, **quant)
+        p, denom = _softmax_base2(s.reshape(shape), part.bias)
+        o = mx.gather_qmm(p.astype(cache.dtype).reshape(-1, G, bs), *v, lhs_indices=part.rows,
+                          rhs_indices=part.rhs, transpose=False, **quant)
+        return _sum_blocks(o, denom, (*shape[:4], D))
+
+    return group.attend(attend).reshape(B, H, 1, D).astype(dtype)
 
 
-def _softmax_base2(s: mx.array, group: DecodeGroup) -> tuple[mx.array, mx.array]:
-    """Unnormalised probabilities of scores ``s`` ``(B, n_kv, nb, G, bs)`` already in base 2
-    (the queries carry ``log2(e)``), and their sums ``(B, n_kv, G, 1)``.
+def _softmax_base2(s: mx.array, bias: mx.array) -> tuple[mx.array, mx.array]:
+    """Unnormalised probabilities of scores ``s`` ``(Bp, Hp, nb, G, bs)`` already in base 2
+    (the queries carry ``log2(e)``), and their sums ``(Bp, Hp, G, 1)``.
 
     ``2 ** x`` instead of ``exp``: MLX's CPU ``exp`` is the slowest part of this softmax
     (about 3.5 ms of a 2K x 8 layer's ~20), ``power(2, x)`` about a third of that, same
-    float32 result to ~1e-7. The mask is one add of the step's precomputed float32 ``bias``,
-    which is also what makes bf16/fp16 scores (GPU) float32 for the softmax: no separate cast.
+    float32 result to ~1e-7. The mask is one add of the step's precomputed float32 ``bias``
+    ``(Bp, 1, nb, 1, bs)``, which is also what makes bf16/fp16 scores (GPU) float32 for the
+    softmax: no separate cast.
     """
-    B, _, nb, _, bs = s.shape
-    s = s + group.bias.reshape(B, 1, nb, 1, bs)
+    s = s + bias
     p = mx.power(2.0, s - s.max(axis=(2, 4), keepdims=True))
     return p, p.sum(axis=(2, 4))[..., None]
 
 
-def _sum_blocks(o: mx.array, denom: mx.array, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
-    """Per-block outputs ``o`` ``(B*n_kv*nb, G, D)`` summed over blocks, normalised -> (B, H, 1, D)."""
-    B, n_kv, _, G, D = shape
-    o = o.astype(mx.float32).reshape(shape).sum(axis=2) / denom
-    return o.reshape(B, n_kv * G, 1, D).astype(dtype)
+def _sum_blocks(o: mx.array, denom: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """Per-block outputs ``o`` ``(Bp*Hp*nb, G, D)`` summed over blocks and normalised:
+    ``(Bp, Hp, G, D)`` float32."""
+    return o.astype(mx.float32).reshape(shape).sum(axis=2) / denom
