@@ -12,8 +12,11 @@ Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
   same matmul in both engines (tied embeddings, logits only for the rows that sample);
 - the rest of a layer (q/k/v/o projections and the MLP): the same in both engines;
 - one layer's decode attention: ours reads the paged pool in place
-  (``engine.paged_attention.decode_attention``), mlx-lm runs SDPA over its contiguous
-  per-sequence cache (allocated in steps of 256 positions, read as a slice).
+  (``engine.paged_attention.decode_attention``, on CPU one stream per core), mlx-lm runs SDPA
+  over its contiguous per-sequence cache (allocated in steps of 256 positions, read as a
+  slice). Both are timed over all the shape's layers, each with its own cache, as in a step,
+  so no layer finds its K/V in the CPU's caches from the call before (a single layer's
+  34 MB at 512 x 8 would partly stay there and read faster than memory).
 
 It then adds them into a step per engine, prints the most ours could gain if its attention
 took no time at all (on a machine where the output layer dominates, no attention design
@@ -88,30 +91,37 @@ def layer_rest(shape: dict, batch: int):
 
 
 def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str, block: int):
-    """Our decode attention over ``context`` keys per sequence, and the K/V bytes it reads."""
+    """Our decode attention over ``context`` keys per sequence in every layer of the shape
+    (each layer its own pool, as in a step: the caches are cold for each), and the K/V
+    bytes one layer reads."""
     n_kv, d, hq = shape["num_key_value_heads"], shape["head_dim"], shape["num_attention_heads"]
-    nb = -(-context // block)
+    layers, nb = shape["num_hidden_layers"], -(-context // block)
     layout = KVLayout.parse(kv_dtype, mx.float32, d)
-    cache = PagedKVCache(1, batch * nb, block, n_kv, d, mx.float32, bits=layout.bits,
+    cache = PagedKVCache(layers, batch * nb, block, n_kv, d, mx.float32, bits=layout.bits,
                          group_size=layout.group_size)
     slots = mx.arange(batch * nb * block)
-    kv = mx.random.normal((2, batch * nb * block, n_kv, d))
-    cache.write(0, slots // block, slots % block, kv[0], kv[1])
+    for layer in range(layers):
+        kv = mx.random.normal((2, batch * nb * block, n_kv, d))
+        cache.write(layer, slots // block, slots % block, kv[0], kv[1])
+        mx.eval(cache.k_parts, cache.v_parts)
     tables = np.arange(batch * nb, dtype=np.int32).reshape(batch, nb)  # as a fresh run lays them
     group = DecodeGroup.build(tables, np.full(batch, context, np.int32), cache)
     q = mx.random.normal((batch, hq, 1, d))
-    mx.eval(cache.k_parts, cache.v_parts, q)
-    return lambda: decode_attention(cache, 0, q, group, d ** -0.5), cache.bytes_per_token * context * batch
+    mx.eval(q)
+    return (lambda: [decode_attention(cache, layer, q, group, d ** -0.5) for layer in range(layers)],
+            cache.bytes_per_token // layers * context * batch)
 
 
 def attention_mlx_lm(shape: dict, batch: int, context: int):
+    """mlx-lm's SDPA over its contiguous cache, every layer of the shape."""
     n_kv, d, hq = shape["num_key_value_heads"], shape["head_dim"], shape["num_attention_heads"]
     alloc = -(-context // 256) * 256  # mlx-lm's KVCache grows in steps of 256 positions
-    k, v = (mx.random.normal((batch, n_kv, alloc, d)) for _ in range(2))
+    kv = [[mx.random.normal((batch, n_kv, alloc, d)) for _ in range(2)]
+          for _ in range(shape["num_hidden_layers"])]
     q = mx.random.normal((batch, hq, 1, d))
-    mx.eval(k, v, q)
-    return lambda: mx.fast.scaled_dot_product_attention(
-        q, k[..., :context, :], v[..., :context, :], scale=d ** -0.5)
+    mx.eval(kv, q)
+    return lambda: [mx.fast.scaled_dot_product_attention(
+        q, k[..., :context, :], v[..., :context, :], scale=d ** -0.5) for k, v in kv]
 
 
 def main() -> None:
@@ -126,11 +136,11 @@ def main() -> None:
     mx.eval(embed, x)
     head = timed(lambda: x @ embed.T)
     rest = timed(layer_rest(shape, batch))
-    peer = timed(attention_mlx_lm(shape, batch, context))
-    attention = {}  # KV dtype -> (ms per layer, K/V bytes read)
+    peer = timed(attention_mlx_lm(shape, batch, context)) / layers
+    attention = {}  # KV dtype -> (ms per layer, K/V bytes one layer reads)
     for dt in dict.fromkeys((kv_dtype, "float32", "int8")):
         attend, kv_bytes = attention_ours(shape, batch, context, dt, block)
-        attention[dt] = timed(attend), kv_bytes
+        attention[dt] = timed(attend) / layers, kv_bytes
     ours = attention[kv_dtype][0]
     step_ours, step_peer = head + layers * (rest + ours), head + layers * (rest + peer)
     print(f"shape {name}, batch {batch}, context {context}, float32 model, our KV {kv_dtype} in "
