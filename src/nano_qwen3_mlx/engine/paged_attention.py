@@ -28,9 +28,9 @@ from .recurrent import RecurrentStep
 
 MAX_SCORES = 1 << 26  # attention scores one SDPA call may hold (256 MB in float32)
 LOG2E = math.log2(math.e)  # decode scores in base 2: exp(x) = 2 ** (x * log2(e))
-
-
 MAX_PARTS = 8  # most streams one layer's decode attention is split over (CPU)
+# The cores this process may run on (its affinity mask where the OS has one), read once.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def decode_parts() -> int:
@@ -42,10 +42,10 @@ def decode_parts() -> int:
     """
     if mx.default_device() != mx.cpu:
         return 1
-    return max(1, min(MAX_PARTS, os.cpu_count() or 1))
+    return max(1, min(MAX_PARTS, _CORES))
 
 
-_streams: list[mx.Stream] = []
+_streams: list[mx.Stream] = []  # the extra CPU streams of pieces 1, 2, ...
 
 
 def part_stream(index: int) -> mx.Stream:
