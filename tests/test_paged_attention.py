@@ -99,9 +99,9 @@ def dense_reference(q, k, v, scale):
 def test_paged_attention_equals_dense(dtype, read_path, max_scores, parts, case, monkeypatch):
     """``split``: a prefill chunk's queries attend in pieces (the long-context score cap);
     ``prune``: the layer asks for the sampled rows only, as the engine's last layer does;
-    ``parts``: decode rows split over that many streams (by sequence, or by kv head for one)."""
+    ``parts``: decode rows split over that many streams (by sequence, or by kv head for one), prefill chunks by kv head."""
     monkeypatch.setattr(paged_attention, "MAX_SCORES", max_scores)
-    monkeypatch.setattr(paged_attention, "decode_parts", lambda: parts)
+    monkeypatch.setattr(paged_attention, "attention_parts", lambda: parts)
     lengths, news, shares, order, n_kv, group, unsampled, prune = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, dtype, read_path=read_path)
