@@ -3,6 +3,7 @@ both read paths, fp32 and bf16, GQA, shared prefix blocks; writes touch only the
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -210,3 +211,26 @@ def test_copy_blocks_updates_the_pools_in_place():
     cache.copy_blocks([0, 3], [5, 1])
     mx.eval(cache.k_pools, cache.v_pools)
     assert mx.get_peak_memory() - before < pool_bytes / 4
+
+
+def test_pieces_run_on_whichever_thread_attends(monkeypatch):
+    """MLX streams belong to the thread that made them: an engine that moves to another
+    thread (the server's engine thread) must still attend, with the same result."""
+    monkeypatch.setattr(paged_attention, "attention_parts", lambda: 2)
+    cache = PagedKVCache(1, 8, BS, 2, D, mx.float32)
+    slots = mx.arange(8 * BS)
+    kv = mx.random.normal((2, 8 * BS, 2, D))
+    cache.write(0, slots // BS, slots % BS, kv[0], kv[1])
+    tables = np.arange(8, dtype=np.int32).reshape(2, 4)
+    group = paged_attention.DecodeGroup.build(tables, np.array([13, 16], np.int32), cache)
+    q = mx.random.normal((2, 4, 1, D))
+
+    def attend() -> np.ndarray:
+        return np.array(paged_attention.decode_attention(cache, 0, q, group, D**-0.5))
+
+    here = attend()
+    there = []
+    thread = threading.Thread(target=lambda: there.append(attend()))
+    thread.start()
+    thread.join()
+    assert len(there) == 1 and np.allclose(here, there[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -49,17 +50,19 @@ def attention_parts() -> int:
 
 
 Piece = TypeVar("Piece")
-_streams: list[mx.Stream] = []  # the extra CPU streams of pieces 1, 2, ...
+# MLX streams belong to the thread that made them (an engine may run on its own thread).
+_local = threading.local()
 
 
 def part_stream(index: int) -> mx.Stream:
     """Piece ``index``'s stream: the default one for piece 0, one more CPU stream (thread)
-    for each further piece, made once per process."""
+    for each further piece, made once per calling thread."""
     if index == 0:
         return mx.default_stream(mx.default_device())
-    while len(_streams) < index:
-        _streams.append(mx.new_stream(mx.default_device()))
-    return _streams[index - 1]
+    streams = _local.__dict__.setdefault("streams", [])
+    while len(streams) < index:
+        streams.append(mx.new_stream(mx.default_device()))
+    return streams[index - 1]
 
 
 def on_streams(fn: Callable[[Piece], mx.array], pieces: Sequence[Piece], axis: int) -> mx.array:
