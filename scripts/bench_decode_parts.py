@@ -12,7 +12,8 @@ Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
   same matmul in both engines (tied embeddings, logits only for the rows that sample);
 - the rest of a layer (q/k/v/o projections and the MLP): the same in both engines;
 - one layer's decode attention: ours reads the paged pool in place
-  (``engine.paged_attention.decode_attention``, on CPU one stream per core), mlx-lm runs SDPA
+  (``engine.paged_attention.decode_attention``, on CPU one stream per core; also timed on one
+  stream, as before the split), mlx-lm runs SDPA
   over its contiguous per-sequence cache (allocated in steps of 256 positions, read as a
   slice). Both are timed over all the shape's layers, each with its own cache, as in a step,
   so no layer finds its K/V in the CPU's caches from the call before (a single layer's
@@ -90,7 +91,8 @@ def layer_rest(shape: dict, batch: int):
     return run
 
 
-def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str, block: int):
+def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str, block: int,
+                   parts: int | None = None):
     """Our decode attention over ``context`` keys per sequence in every layer of the shape
     (each layer its own pool, as in a step: the caches are cold for each), and the K/V
     bytes one layer reads."""
@@ -105,7 +107,7 @@ def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str, block: 
         cache.write(layer, slots // block, slots % block, kv[0], kv[1])
         mx.eval(cache.k_parts, cache.v_parts)
     tables = np.arange(batch * nb, dtype=np.int32).reshape(batch, nb)  # as a fresh run lays them
-    group = DecodeGroup.build(tables, np.full(batch, context, np.int32), cache)
+    group = DecodeGroup.build(tables, np.full(batch, context, np.int32), cache, parts)
     q = mx.random.normal((batch, hq, 1, d))
     mx.eval(q)
     return (lambda: [decode_attention(cache, layer, q, group, d ** -0.5) for layer in range(layers)],
@@ -141,6 +143,7 @@ def main() -> None:
     for dt in dict.fromkeys((kv_dtype, "float32", "int8")):
         attend, kv_bytes = attention_ours(shape, batch, context, dt, block)
         attention[dt] = timed(attend) / layers, kv_bytes
+    one_stream = timed(attention_ours(shape, batch, context, "float32", block, parts=1)[0]) / layers
     ours = attention[kv_dtype][0]
     step_ours, step_peer = head + layers * (rest + ours), head + layers * (rest + peer)
     print(f"shape {name}, batch {batch}, context {context}, float32 model, our KV {kv_dtype} in "
@@ -158,6 +161,7 @@ def main() -> None:
           f"{limit / 1e9:.1f} GB/s, this machine's read bandwidth):\n")
     print("| KV | reads | limit | takes | of the limit |\n|---|---:|---:|---:|---:|")
     rows = [(f"ours, {dt}", ms, kv_bytes) for dt, (ms, kv_bytes) in attention.items()]
+    rows.append(("ours, float32, one stream", one_stream, attention["float32"][1]))
     rows.append(("mlx-lm, float32", peer, attention["float32"][1]))
     for label, ms, kv_bytes in rows:
         print(f"| {label} | {kv_bytes / 1e6:.0f} MB | {kv_bytes / limit * 1e3:.1f} ms | "
