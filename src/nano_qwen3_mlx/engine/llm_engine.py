@@ -25,7 +25,7 @@ from .disk_keys import make_disk_tier
 from .disk_tier import DiskTier
 from .draft_model import DraftModel, DraftSpeculator
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
-from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
+from .kv_cache import KVLayout, PagedKVCache, block_bytes_for, pool_for
 from .kv_pool import memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
 from .mtp import MTPDrafter, MTPSpeculator
@@ -180,9 +180,7 @@ class LLMEngine:
         return cache
 
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
-        kv, num_layers, layout = uniform_kv(self.model), len(self.model.kv_layers), self.kv_layout
-        return PagedKVCache(num_layers, num_blocks, self.config.block_size, kv.num_kv_heads,
-                            kv.head_dim, layout.dtype, bits=layout.bits, group_size=layout.group_size)
+        return pool_for(self.model, num_blocks, self.config.block_size, self.kv_layout)
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -191,10 +189,8 @@ class LLMEngine:
                               uniform_kv(self.model).head_dim)
 
     def _block_bytes(self) -> int:
-        kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
-        per_token = kv_bytes_per_token(self.kv_layout, num_layers, kv.num_kv_heads, kv.head_dim)
         draft = self.drafter.block_bytes if self.drafter is not None else 0
-        return per_token * self.config.block_size + draft
+        return block_bytes_for(self.model, self.config.block_size, self.kv_layout) + draft
 
     @property
     def kv_cap_bytes(self) -> int:
