@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 
 from ..models.contract import uniform_kv
 from ..models.loader import LoadedModel, ModelLoadError, load
-from .drafter import Drafter
+from .drafter import Drafter, chain_drafts
 from .kv_cache import KVLayout, PagedKVCache
 from .model_runner import ModelRunner, StepOutput
 from .scheduler import ScheduledBatch
@@ -101,26 +101,9 @@ class DraftModel(Drafter):
         over the rows that still draft; the tokens stay on the device until the one read.
         """
         seqs = [batch.seqs[i] for i, _ in rows]
-        ks = [k for _, k in rows]
         tokens = mx.array([seq.token_ids[-1] for seq in seqs], mx.int32)
-        active, steps = list(range(len(seqs))), []
-        for j in range(max(ks, default=0)):
-            still = [a for a, r in enumerate(active) if ks[r] > j]
-            if len(still) < len(active):
-                tokens, active = tokens[mx.array(still)], [active[a] for a in still]
-            step = ScheduledBatch()
-            for r in active:
-                step.add(seqs[r], 1)
-                step.start_positions[-1] = len(seqs[r].token_ids) - 1 + j
-                step.samples[-1] = True
-            tokens = self._greedy(step, tokens)
-            steps.append((active, tokens))
-        mx.eval([t for _, t in steps])
-        drafts: list[list[int]] = [[] for _ in seqs]
-        for active_rows, sampled in steps:
-            for r, t in zip(active_rows, sampled.tolist()):
-                drafts[r].append(t)
-        return drafts
+        return chain_drafts(seqs, [k for _, k in rows], (tokens,),
+                            lambda step, carry: (self._greedy(step, carry[0]),))
 
     def _greedy(self, step: ScheduledBatch, tokens: mx.array) -> mx.array:
         """The draft's argmax after one token per row (lazy)."""

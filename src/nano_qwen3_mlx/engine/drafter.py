@@ -10,6 +10,7 @@ batch (``follow``) so its KV covers every token the target computed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -62,3 +63,31 @@ class Drafter:
         samples no row, so the writes happen before a later step reads them)."""
         pools = [p for parts in (*self.cache.k_parts, *self.cache.v_parts) for p in parts]
         mx.async_eval(*arrays, *pools)
+
+
+def chain_drafts(seqs: list[Any], counts: list[int], carry: tuple[mx.array, ...],
+                 run: Callable[[ScheduledBatch, tuple[mx.array, ...]], tuple[mx.array, ...]]
+                 ) -> list[list[int]]:
+    """Chained one-token steps, one read: step m runs the rows with more than m drafts to
+    make (``counts``), each at position ``len(token_ids) - 1 + m``, on ``carry`` (one row
+    each: the last tokens, ...) cut to those rows; ``run`` returns the next carry, the new
+    drafts first (lazy). Returns each row's drafts."""
+    active, steps = list(range(len(seqs))), []
+    for m in range(max(counts, default=0)):
+        still = [a for a, r in enumerate(active) if counts[r] > m]
+        if len(still) < len(active):
+            keep = mx.array(still)
+            carry, active = tuple(c[keep] for c in carry), [active[a] for a in still]
+        step = ScheduledBatch()
+        for r in active:
+            step.add(seqs[r], 1)
+            step.start_positions[-1] = len(seqs[r].token_ids) - 1 + m
+            step.samples[-1] = True
+        carry = run(step, carry)
+        steps.append((active, carry[0]))
+    mx.eval([t for _, t in steps])
+    drafts: list[list[int]] = [[] for _ in seqs]
+    for rows, sampled in steps:
+        for r, t in zip(rows, sampled.tolist()):
+            drafts[r].append(t)
+    return drafts

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..models.loader import LoadedModel, ModelLoadError
-from .drafter import Drafter
+from .drafter import Drafter, chain_drafts
 from .kv_cache import KVLayout, PagedKVCache
 from .model_runner import ModelRunner, StepOutput, packed_order
 from .scheduler import ScheduledBatch
@@ -144,26 +144,16 @@ class MTPDrafter(Drafter):
         seqs = [batch.seqs[i] for i, _, _ in rows]
         tokens = mx.array([d[0] for d in drafts], mx.int32)
         hidden = self._picked[mx.array([at for _, _, (_, at) in rows])]
-        active, steps = list(range(len(rows))), []
-        for j in range(1, max(ks)):
-            still = [a for a, r in enumerate(active) if ks[r] > j]
-            if len(still) < len(active):
-                keep = mx.array(still)
-                tokens, hidden, active = tokens[keep], hidden[keep], [active[a] for a in still]
-            step = ScheduledBatch()
-            for r in active:
-                step.add(seqs[r], 1)
-                step.start_positions[-1] = len(seqs[r].token_ids) - 2 + j
-                step.samples[-1] = True
-            ctx = self.runner.attention_context(step, list(range(len(step))))
-            hidden = self.model.mtp_hidden_states(tokens[:, None], hidden[:, None], ctx)[:, 0]
-            tokens = mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32)
-            steps.append((active, tokens))
-        mx.eval([t for _, t in steps])
-        for active_rows, sampled in steps:
-            for r, t in zip(active_rows, sampled.tolist()):
-                drafts[r].append(t)
-        return drafts
+        more = chain_drafts(seqs, [k - 1 for k in ks], (tokens, hidden), self._chained)
+        return [first + rest for first, rest in zip(drafts, more)]
+
+    def _chained(self, step: ScheduledBatch, carry: tuple[mx.array, mx.array]
+                 ) -> tuple[mx.array, mx.array]:
+        """The head's next drafts and its output, one token a row after ``carry``'s."""
+        tokens, hidden = carry
+        ctx = self.runner.attention_context(step, list(range(len(step))))
+        hidden = self.model.mtp_hidden_states(tokens[:, None], hidden[:, None], ctx)[:, 0]
+        return mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32), hidden
 
 
 class MTPSpeculator(ModelSpeculator):
