@@ -111,3 +111,26 @@ def test_the_default_block_size_decodes_as_16_token_blocks_do(tiny_qwen3_dir):
         with LLM(str(tiny_qwen3_dir), num_kv_blocks=40, device="cpu", block_size=bs) as llm:
             got[llm.engine.cache.block_size] = [r["token_ids"] for r in llm.generate(prompts, params)]
     assert got[64] == got[BS]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, "float16", "int8", "int4"])
+def test_pool_for_and_block_bytes_for_agree_with_the_arrays(kv_cache_dtype):
+    """One pool builder for the target, a draft model and the MTP head: it stores every
+    ``kv_layers`` layer in the layout, and ``block_bytes_for`` is what its arrays take."""
+    from types import SimpleNamespace
+
+    from nano_qwen3_mlx.engine.kv_cache import KVLayout, block_bytes_for, pool_for
+    from nano_qwen3_mlx.models.contract import LayerKV
+
+    model = SimpleNamespace(kv_layers=[LayerKV(2, 32)] * 2)  # the tiny checkpoint's layers
+    layout = KVLayout.parse(kv_cache_dtype, mx.float32, 32)
+    cache = pool_for(model, 5, BS, layout)
+    assert (len(cache.k_pools), cache.num_blocks, cache.block_size) == (2, 5, BS)
+    assert (cache.num_kv_heads, cache.head_dim, cache.layout) == (2, 32, layout)
+    arrays = [a for parts in (*cache.k_parts, *cache.v_parts) for a in parts]
+    assert sum(a.nbytes for a in arrays) == cache.nbytes == 6 * block_bytes_for(model, BS, layout)
+    if kv_cache_dtype is None:
+        assert block_bytes_for(model, BS, layout) == BLOCK_BYTES
+    mixed = SimpleNamespace(kv_layers=[LayerKV(2, 32), LayerKV(1, 32)])
+    with pytest.raises(ValueError, match="identical attention layers"):
+        pool_for(mixed, 5, BS, layout)

@@ -21,18 +21,18 @@ Rejected drafts' KV lies past the sequence's length in both pools; the next step
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..models.contract import uniform_kv
 from ..models.loader import LoadedModel, ModelLoadError, load
-from .block_manager import BlockManager
-from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
+from .drafter import Drafter, chain_drafts
+from .kv_cache import KVLayout, PagedKVCache
 from .model_runner import ModelRunner, StepOutput
 from .scheduler import ScheduledBatch
-from .speculative import Speculator
+from .speculative import ModelSpeculator
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
@@ -40,17 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class DraftModel:
+class DraftModel(Drafter):
     """The draft model, its KV pool (the target's block ids) and the runner that fills it."""
 
     def __init__(self, loaded: LoadedModel, target: LoadedModel, block_size: int,
                  kv_cache_dtype: str | None = None) -> None:
         check_compatible(loaded, target)
-        self.loaded, self.model, self.block_size = loaded, loaded.model, block_size
-        kv = uniform_kv(self.model)
-        self.layout = KVLayout.parse(kv_cache_dtype, self.model.dtype, kv.head_dim)
-        self.cache: PagedKVCache | None = None
-        self.runner: ModelRunner | None = None
+        model = loaded.model
+        layout = KVLayout.parse(kv_cache_dtype, model.dtype, uniform_kv(model).head_dim)
+        super().__init__(model, block_size, layout)
+        self.loaded, self.model = loaded, model
         # seq_id -> one past the last position the previous followed step wrote for it.
         self._ends: dict[int, int] = {}
 
@@ -68,25 +67,8 @@ class DraftModel:
     def weights_nbytes(self) -> int:
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block of the draft's pool (counted with the target's block)."""
-        kv = uniform_kv(self.model)
-        per_token = kv_bytes_per_token(self.layout, len(self.model.kv_layers), kv.num_kv_heads,
-                                       kv.head_dim)
-        return per_token * self.block_size
-
-    def attach(self, num_blocks: int) -> None:
-        """(Re)build the pool with ``num_blocks`` blocks, as the target's was."""
-        self.cache = self.runner = None
-        kv = uniform_kv(self.model)
-        self.cache = PagedKVCache(len(self.model.kv_layers), num_blocks, self.block_size,
-                                  kv.num_kv_heads, kv.head_dim, self.layout.dtype,
-                                  bits=self.layout.bits, group_size=self.layout.group_size)
-        self.runner = ModelRunner(self.model, self.cache, sampler=None)
-
-    def grow(self, num_new_blocks: int) -> None:
-        self.cache.grow(num_new_blocks)
+    def _new_runner(self, cache: PagedKVCache) -> ModelRunner:
+        return ModelRunner(self.model, cache, sampler=None)
 
     def follow(self, batch: ScheduledBatch, prev: StepOutput | None,
                out: StepOutput | None = None) -> None:
@@ -97,8 +79,7 @@ class DraftModel:
         self._ends = {seq.seq_id: start + n for seq, start, n in
                       zip(batch.seqs, batch.start_positions, batch.num_new_tokens)}
         _, hidden = self.runner.forward(_kv_only(batch), prev)
-        pools = [p for parts in (*self.cache.k_parts, *self.cache.v_parts) for p in parts]
-        mx.async_eval(hidden, *pools)  # every layer's writes, also where no row is sampled
+        self._queue_with_pool(hidden)
 
     def ready(self, batch: ScheduledBatch, i: int) -> bool:
         """Is the draft's KV of row ``i``'s earlier tokens written by steps already queued?
@@ -120,26 +101,9 @@ class DraftModel:
         over the rows that still draft; the tokens stay on the device until the one read.
         """
         seqs = [batch.seqs[i] for i, _ in rows]
-        ks = [k for _, k in rows]
         tokens = mx.array([seq.token_ids[-1] for seq in seqs], mx.int32)
-        active, steps = list(range(len(seqs))), []
-        for j in range(max(ks, default=0)):
-            still = [a for a, r in enumerate(active) if ks[r] > j]
-            if len(still) < len(active):
-                tokens, active = tokens[mx.array(still)], [active[a] for a in still]
-            step = ScheduledBatch()
-            for r in active:
-                step.add(seqs[r], 1)
-                step.start_positions[-1] = len(seqs[r].token_ids) - 1 + j
-                step.samples[-1] = True
-            tokens = self._greedy(step, tokens)
-            steps.append((active, tokens))
-        mx.eval([t for _, t in steps])
-        drafts: list[list[int]] = [[] for _ in seqs]
-        for active_rows, sampled in steps:
-            for r, t in zip(active_rows, sampled.tolist()):
-                drafts[r].append(t)
-        return drafts
+        return chain_drafts(seqs, [k for _, k in rows], (tokens,),
+                            lambda step, carry: (self._greedy(step, carry[0]),))
 
     def _greedy(self, step: ScheduledBatch, tokens: mx.array) -> mx.array:
         """The draft's argmax after one token per row (lazy)."""
@@ -181,33 +145,18 @@ def check_compatible(draft: LoadedModel, target: LoadedModel) -> None:
              f"{sorted(target.tokenizer.eos_token_ids)}")
 
 
-class DraftSpeculator(Speculator):
-    """``Speculator`` whose drafts come from a draft model (adaptive k, step-size rules and
-    ``/stats`` counters are the n-gram method's)."""
+class DraftSpeculator(ModelSpeculator):
+    """``ModelSpeculator`` whose drafts come from a draft model (adaptive k, step-size rules
+    and ``/stats`` counters are the n-gram method's)."""
 
-    def __init__(self, num_tokens: int, drafter: DraftModel, **options: Any) -> None:
-        super().__init__(num_tokens, **options)
-        self.drafter = drafter
+    drafter: DraftModel
 
     def may_draft(self, seq) -> bool:
         return True  # a draft model always has a proposal
 
-    def draft(self, batch: ScheduledBatch, blocks: BlockManager, max_model_len: int,
-              budget: int) -> int:
-        """Reserve each eligible row's k slots, draft them all in one chained pass, and mark
-        the rows as speculating (``seq.draft_ids``, ``batch.num_drafts``)."""
-        budget -= batch.num_tokens
-        rows = []
-        for i, seq in enumerate(batch.seqs):
-            k = self.draft_len(batch, i, max_model_len, budget)
-            if k and self.drafter.ready(batch, i) and blocks.can_append(seq, k):
-                blocks.append_slots(seq, k)
-                rows.append((i, k))
-                budget -= k
-        if not rows:
-            return 0
-        taken = [i for (i, _), drafts in zip(rows, self.drafter.propose(batch, rows))
-                 if self.attach(batch, i, drafts, blocks, reserved=True)]
-        if taken:
-            self.stats.steps += 1
-        return len(taken)
+    def draft_start(self, batch: ScheduledBatch, i: int) -> bool | None:
+        """True once the draft's KV of the row's earlier tokens is queued (it needs no more)."""
+        return True if self.drafter.ready(batch, i) else None
+
+    def propose(self, batch: ScheduledBatch, rows: list[tuple[int, int, bool]]) -> list[list[int]]:
+        return self.drafter.propose(batch, [(i, k) for i, k, _ in rows])

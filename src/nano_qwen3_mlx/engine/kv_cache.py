@@ -4,8 +4,11 @@ stored in a float dtype or quantized (group-wise affine, as ``mx.quantize``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
+
+from ..models.contract import uniform_kv
 
 READ_PATHS = ("gather_mm", "gather", "gather_qmm")
 KV_CACHE_DTYPES = ("int8", "int4", "float16", "bfloat16", "float32")
@@ -229,6 +232,20 @@ class PagedKVCache:
 def kv_bytes_per_token(layout: KVLayout, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
     """Bytes one token's K and V take in every layer (the memory cap counts blocks of these)."""
     return 2 * num_layers * num_kv_heads * layout.row_bytes(head_dim)
+
+
+def pool_for(model: Any, num_blocks: int, block_size: int, layout: KVLayout) -> PagedKVCache:
+    """A pool of ``num_blocks`` blocks for every attention layer of ``model`` (a target, a
+    draft model or an MTP head: anything with alike ``kv_layers``), stored in ``layout``."""
+    kv = uniform_kv(model)
+    return PagedKVCache(len(model.kv_layers), num_blocks, block_size, kv.num_kv_heads,
+                        kv.head_dim, layout.dtype, bits=layout.bits, group_size=layout.group_size)
+
+
+def block_bytes_for(model: Any, block_size: int, layout: KVLayout) -> int:
+    """Bytes one block of ``pool_for(model, ..., block_size, layout)`` takes."""
+    kv = uniform_kv(model)
+    return kv_bytes_per_token(layout, len(model.kv_layers), kv.num_kv_heads, kv.head_dim) * block_size
 
 
 def gather_mm_supports(dtype: mx.Dtype) -> bool:

@@ -9,14 +9,13 @@ import uuid
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from ..blas import blas_info
 from ..config import EngineConfig
 from ..distributed.attach import attach, load_share, share_loaded
 from ..distributed.world import World, get_world
 from ..errors import InvalidRequestError
-from ..models.contract import CausalLM, uniform_kv
+from ..models.contract import CausalLM
 from ..models.loader import LoadedModel
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams, merge_defaults
@@ -24,9 +23,8 @@ from .block_manager import BlockManager
 from .disk_keys import make_disk_tier
 from .disk_tier import DiskTier
 from .draft_model import DraftModel, DraftSpeculator
+from .engine_pools import EnginePools
 from .grammar import GRAMMAR_FAILED, GrammarCompiler
-from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
-from .kv_pool import memory_budget, size_pool
 from .model_runner import ModelRunner, StepOutput
 from .mtp import MTPDrafter, MTPSpeculator
 from .output_processor import OutputProcessor
@@ -34,15 +32,13 @@ from .prefill_pacer import PrefillPacer, StepClock
 from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .speculative import MAX_SPEC_ROWS, Speculator
-from .state_cache import StateCache, build_state_pool
-from .state_manager import StateManager
-from .stats import EngineStats, memory_stats, mib, percentiles
+from .speculative import Speculator
+from .stats import EngineStats, memory_stats, percentiles
 
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(EnginePools):
     """One model, one paged KV cache, many requests. Not thread-safe: one thread drives it."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
@@ -106,16 +102,6 @@ class LLMEngine:
         self.dist = attach(self, self.world)
 
     # ---- set-up -------------------------------------------------------------------------
-    @property
-    def model_max_len(self) -> int:
-        return self.config.max_model_len or self.model.max_position_embeddings
-
-    @property
-    def max_model_len(self) -> int:
-        """Longest sequence (prompt + output) a request may reach (the pool may grow to it)."""
-        pool_tokens = self.pool.cap_blocks * self.config.block_size
-        return min(self.model_max_len, pool_tokens)
-
     def _draft_allowed(self) -> bool:
         return self.config.speculative == "draft" and self._drafter_allowed()
 
@@ -130,19 +116,6 @@ class LLMEngine:
                         "mlx.launch (distributed); --speculative ngram works there")
             return False
         return True
-
-    def _make_states(self) -> tuple[StateCache | None, StateManager | None]:
-        if not self.model.state_layers:
-            return None, None
-        budget = memory_budget(self.config, self._block_bytes(), self.weights_nbytes)
-        cache, states = build_state_pool(self.model.state_layers, self.config, budget)
-        if self.config.speculative is not None:  # each draft of a row keeps its state
-            states.reserve_draft_slots(MAX_SPEC_ROWS * self.config.num_speculative_tokens)
-        # A chat turn starts with <|im_start|>: snapshot before the generation prompt too.
-        turn = self.tokenizer.backend.token_to_id("<|im_start|>") \
-            if hasattr(self.tokenizer, "backend") else None
-        states.turn_tokens = {turn} if turn is not None else set()
-        return cache, states
 
     def _make_disk(self) -> DiskTier | None:
         if self.world.distributed and (self.config.prefix_cache_dir or
@@ -163,85 +136,6 @@ class LLMEngine:
         if self.config.speculative in ("draft", "mtp"):  # off across ranks (_drafter_allowed)
             return None
         return Speculator(self.config.num_speculative_tokens, **options)
-
-    @property
-    def state_cap_bytes(self) -> int:
-        """The most the state pool may take (0 for an attention-only model)."""
-        return 0 if self.states is None else (self.states.cap_slots + 1) * self.states.bytes_per_slot
-
-    def _make_cache(self) -> PagedKVCache:
-        self.pool = size_pool(self.config, self._block_bytes(), self.weights_nbytes,
-                              self.model_max_len, self.state_cap_bytes)
-        cache = self._new_cache(self.pool.initial_blocks)
-        if self.drafter is not None:
-            self.drafter.attach(cache.num_blocks)
-        log.info("KV pool: %d blocks x %d tokens (%s); cap %d blocks (%s)", cache.num_blocks,
-                 cache.block_size, mib(cache.nbytes), self.pool.cap_blocks, mib(self.kv_cap_bytes))
-        return cache
-
-    def _new_cache(self, num_blocks: int) -> PagedKVCache:
-        kv, num_layers, layout = uniform_kv(self.model), len(self.model.kv_layers), self.kv_layout
-        return PagedKVCache(num_layers, num_blocks, self.config.block_size, kv.num_kv_heads,
-                            kv.head_dim, layout.dtype, bits=layout.bits, group_size=layout.group_size)
-
-    @property
-    def kv_layout(self) -> KVLayout:
-        """``--kv-cache-dtype`` (default: the model's dtype) for this model's head_dim."""
-        return KVLayout.parse(self.config.kv_cache_dtype, self.model.dtype,
-                              uniform_kv(self.model).head_dim)
-
-    def _block_bytes(self) -> int:
-        kv, num_layers = uniform_kv(self.model), len(self.model.kv_layers)
-        per_token = kv_bytes_per_token(self.kv_layout, num_layers, kv.num_kv_heads, kv.head_dim)
-        draft = self.drafter.block_bytes if self.drafter is not None else 0
-        return per_token * self.config.block_size + draft
-
-    @property
-    def kv_cap_bytes(self) -> int:
-        """The most the KV pool may ever take (its scratch block included)."""
-        return (self.pool.cap_blocks + 1) * self._block_bytes()
-
-    def _grow_pool(self, shortfall: int) -> int:
-        """Add blocks (at least ``shortfall``, usually double) up to the cap; 0 at the cap."""
-        added = self.pool.growth(self.cache.num_blocks, shortfall)
-        if added:
-            t0 = time.monotonic()
-            self.cache.grow(added)
-            if self.drafter is not None:
-                self.drafter.grow(added)
-            self.block_manager.add_blocks(added)
-            log.info("KV pool grew to %d blocks (%s) in %.2f s", self.cache.num_blocks,
-                     mib(self.cache.nbytes), time.monotonic() - t0)
-        return added
-
-    def shrink_if_idle(self, now: float | None = None) -> bool:
-        """Give a grown pool back once the engine has been idle long enough; True if shrunk."""
-        now = time.monotonic() if now is None else now
-        if self.dist is not None:  # the ranks' pools stay the same size (they only grow)
-            return False
-        if not self.pool.should_shrink(self.cache.num_blocks, self.has_unfinished_requests(), now):
-            return False
-        # Rebuilt rather than cut, so this works whatever the pool's layout; the prefix cache
-        # (idle blocks only) goes with it.
-        self.cache = self.runner.cache = None
-        mx.clear_cache()
-        self.cache = self.runner.cache = self._new_cache(self.pool.initial_blocks)
-        if self.drafter is not None:
-            self.drafter.attach(self.pool.initial_blocks)
-        self.block_manager.reset_pool(self.pool.initial_blocks)
-        if self.states is not None:  # its snapshots needed the KV just dropped
-            self.state_cache = self.runner.states = None
-            self.state_cache = self.runner.states = StateCache(self.model.state_layers,
-                                                               self.states.initial_slots)
-            self.states.reset(self.state_cache)
-        log.info("KV pool shrank to %d blocks (%s) after %.0f s idle", self.cache.num_blocks,
-                 mib(self.cache.nbytes), now - (self.pool.idle_since or now))
-        return True
-
-    @property
-    def weights_nbytes(self) -> int:
-        draft = self.drafter.weights_nbytes if self.drafter is not None else 0
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters())) + draft
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(

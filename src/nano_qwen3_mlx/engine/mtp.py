@@ -27,14 +27,14 @@ import mlx.core as mx
 import numpy as np
 
 from ..models.loader import LoadedModel, ModelLoadError
-from .block_manager import BlockManager
-from .kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
+from .drafter import Drafter, chain_drafts
+from .kv_cache import KVLayout, PagedKVCache
 from .model_runner import ModelRunner, StepOutput, packed_order
 from .scheduler import ScheduledBatch
-from .speculative import Speculator
+from .speculative import ModelSpeculator
 
 
-class MTPDrafter:
+class MTPDrafter(Drafter):
     """The target's MTP head, its KV pool (the target's block ids) and its latest drafts."""
 
     def __init__(self, target: LoadedModel, block_size: int,
@@ -43,10 +43,9 @@ class MTPDrafter:
         if "mtp" not in self.model:
             raise ModelLoadError(f"speculative='mtp': {target.name} was loaded without its "
                                  "multi-token prediction head (load it with mtp=True)")
-        self.head, self.block_size = self.model.mtp, block_size
-        self.layout = KVLayout.parse(kv_cache_dtype, self.model.dtype, self.head.kv_layers[0].head_dim)
-        self.cache: PagedKVCache | None = None
-        self.runner: ModelRunner | None = None
+        self.head = self.model.mtp
+        layout = KVLayout.parse(kv_cache_dtype, self.model.dtype, self.head.kv_layers[0].head_dim)
+        super().__init__(self.head, block_size, layout)
         # From the latest followed step: seq_id -> (position of its first sampled token,
         # index of that token's draft, number of sampled tokens), and the drafts (lazy).
         self._where: dict[int, tuple[int, int, int]] = {}
@@ -54,28 +53,16 @@ class MTPDrafter:
         self._picked: mx.array | None = None  # the head's output there (chained drafts)
         self._read: list[int] | None = None
 
-    weights_nbytes = 0  # the head is part of the target's parameters
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block of the head's pool (counted with the target's block)."""
-        kv = self.head.kv_layers[0]
-        return kv_bytes_per_token(self.layout, len(self.head.kv_layers), kv.num_kv_heads,
-                                  kv.head_dim) * self.block_size
+    # weights_nbytes stays 0: the head is part of the target's parameters
 
     def attach(self, num_blocks: int) -> None:
-        """(Re)build the pool with ``num_blocks`` blocks, as the target's was."""
-        self.cache = self.runner = None
-        kv = self.head.kv_layers[0]
-        self.cache = PagedKVCache(len(self.head.kv_layers), num_blocks, self.block_size,
-                                  kv.num_kv_heads, kv.head_dim, self.layout.dtype,
-                                  bits=self.layout.bits, group_size=self.layout.group_size)
-        # keep_hidden: no pruning, the rows to read are picked here (a step may sample none).
-        self.runner = ModelRunner(self.head, self.cache, sampler=None, keep_hidden=True)
+        """(Re)build the pool; the drafts of the old one go with it."""
+        super().attach(num_blocks)
         self._where, self._drafts = {}, None
 
-    def grow(self, num_new_blocks: int) -> None:
-        self.cache.grow(num_new_blocks)
+    def _new_runner(self, cache: PagedKVCache) -> ModelRunner:
+        # keep_hidden: no pruning, the rows to read are picked here (a step may sample none).
+        return ModelRunner(self.head, cache, sampler=None, keep_hidden=True)
 
     def follow(self, batch: ScheduledBatch, prev: StepOutput | None, out: StepOutput | None) -> None:
         """Queue the head over the target's step ``out``: its KV at every position of the
@@ -93,8 +80,7 @@ class MTPDrafter:
         self._drafts = (mx.argmax(self.model.compute_logits(picked), axis=-1).astype(mx.int32)
                         if picked.shape[0] else None)
         self._where, self._read = where, None
-        pools = [p for parts in (*self.cache.k_parts, *self.cache.v_parts) for p in parts]
-        mx.async_eval(*([self._drafts] if self._drafts is not None else []), *pools)
+        self._queue_with_pool(*([self._drafts] if self._drafts is not None else []))
 
     @staticmethod
     def _next_tokens(batch: ScheduledBatch, order: list[int], out: StepOutput
@@ -158,56 +144,31 @@ class MTPDrafter:
         seqs = [batch.seqs[i] for i, _, _ in rows]
         tokens = mx.array([d[0] for d in drafts], mx.int32)
         hidden = self._picked[mx.array([at for _, _, (_, at) in rows])]
-        active, steps = list(range(len(rows))), []
-        for j in range(1, max(ks)):
-            still = [a for a, r in enumerate(active) if ks[r] > j]
-            if len(still) < len(active):
-                keep = mx.array(still)
-                tokens, hidden, active = tokens[keep], hidden[keep], [active[a] for a in still]
-            step = ScheduledBatch()
-            for r in active:
-                step.add(seqs[r], 1)
-                step.start_positions[-1] = len(seqs[r].token_ids) - 2 + j
-                step.samples[-1] = True
-            ctx = self.runner.attention_context(step, list(range(len(step))))
-            hidden = self.model.mtp_hidden_states(tokens[:, None], hidden[:, None], ctx)[:, 0]
-            tokens = mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32)
-            steps.append((active, tokens))
-        mx.eval([t for _, t in steps])
-        for active_rows, sampled in steps:
-            for r, t in zip(active_rows, sampled.tolist()):
-                drafts[r].append(t)
-        return drafts
+        more = chain_drafts(seqs, [k - 1 for k in ks], (tokens, hidden), self._chained)
+        return [first + rest for first, rest in zip(drafts, more)]
+
+    def _chained(self, step: ScheduledBatch, carry: tuple[mx.array, mx.array]
+                 ) -> tuple[mx.array, mx.array]:
+        """The head's next drafts and its output, one token a row after ``carry``'s."""
+        tokens, hidden = carry
+        ctx = self.runner.attention_context(step, list(range(len(step))))
+        hidden = self.model.mtp_hidden_states(tokens[:, None], hidden[:, None], ctx)[:, 0]
+        return mx.argmax(self.model.compute_logits(hidden), axis=-1).astype(mx.int32), hidden
 
 
-class MTPSpeculator(Speculator):
-    """``Speculator`` whose drafts come from the MTP head (adaptive k, step-size rules and
-    ``/stats`` counters are the n-gram method's)."""
+class MTPSpeculator(ModelSpeculator):
+    """``ModelSpeculator`` whose drafts come from the MTP head (adaptive k, step-size rules
+    and ``/stats`` counters are the n-gram method's)."""
 
-    def __init__(self, num_tokens: int, drafter: MTPDrafter, **options: Any) -> None:
-        super().__init__(num_tokens, **options)
-        self.drafter = drafter
+    drafter: MTPDrafter
 
     def may_draft(self, seq) -> bool:
         return self.drafter.covers(seq)
 
-    def draft(self, batch: ScheduledBatch, blocks: BlockManager, max_model_len: int,
-              budget: int) -> int:
-        """Reserve each eligible row's k slots, chain the head's k drafts after its first,
-        and mark the rows as speculating (``seq.draft_ids``, ``batch.num_drafts``)."""
-        budget -= batch.num_tokens
-        rows = []
-        for i, seq in enumerate(batch.seqs):
-            k = self.draft_len(batch, i, max_model_len, budget)
-            first = self.drafter.draft_for(seq) if k else None
-            if first is not None and blocks.can_append(seq, k):
-                blocks.append_slots(seq, k)
-                rows.append((i, k, first))
-                budget -= k
-        if not rows:
-            return 0
-        taken = [i for (i, _, _), drafts in zip(rows, self.drafter.chain(batch, rows))
-                 if self.attach(batch, i, drafts, blocks, reserved=True)]
-        if taken:
-            self.stats.steps += 1
-        return len(taken)
+    def draft_start(self, batch: ScheduledBatch, i: int) -> tuple[int, int] | None:
+        """The head's first draft after the row's last token and its picked row, if any."""
+        return self.drafter.draft_for(batch.seqs[i])
+
+    def propose(self, batch: ScheduledBatch, rows: list[tuple[int, int, tuple[int, int]]]
+                ) -> list[list[int]]:
+        return self.drafter.chain(batch, rows)

@@ -32,18 +32,17 @@ is processed exactly as the plain row would be once those drafts were its tokens
   pool's cap counts ``MAX_SPEC_ROWS * k`` scratch slots.
 
 Not speculated: pooling (embedding) requests; steps of more decode rows than
-``MAX_SPEC_ROWS`` (or ``SMALL_BATCH`` while acceptance is low). The draft model
-(``draft_model.py``) and the MTP head (``mtp.py``) reuse this class.
+``MAX_SPEC_ROWS`` (or ``SMALL_BATCH`` while acceptance is low).
 
-``draft_model.py`` adds the other source of drafts, a draft model (``DraftSpeculator``
-overrides ``may_draft`` and ``draft``); the rules here, ``attach`` and the verification are
-shared.
+Drafts may also come from a model: the draft model (``draft_model.py``) or the MTP head
+(``mtp.py``), through ``ModelSpeculator`` (each gives its readiness test and its proposer);
+the rules here, ``attach`` and the verification are shared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -51,6 +50,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .block_manager import BlockManager
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .drafter import Drafter
 
 MAX_NGRAM, MIN_NGRAM = 4, 2  # suffix lengths tried, longest first
 SEARCH_WINDOW = 4096  # only the last this many tokens are searched (bounded host cost)
@@ -238,3 +240,43 @@ class Speculator:
             state.backoff = min(BACKOFF_MAX, state.backoff * 2)
         elif state.rate >= GOOD_RATE:
             state.backoff = BACKOFF_MIN
+
+
+class ModelSpeculator(Speculator):
+    """A ``Speculator`` whose drafts come from a model (a draft model, the MTP head) rather
+    than the text: each ready row's k slots are reserved first (the model writes its KV
+    there while drafting), then one chained pass drafts every row, read back in one sync.
+    Subclasses give the two hooks, ``draft_start`` and ``propose``."""
+
+    def __init__(self, num_tokens: int, drafter: Drafter, **options: Any) -> None:
+        super().__init__(num_tokens, **options)
+        self.drafter = drafter
+
+    def draft(self, batch: ScheduledBatch, blocks: BlockManager, max_model_len: int,
+              budget: int) -> int:
+        """Reserve each ready row's k slots, draft them all in one chained pass, and mark
+        the rows as speculating (``seq.draft_ids``, ``batch.num_drafts``)."""
+        budget -= batch.num_tokens
+        rows = []
+        for i, seq in enumerate(batch.seqs):
+            k = self.draft_len(batch, i, max_model_len, budget)
+            start = self.draft_start(batch, i) if k else None
+            if start is not None and blocks.can_append(seq, k):
+                blocks.append_slots(seq, k)
+                rows.append((i, k, start))
+                budget -= k
+        if not rows:
+            return 0
+        taken = [i for (i, _, _), drafts in zip(rows, self.propose(batch, rows))
+                 if self.attach(batch, i, drafts, blocks, reserved=True)]
+        if taken:
+            self.stats.steps += 1
+        return len(taken)
+
+    def draft_start(self, batch: ScheduledBatch, i: int) -> Any | None:
+        """What ``propose`` needs to start row ``i``'s drafts; None: it cannot draft now."""
+        raise NotImplementedError
+
+    def propose(self, batch: ScheduledBatch, rows: list[tuple[int, int, Any]]) -> list[list[int]]:
+        """For each (batch row, k, its ``draft_start``): its k drafts, in slots reserved."""
+        raise NotImplementedError
