@@ -71,12 +71,13 @@ def stats(url: str) -> dict:
 
 
 def wait_written(url: str) -> None:
-    """Until the folder stops growing (/stats is a snapshot up to 0.25 s old)."""
+    """Until the writer is done: nothing pending, the folder's size steady (/stats is a
+    snapshot up to 0.25 s old, refreshed while an idle server still writes)."""
     deadline, last = time.monotonic() + 60, None
-    while ((disk := stats(url))["writes_pending"] or disk["bytes"] != last) \
-            and time.monotonic() < deadline:
+    while (disk := stats(url))["writes_pending"] or disk["bytes"] != last:
+        assert time.monotonic() < deadline, f"the disk writes never finished: {disk}"
         last = disk["bytes"]
-        time.sleep(0.5)
+        time.sleep(0.3)
 
 
 def check_folder(cache: Path, cap_bytes: int) -> int:

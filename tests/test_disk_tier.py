@@ -4,6 +4,7 @@ blocks a step, configuration."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nano_qwen3_mlx import LLM, SamplingParams
+from nano_qwen3_mlx.async_llm import AsyncLLM
 from nano_qwen3_mlx.config import EngineConfig
 from nano_qwen3_mlx.engine.disk_keys import DEFAULT_DISK_GB, block_key, resolve_location
 
@@ -142,6 +144,25 @@ def test_the_writer_never_blocks_a_step_and_skips_under_pressure(
     finally:
         release.set()
         llm.close()
+
+
+async def test_stats_of_an_idle_server_follow_the_writes_to_the_end(
+        tmp_path: Path, tiny_qwen3_dir: Path) -> None:
+    config = EngineConfig(model=str(tiny_qwen3_dir), device="cpu", block_size=16,
+                          prefix_cache_dir=str(tmp_path / "c"), prefix_cache_disk_gb=0.5)
+    async with AsyncLLM(config=config) as llm:
+        store, release = llm.engine.disk.store, threading.Event()
+        write = store._write
+        store._write = lambda k, p: (release.wait(30), write(k, p))  # a slow disk
+        await llm.generate(prompt(300), GREEDY)
+        await asyncio.sleep(0.3)  # the engine is idle; its writes wait
+        assert llm.get_stats()["disk_cache"]["writes"] == 0
+        release.set()
+        for _ in range(100):  # the snapshot moves on without another request
+            if (disk := llm.get_stats()["disk_cache"])["writes"] == 19:
+                break
+            await asyncio.sleep(0.05)
+        assert (disk["writes"], disk["writes_pending"], disk["blocks"]) == (19, 0, 19)
 
 
 def test_settings_flags_environment_and_default_folder(monkeypatch, tmp_path: Path) -> None:

@@ -288,11 +288,14 @@ class AsyncLLM:
             self._dirty = True
         if items:
             self._loop.call_soon_threadsafe(self._deliver, items)
-        # Refresh the stats snapshot at most every 0.25 s while busy, once when idle.
-        self._dirty = self._dirty or busy or bool(items)
+        # Refresh the stats snapshot at most every 0.25 s while busy, once when idle. The
+        # disk tier writes on after the last step: its counts are refreshed too until it is
+        # done (else /stats would show its writes pending forever on an idle server).
+        writing = engine.disk is not None and engine.disk.store.writing
+        self._dirty = self._dirty or busy or bool(items) or writing
         now, busy = time.monotonic(), engine.has_unfinished_requests()
-        if self._dirty and (now - self._last_stats > 0.25 or not busy):
-            self._stats, self._last_stats, self._dirty = engine.get_stats(), now, False
+        if self._dirty and (now - self._last_stats > 0.25 or not (busy or writing)):
+            self._stats, self._last_stats, self._dirty = engine.get_stats(), now, writing
         return busy
 
     def _step(self) -> list[tuple[str, Any]]:

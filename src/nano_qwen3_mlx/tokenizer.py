@@ -16,6 +16,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import first_line
+from .tokenizer_cache import shared_backend
 
 # transformers' fallback template for models that ship none (ChatML).
 CHATML_TEMPLATE = (
@@ -346,7 +347,7 @@ def _load_backend(path: Path) -> tokenizers.Tokenizer:
     if not path.is_file():
         raise ValueError(f"tokenizer file not found: {path}")
     try:
-        return tokenizers.Tokenizer.from_file(str(path))
+        return shared_backend(path)  # parsed once per process and content
     except Exception as e:  # tokenizers raises a bare Exception on bad input
         raise ValueError(f"cannot load tokenizer file {path}: {first_line(e)}") from e
 

@@ -108,6 +108,12 @@ class DiskStore:
     def num_pending(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def writing(self) -> bool:
+        """Writes queued or in progress: the stats still move."""
+        with self._mu:
+            return bool(self._pending)
+
     def free_slots(self) -> int:
         """Writes ``put`` can queue now without skipping."""
         return self._queue.maxsize - self._queue.qsize() if self.writable else 0

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..parsers import THINK_CLOSE, THINK_OPEN
 from ..sampling_params import SamplingParams
+from ..tokenizer_cache import shared_lltokenizer
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +205,9 @@ class GrammarCompiler:
     @property
     def lltokenizer(self) -> llg.LLTokenizer:
         if self._lltokenizer is None:  # ~1 s for a 150k vocabulary: only when first needed
-            tok = self._tokenizer
-            self._lltokenizer = llg.LLTokenizer(
-                tok.backend.to_str(), n_vocab=self.vocab_size, eos_token=list(tok.eos_token_ids)
-            )
+            tok = self._tokenizer  # shared by the engines on the same tokenizer
+            self._lltokenizer = shared_lltokenizer(tok.backend, self.vocab_size,
+                                                   list(tok.eos_token_ids))
         return self._lltokenizer
 
     def thinking_mode(self, params: SamplingParams, prompt_ids: list[int]) -> str:
