@@ -46,7 +46,7 @@ def stored_kv(cache, table, n):
 def test_quantized_attention_equals_dequantize_then_attend(bits, group_size, read_path, parts, case,
                                                            monkeypatch):
     """``parts``: decode rows split over that many streams (by sequence, or kv head for one)."""
-    monkeypatch.setattr(paged_attention, "attention_parts", lambda: parts)
+    monkeypatch.setattr(paged_attention, "attention_parts", lambda *_: parts)
     lengths, news, shares, order, n_kv, group, unsampled, prune = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, mx.float32, read_path, bits, group_size)

@@ -102,7 +102,7 @@ def test_paged_attention_equals_dense(dtype, read_path, max_scores, parts, case,
     ``prune``: the layer asks for the sampled rows only, as the engine's last layer does;
     ``parts``: decode rows split over that many streams (by sequence, or by kv head for one), prefill chunks by kv head."""
     monkeypatch.setattr(paged_attention, "MAX_SCORES", max_scores)
-    monkeypatch.setattr(paged_attention, "attention_parts", lambda: parts)
+    monkeypatch.setattr(paged_attention, "attention_parts", lambda *_: parts)
     lengths, news, shares, order, n_kv, group, unsampled, prune = case
     H, scale = n_kv * group, D**-0.5
     cache = PagedKVCache(1, NUM_BLOCKS, BS, n_kv, D, dtype, read_path=read_path)
@@ -216,7 +216,7 @@ def test_copy_blocks_updates_the_pools_in_place():
 def test_pieces_run_on_whichever_thread_attends(monkeypatch):
     """MLX streams belong to the thread that made them: an engine that moves to another
     thread (the server's engine thread) must still attend, with the same result."""
-    monkeypatch.setattr(paged_attention, "attention_parts", lambda: 2)
+    monkeypatch.setattr(paged_attention, "attention_parts", lambda *_: 2)
     cache = PagedKVCache(1, 8, BS, 2, D, mx.float32)
     slots = mx.arange(8 * BS)
     kv = mx.random.normal((2, 8 * BS, 2, D))
@@ -234,3 +234,19 @@ def test_pieces_run_on_whichever_thread_attends(monkeypatch):
     thread.start()
     thread.join()
     assert len(there) == 1 and np.allclose(here, there[0])
+
+
+def test_only_enough_work_is_split_over_the_streams(monkeypatch):
+    """A decode group splits over the cores once its K/V bytes per layer reach
+    MIN_SPLIT_BYTES (below, the streams' hand-offs cost what the cores save); a GPU never
+    splits (its ops use every core already)."""
+    monkeypatch.setattr(paged_attention, "_CORES", 2)
+    cache = PagedKVCache(1, 8, BS, 2, D, mx.float32)
+    tables = np.arange(8, dtype=np.int32).reshape(2, 4)
+    lengths = np.array([13, 16], np.int32)
+    group_bytes = 2 * 4 * BS * cache.bytes_per_token  # 2 sequences x 4 blocks, one layer
+    monkeypatch.setattr(paged_attention, "MIN_SPLIT_BYTES", group_bytes + 1)
+    assert len(paged_attention.DecodeGroup.build(tables, lengths, cache).parts) == 1
+    monkeypatch.setattr(paged_attention, "MIN_SPLIT_BYTES", group_bytes)
+    on_cpu = mx.default_device() == mx.cpu
+    assert len(paged_attention.DecodeGroup.build(tables, lengths, cache).parts) == (2 if on_cpu else 1)

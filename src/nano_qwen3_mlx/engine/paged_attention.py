@@ -31,20 +31,27 @@ from .recurrent import RecurrentStep
 MAX_SCORES = 1 << 26  # attention scores one SDPA call may hold (256 MB in float32)
 LOG2E = math.log2(math.e)  # decode scores in base 2: exp(x) = 2 ** (x * log2(e))
 MAX_PARTS = 8  # most streams one layer's attention is split over (CPU)
+# Below these a layer's attention is too little work to split: the hand-offs between the
+# streams (an event per piece, the concatenation) cost what the other cores save. Measured on
+# two cores (4 layers, kv shape): decode breaks even at ~4.5 MB (2.5 MB: 0.24 -> 0.28 ms,
+# 8.5 MB: 0.56 -> 0.46 ms); a chunk at 0.5M scores was slower split, at 1M 20 -> 16 ms.
+MIN_SPLIT_BYTES = 6 << 20  # decode: the K/V bytes the step's decode rows read per layer
+MIN_SPLIT_SCORES = 1 << 20  # prefill chunk: its attention scores (heads x queries x keys)
 # The cores this process may run on (its affinity mask where the OS has one), read once.
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def attention_parts() -> int:
-    """How many pieces one layer's attention is split into, each on its own stream.
+def attention_parts(work: int, min_work: int) -> int:
+    """How many pieces one layer's attention (``work`` units of it) is split into, each on
+    its own stream: one below ``min_work``.
 
     MLX runs each CPU op on one thread, and a thread alone cannot draw the memory bandwidth a
     long-context decode needs (nor run a prefill chunk's softmax faster than one core): a
-    piece per core reads the pool with every core (2K x 8 decode on two cores: 14 -> 7 ms
+    piece per core reads the pool with every core (2K x 8 decode on two cores: 15.7 -> 7.9 ms
     per layer; a 2,048-token chunk's SDPA 1.27 -> 0.80 s). A GPU spreads each op over all its
     cores already: one piece.
     """
-    if mx.default_device() != mx.cpu:
+    if mx.default_device() != mx.cpu or work < min_work:
         return 1
     return max(1, min(MAX_PARTS, _CORES))
 
@@ -117,7 +124,9 @@ class DecodeGroup:
         bias = np.where(valid, np.float32(0), np.float32(-np.inf)).reshape(B, 1, nb, 1, bs)
         pool_rows = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
         split_heads = B == 1
-        pieces = _ranges(n_kv if split_heads else B, num_parts or attention_parts())
+        layer_bytes = B * nb * bs * cache.bytes_per_token // len(cache.k_pools)
+        pieces = _ranges(n_kv if split_heads else B,
+                         num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
         parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
                  else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
         return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), parts, split_heads)
@@ -243,7 +252,8 @@ class PagedAttention:
                     qh[:, :, a:b], k[:, heads, :end], v[:, heads, :end], scale=scale, mask="causal"))
             return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-        out = on_streams(attend, _ranges(k.shape[1], attention_parts()), axis=1)
+        parts = attention_parts(q.shape[1] * n * chunk.end, MIN_SPLIT_SCORES)
+        out = on_streams(attend, _ranges(k.shape[1], parts), axis=1)
         return out.transpose(2, 1, 0, 3)
 
 
