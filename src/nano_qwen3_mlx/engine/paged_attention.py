@@ -275,27 +275,16 @@ def decode_gather_mm(cache: PagedKVCache, layer: int, q: mx.array, group: Decode
                      scale: float) -> mx.array:
     """One query per sequence against its blocks, read where they lie in the pool.
 
-    Scores are ``q @ K_block^T`` per (sequence, kv head, block), ``(Bp, Hp, nb, G, bs)`` (G
-    query heads per kv head; K is read through a transposed view, not copied), then one
-    softmax across the (block, position) axes (``_softmax_base2``), then each block's values
-    weighted in place and the blocks summed. Each of the group's pieces runs on its stream.
+    Scores are ``q @ K_block^T`` per (sequence, kv head, block) (K is read through a
+    transposed view, not copied); values ``p @ V_block`` (``_decode_blocks``).
     """
-    B, H, _, D = q.shape
-    dtype, n_kv, bs = q.dtype, cache.num_kv_heads, cache.block_size
-    G, nb = H // n_kv, group.tables.shape[1]
+    D, bs = cache.head_dim, cache.block_size
     k_pool = cache.k_pools[layer].reshape(-1, bs, D).swapaxes(-1, -2)  # (blocks*n_kv, D, bs): a view
     v_pool = cache.v_pools[layer].reshape(-1, bs, D)
-    q_g = (q.reshape(B, n_kv, G, D) * (scale * LOG2E)).astype(cache.dtype)
-
-    def attend(part: DecodePart) -> mx.array:
-        qp = q_g[part.seqs, part.heads]
-        shape = (*qp.shape[:2], nb, G, bs)
-        s = mx.gather_mm(qp.reshape(-1, G, D), k_pool, part.lhs, part.rhs).reshape(shape)
-        p, denom = _softmax_base2(s, part.bias)
-        o = mx.gather_mm(p.astype(cache.dtype).reshape(-1, G, bs), v_pool, part.rows, part.rhs)
-        return _sum_blocks(o, denom, (*shape[:4], D))
-
-    return group.attend(attend).reshape(B, H, 1, D).astype(dtype)
+    return _decode_blocks(
+        cache, q, group, scale,
+        lambda rows, part: mx.gather_mm(rows, k_pool, part.lhs, part.rhs),
+        lambda probs, part: mx.gather_mm(probs, v_pool, part.rows, part.rhs))
 
 
 def decode_gather_qmm(cache: PagedKVCache, layer: int, q: mx.array, group: DecodeGroup,
@@ -303,29 +292,46 @@ def decode_gather_qmm(cache: PagedKVCache, layer: int, q: mx.array, group: Decod
     """``decode_gather_mm`` over a quantized pool: ``mx.gather_qmm`` multiplies each block's
     packed rows where they lie, dequantizing group by group inside the kernel.
 
-    Scores are ``q @ K_block^T`` (``transpose=True``: K rows are quantized along head_dim),
-    ``(Bp, Hp, nb, G, bs)``; values are ``p @ V_block`` (``transpose=False``: V's
-    quantization groups run along the output axis, head_dim, as the kernel wants).
+    Scores use ``transpose=True`` (K rows are quantized along head_dim); values
+    ``transpose=False`` (V's quantization groups run along the output axis, head_dim, as the
+    kernel wants).
     """
-    B, H, _, D = q.shape
-    dtype, n_kv, bs = q.dtype, cache.num_kv_heads, cache.block_size
-    G, nb = H // n_kv, group.tables.shape[1]
-    quant = {"group_size": cache.group_size, "bits": cache.bits}
+    bs, quant = cache.block_size, {"group_size": cache.group_size, "bits": cache.bits}
     k = [pools[layer].reshape(-1, bs, pools[layer].shape[-1]) for pools in cache.k_parts]
     v = [pools[layer].reshape(-1, bs, pools[layer].shape[-1]) for pools in cache.v_parts]
+    return _decode_blocks(
+        cache, q, group, scale,
+        lambda rows, part: mx.gather_qmm(rows, *k, lhs_indices=part.lhs, rhs_indices=part.rhs,
+                                         transpose=True, **quant),
+        lambda probs, part: mx.gather_qmm(probs, *v, lhs_indices=part.rows,
+                                          rhs_indices=part.rhs, transpose=False, **quant))
+
+
+BlockProduct = Callable[[mx.array, DecodePart], mx.array]  # (rows, piece) -> block products
+
+
+def _decode_blocks(cache: PagedKVCache, q: mx.array, group: DecodeGroup, scale: float,
+                   scores: BlockProduct, values: BlockProduct) -> mx.array:
+    """The decode rows' attention ``(B, H, 1, D)`` from the read path's two block products.
+
+    Per piece of the group (each on its stream): ``scores(q rows, part)`` gives ``(Bp*Hp*nb,
+    G, bs)`` (G query heads per kv head), one softmax runs across the (block, position) axes
+    (``_softmax_base2``), ``values(probabilities, part)`` gives each block's weighted values
+    ``(Bp*Hp*nb, G, D)``, and the blocks are summed.
+    """
+    B, H, _, D = q.shape
+    n_kv, bs = cache.num_kv_heads, cache.block_size
+    G, nb = H // n_kv, group.tables.shape[1]
     q_g = (q.reshape(B, n_kv, G, D) * (scale * LOG2E)).astype(cache.dtype)
 
     def attend(part: DecodePart) -> mx.array:
         qp = q_g[part.seqs, part.heads]
         shape = (*qp.shape[:2], nb, G, bs)
-        s = mx.gather_qmm(qp.reshape(-1, G, D), *k, lhs_indices=part.lhs, rhs_indices=part.rhs,
-                          transpose=True, **quant)
-        p, denom = _softmax_base2(s.reshape(shape), part.bias)
-        o = mx.gather_qmm(p.astype(cache.dtype).reshape(-1, G, bs), *v, lhs_indices=part.rows,
-                          rhs_indices=part.rhs, transpose=False, **quant)
+        p, denom = _softmax_base2(scores(qp.reshape(-1, G, D), part).reshape(shape), part.bias)
+        o = values(p.astype(cache.dtype).reshape(-1, G, bs), part)
         return _sum_blocks(o, denom, (*shape[:4], D))
 
-    return group.attend(attend).reshape(B, H, 1, D).astype(dtype)
+    return group.attend(attend).reshape(B, H, 1, D).astype(q.dtype)
 
 
 def _softmax_base2(s: mx.array, bias: mx.array) -> tuple[mx.array, mx.array]:
