@@ -89,9 +89,7 @@ class ModelRunner:
         """The rows that sample (batch indices, packed order; a speculating row once per
         sampled position) and, lazily, the hidden state of each one's sampled tokens (its last;
         a speculating row's last 1 + drafts): logits are computed only for these."""
-        if batch.copies:  # reused KV that ends inside a block, before the writes into it
-            src, dst = zip(*batch.copies)
-            self.cache.copy_blocks(list(src), list(dst))
+        self.copy_reused(batch)
         order = packed_order(batch)
         ctx = self.attention_context(batch, order)
         hidden = self.model.hidden_states(self._input_ids(batch, order, prev), ctx)[:, 0]
@@ -117,6 +115,13 @@ class ModelRunner:
             lazy = prev.sampled.token_ids[mx.array(np.maximum(pending_np, 0))]
             out = mx.where(mx.array(pending_np >= 0), lazy, out)
         return out[:, None]
+
+    def copy_reused(self, batch: ScheduledBatch) -> None:
+        """Queue the batch's copy-on-write of reused KV that ends inside a block (before the
+        step's writes into those blocks)."""
+        if batch.copies:
+            src, dst = zip(*batch.copies)
+            self.cache.copy_blocks(list(src), list(dst))
 
     def attention_context(self, batch: ScheduledBatch, order: list[int]) -> PagedAttention:
         """Where each token of the packed step writes its K/V and which blocks it reads."""

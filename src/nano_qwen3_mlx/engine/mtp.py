@@ -69,9 +69,7 @@ class MTPDrafter(Drafter):
         step and, lazily, its draft after each sampled token."""
         if out is None or out.hidden is None:
             return
-        if batch.copies:  # the target's reused blocks ending mid-block, copied in its pool too
-            src, dst = zip(*batch.copies)
-            self.cache.copy_blocks(list(src), list(dst))
+        self.runner.copy_reused(batch)  # the target's reused blocks ending mid-block, here too
         order = packed_order(batch)
         next_ids, where = self._next_tokens(batch, order, out)
         ctx = self.runner.attention_context(batch, order)
