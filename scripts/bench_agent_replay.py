@@ -32,7 +32,7 @@ import aiohttp
 import nano_qwen3_mlx  # noqa: F401  (the optimised BLAS first)
 from nano_qwen3_mlx.bench.chat import ChatPlan, chat, server_command, words
 from nano_qwen3_mlx.bench.servers import free_port, healthy
-from nano_qwen3_mlx.bench.shapes import random_checkpoint
+from nano_qwen3_mlx.bench.shapes import kept_checkpoint
 from nano_qwen3_mlx.blas import subprocess_env
 
 SERVERS = ("ours_tier", "ours_no_tier", "mlx_lm")
@@ -134,9 +134,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path("bench-results/agent-replay-cache"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/agent_replay.json"))
     args = ap.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        args.checkpoint.mkdir(parents=True, exist_ok=True)
-        random_checkpoint(args.shape, args.dtype, args.checkpoint)
+    kept_checkpoint(args.shape, args.dtype, args.checkpoint)
     plan = ChatPlan(clients=1, step_tokens=args.step_tokens)
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()},
                     "load_average_start": os.getloadavg()}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import nano_qwen3_mlx  # noqa: F401  (the optimised BLAS first)
 from nano_qwen3_mlx.bench.servers import free_port, healthy, serve_command
-from nano_qwen3_mlx.bench.shapes import random_checkpoint
+from nano_qwen3_mlx.bench.shapes import kept_checkpoint
 from nano_qwen3_mlx.blas import subprocess_env
 
 
@@ -126,9 +126,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path("bench-results/disk-tier-cache"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/disk_tier.json"))
     args = ap.parse_args()
-    if not (args.checkpoint / "config.json").exists():
-        args.checkpoint.mkdir(parents=True, exist_ok=True)
-        random_checkpoint(args.shape, args.dtype, args.checkpoint)
+    kept_checkpoint(args.shape, args.dtype, args.checkpoint)
     shutil.rmtree(args.cache_dir, ignore_errors=True)
     rng = random.Random(0)
     long_ids = [rng.randrange(1000, 100000) for _ in range(args.prompt_len)]

@@ -118,3 +118,17 @@ def test_cli_bench_bad_input_is_one_line(args, message):
     result = CliRunner().invoke(app, ["bench", *args])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_kept_checkpoint_is_built_once_and_found_again(tmp_path):
+    """The disk-tier and agent-replay scripts restart servers on the same weights: the
+    checkpoint folder is built when missing and reused as it is when there."""
+    from nano_qwen3_mlx.bench.shapes import kept_checkpoint
+
+    folder = tmp_path / "ckpt"
+    assert kept_checkpoint("tiny", "float32", folder) == folder
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "marker").write_text("kept")
+    assert kept_checkpoint("tiny", "float32", folder) == folder
+    assert (folder / "marker").exists() and (folder / "model.safetensors").read_bytes() == weights
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3"

@@ -67,6 +67,15 @@ def random_checkpoint(shape: str | dict[str, Any], dtype: str, folder: Path) -> 
     return folder
 
 
+def kept_checkpoint(shape: str | dict[str, Any], dtype: str, folder: Path) -> Path:
+    """``random_checkpoint`` in ``folder``, built only where none is there yet, so runs that
+    must load the same weights again (a restart, a second server) find them."""
+    if not (folder / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        random_checkpoint(shape, dtype, folder)
+    return folder
+
+
 def _build(config: dict[str, Any]):
     from ..models import MODEL_TYPES
 
