@@ -105,3 +105,26 @@ def test_model_parity_holds_with_the_reference_blas_too():
                          cwd=ROOT, capture_output=True, text=True,
                          env={**env, blas.ENV_VAR: "off"}, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_matvec_is_the_matmul_for_one_row_and_declines_the_rest():
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((1000, 64), dtype=np.float32))
+    x = mx.array(rng.standard_normal((1, 64), dtype=np.float32))
+    got = blas.matvec(w, x)
+    if blas.blas_info().path is None:  # no optimised BLAS loaded: MLX's matmul runs
+        assert got is None
+        return
+    np.testing.assert_allclose(np.array(got), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+    assert blas.matvec(w, x.reshape(1, 1, 64)).shape == (1, 1, 1000)
+    assert blas.matvec(w, mx.concatenate([x, x])) is None  # several rows: one sgemm is better
+    assert blas.matvec(w.astype(mx.float16), x.astype(mx.float16)) is None  # sgemv is float32
+    assert blas.matvec(w[:, :32], x[:, :32]) is None  # a strided view is not one buffer
+    assert blas.matvec(w, x[:, :32]) is None  # shapes that do not multiply
+    with mx.stream(mx.cpu):
+        one_of_two = mx.array(rng.standard_normal((2, 64), dtype=np.float32))[1:]
+        np.testing.assert_allclose(np.array(blas.matvec(w, one_of_two)),
+                                   np.array(one_of_two @ w.T), rtol=1e-5, atol=1e-5)

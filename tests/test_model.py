@@ -163,3 +163,24 @@ def test_hub_cache_layout_is_used_offline(monkeypatch, tmp_path, tiny_qwen3_dir)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     loaded = load("acme/tiny-qwen3")
     assert loaded.path == snap
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_one_row_logits_are_the_blas_sgemv_and_equal_the_matmul(tmp_path, qwen_tokenizer_dir,
+                                                                monkeypatch, tied):
+    """Batch-1 decode's output layer runs as ``blas.matvec`` where an optimised BLAS is
+    loaded (MLX's one-row sgemm is ~3x slower there); several rows keep MLX's matmul."""
+    from nano_qwen3_mlx import blas
+    from nano_qwen3_mlx.models import decoder
+
+    model = ours(write_checkpoint(tmp_path / "m", qwen_tokenizer_dir, {"tie_word_embeddings": tied}))
+    weight = model.model.embed_tokens.weight if tied else model.lm_head.weight
+    calls = []
+    monkeypatch.setattr(decoder, "matvec", lambda w, x: calls.append(x.shape) or blas.matvec(w, x))
+    hidden = mx.random.normal((3, weight.shape[1]), key=mx.random.key(0))
+    for rows in (hidden[:1], hidden):
+        np.testing.assert_allclose(np.array(model.compute_logits(rows)), np.array(rows @ weight.T),
+                                   rtol=1e-4, atol=1e-4)
+    assert calls == [(1, weight.shape[1]), (3, weight.shape[1])]
+    if blas.blas_info().path is not None:
+        assert blas.matvec(weight, hidden[:1]) is not None  # the one row took the sgemv

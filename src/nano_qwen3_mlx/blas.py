@@ -9,16 +9,24 @@ reference BLAS stays loaded but unused. macOS (Accelerate) and GPU backends are 
 
 ``NANO_QWEN3_BLAS``: ``auto`` (default: the first library found below), ``off`` (keep the
 reference BLAS), or a path to a BLAS shared library.
+
+``matvec`` runs one row's product with a large weight (the output layer at batch 1) as the
+library's ``sgemv`` instead of MLX's ``sgemm`` (see there).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mlx must not load before this module has chosen the BLAS
+    import mlx.core as mx
 
 ENV_VAR = "NANO_QWEN3_BLAS"
 
@@ -69,6 +77,62 @@ def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
     if path and path not in env.get("LD_PRELOAD", "").split():
         env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
     return env
+
+
+def matvec(weight: mx.array, x: mx.array) -> mx.array | None:
+    """``x @ weight.T`` for one float32 row ``x`` (shape ``(..., in)``, one row in all) and a
+    float32 ``weight`` ``(out, in)``, computed on the CPU by the loaded library's
+    ``cblas_sgemv``; None where that does not apply (another device, several rows, another
+    dtype, a weight MLX cannot lend as one buffer, no optimised BLAS loaded here), and the
+    caller runs its own matmul.
+
+    Why: MLX's CPU matmul calls ``cblas_sgemm`` for every shape, and OpenBLAS (Debian's
+    0.3.21) runs a one-row ``sgemm`` through its packing path: the 151,936 x 256 output layer
+    of the bench's ``kv`` shape takes ~15 ms that way and ~5.6 ms as an ``sgemv``, which
+    reads the weight once near the memory bandwidth (a batch-1 decode step at 512 tokens:
+    24 -> 15 ms). Several rows gain nothing (a ``sgemv`` per row reads the weight per row).
+    ``x`` is evaluated first (the step's forward runs now; on the CPU backend queueing a step
+    computes it anyway); the weight is read in place, the output copied once into MLX.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    sgemv = _sgemv()
+    if (sgemv is None or mx.default_device() != mx.cpu or x.size != x.shape[-1]
+            or weight.ndim != 2 or x.shape[-1] != weight.shape[1]
+            or weight.dtype != mx.float32 or x.dtype != mx.float32):
+        return None
+    mx.eval(weight, x)
+    try:
+        w = np.array(weight, copy=False)  # MLX's buffer, if it is one row-major block
+    except ValueError:
+        return None
+    if not w.flags.c_contiguous:
+        return None
+    row = np.ascontiguousarray(np.array(x, copy=False).reshape(-1))
+    out = np.empty(w.shape[0], np.float32)
+    sgemv(_ROW_MAJOR, _NO_TRANS, w.shape[0], w.shape[1], 1.0, w.ctypes.data, w.shape[1],
+          row.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+    return mx.array(out).reshape(*x.shape[:-1], w.shape[0])
+
+
+_ROW_MAJOR, _NO_TRANS = 101, 111  # CBLAS_ORDER, CBLAS_TRANSPOSE
+
+
+@functools.cache
+def _sgemv():
+    """The loaded library's ``cblas_sgemv`` (ctypes releases the GIL around it), or None."""
+    path = blas_info().path
+    if not path:
+        return None
+    try:
+        fn = ctypes.CDLL(path).cblas_sgemv
+    except (OSError, AttributeError):
+        return None
+    c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [c_int, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int, c_float, ptr, c_int]
+    fn.restype = None
+    return fn
 
 
 def _choose() -> BlasInfo:

@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..blas import matvec
 from .base import AttentionContext, RoPE, count_parameters
 from .contract import LayerKV, LayerState
 
@@ -160,9 +161,14 @@ class DecoderLM(nn.Module):
         return self.compute_logits(self.model(input_ids, ctx))
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(hidden)
-        return self.lm_head(hidden)
+        head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        # One row on the CPU (batch-1 decode): the BLAS's sgemv, ~3x MLX's one-row sgemm
+        # there (blas.matvec). Exact types only: quantized and vocabulary-sharded heads differ.
+        if type(head) in (nn.Embedding, nn.Linear) and "bias" not in head:
+            logits = matvec(head.weight, hidden)
+            if logits is not None:
+                return logits
+        return head.as_linear(hidden) if self.args.tie_word_embeddings else head(hidden)
 
     def hidden_states(self, input_ids: mx.array, ctx: AttentionContext) -> mx.array:
         return self.model(input_ids, ctx)
