@@ -128,3 +128,19 @@ def test_matvec_is_the_matmul_for_one_row_and_declines_the_rest():
         one_of_two = mx.array(rng.standard_normal((2, 64), dtype=np.float32))[1:]
         np.testing.assert_allclose(np.array(blas.matvec(w, one_of_two)),
                                    np.array(one_of_two @ w.T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not OPENBLAS, reason="no system OpenBLAS to load")
+def test_openblas_workers_sleep_at_once_unless_the_user_says_otherwise():
+    """OpenBLAS's idle workers would spin ~0.1 s after each call on the core MLX's second
+    stream attends on: the package sets OPENBLAS_THREAD_TIMEOUT before loading it (and for
+    a peer engine's process), keeping a value the user set."""
+    script = "import os, nano_qwen3_mlx; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "LD_PRELOAD")}
+    run = lambda e: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,  # noqa: E731
+                                   env=e, timeout=120, check=True).stdout.strip()
+    assert run(env) == blas.THREAD_TIMEOUT[1]
+    assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}) == "20"
+    child = blas.subprocess_env({k: v for k, v in env.items()})
+    assert child["OPENBLAS_THREAD_TIMEOUT"] == blas.THREAD_TIMEOUT[1]
+    assert blas.subprocess_env({"OPENBLAS_THREAD_TIMEOUT": "9"})["OPENBLAS_THREAD_TIMEOUT"] == "9"

@@ -29,6 +29,11 @@ if TYPE_CHECKING:  # mlx must not load before this module has chosen the BLAS
     import mlx.core as mx
 
 ENV_VAR = "NANO_QWEN3_BLAS"
+# OpenBLAS's idle workers spin for 2**28 cycles (~0.1 s) after each threaded call, on the
+# core where MLX's second stream attends (streams.py): a 2K x 8 decode step of the kv shape
+# took 91 ms with that, 81 ms with 2**4 (workers sleep at once); Qwen3-0.6B's batch-8 step
+# is unchanged (~355 ms). Read by OpenBLAS when it loads; a value set by the user is kept.
+THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
 
 # Searched in order; Debian's libopenblas0-pthread installs the first.
 CANDIDATES = (
@@ -71,8 +76,10 @@ def blas_info() -> BlasInfo:
 
 def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """An environment for a child process (a peer engine in a benchmark) that makes it load
-    the same BLAS: ``LD_PRELOAD`` of the library loaded here, if any."""
+    the same BLAS: ``LD_PRELOAD`` of the library loaded here, if any, with the same
+    ``THREAD_TIMEOUT``."""
     env = dict(os.environ if env is None else env)
+    env.setdefault(*THREAD_TIMEOUT)
     path = blas_info().path
     if path and path not in env.get("LD_PRELOAD", "").split():
         env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
@@ -149,6 +156,7 @@ def _choose() -> BlasInfo:
     if "mlx.core" in sys.modules:
         return BlasInfo("reference", None, "mlx was imported before nano_qwen3_mlx")
     paths = [setting] if setting.lower() != "auto" else _candidates()
+    os.environ.setdefault(*THREAD_TIMEOUT)
     for path in paths:
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

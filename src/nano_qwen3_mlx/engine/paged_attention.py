@@ -15,16 +15,14 @@ and RoPE gets one position per token. Attention then needs to know each token's 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
 
 from ..models.base import RecurrentFn
+from ..streams import CORES, on_streams, split_ranges
 from .kv_cache import PagedKVCache
 from .recurrent import RecurrentStep
 
@@ -37,8 +35,7 @@ MAX_PARTS = 8  # most streams one layer's attention is split over (CPU)
 # 8.5 MB: 0.56 -> 0.46 ms); a chunk at 0.5M scores was slower split, at 1M 20 -> 16 ms.
 MIN_SPLIT_BYTES = 6 << 20  # decode: the K/V bytes the step's decode rows read per layer
 MIN_SPLIT_SCORES = 1 << 20  # prefill chunk: its attention scores (heads x queries x keys)
-# The cores this process may run on (its affinity mask where the OS has one), read once.
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_CORES = CORES  # (a module global, so a test can pretend another core count)
 
 
 def attention_parts(work: int, min_work: int) -> int:
@@ -54,32 +51,6 @@ def attention_parts(work: int, min_work: int) -> int:
     if mx.default_device() != mx.cpu or work < min_work:
         return 1
     return max(1, min(MAX_PARTS, _CORES))
-
-
-Piece = TypeVar("Piece")
-# MLX streams belong to the thread that made them (an engine may run on its own thread).
-_local = threading.local()
-
-
-def part_stream(index: int) -> mx.Stream:
-    """Piece ``index``'s stream: the default one for piece 0, one more CPU stream (thread)
-    for each further piece, made once per calling thread."""
-    if index == 0:
-        return mx.default_stream(mx.default_device())
-    streams = _local.__dict__.setdefault("streams", [])
-    while len(streams) < index:
-        streams.append(mx.new_stream(mx.default_device()))
-    return streams[index - 1]
-
-
-def on_streams(fn: Callable[[Piece], mx.array], pieces: Sequence[Piece], axis: int) -> mx.array:
-    """``fn(piece)`` for every piece, piece ``i`` queued on ``part_stream(i)``, joined along
-    ``axis``."""
-    outs = []
-    for i, piece in enumerate(pieces):
-        with mx.stream(part_stream(i)):
-            outs.append(fn(piece))
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=axis)
 
 
 @dataclass(slots=True)
@@ -125,7 +96,7 @@ class DecodeGroup:
         pool_rows = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
         split_heads = B == 1
         layer_bytes = B * nb * bs * cache.bytes_per_token // len(cache.k_pools)
-        pieces = _ranges(n_kv if split_heads else B,
+        pieces = split_ranges(n_kv if split_heads else B,
                          num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
         parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
                  else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
@@ -137,13 +108,6 @@ class DecodeGroup:
     def attend(self, fn: Callable[[DecodePart], mx.array]) -> mx.array:
         """``fn`` of every piece, each on its stream, joined: ``(B, n_kv, ...)``."""
         return on_streams(fn, self.parts, axis=1 if self.split_heads else 0)
-
-
-def _ranges(n: int, pieces: int) -> list[slice]:
-    """``range(n)`` cut into at most ``pieces`` contiguous slices of near-equal size."""
-    pieces = max(1, min(n, pieces))
-    cuts = [n * i // pieces for i in range(pieces + 1)]
-    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
 @dataclass(slots=True)
@@ -253,7 +217,7 @@ class PagedAttention:
             return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
         parts = attention_parts(q.shape[1] * n * chunk.end, MIN_SPLIT_SCORES)
-        out = on_streams(attend, _ranges(k.shape[1], parts), axis=1)
+        out = on_streams(attend, split_ranges(k.shape[1], parts), axis=1)
         return out.transpose(2, 1, 0, 3)
 
 

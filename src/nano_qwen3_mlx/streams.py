@@ -1,0 +1,51 @@
+"""Work split over the CPU's cores: one MLX stream (one thread) per piece.
+
+MLX runs each CPU op on one thread (its stream's). A product that reads more memory than one
+thread can draw, or a softmax bigger than one core's worth, is cut into pieces, each queued
+on its own stream, and the pieces joined. Decode attention (``engine.paged_attention``) and
+the output layer (``blas.wide_matmul``) use it. A GPU spreads each op over its cores already.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import mlx.core as mx
+
+# The cores this process may run on (its affinity mask where the OS has one), read once.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+Piece = TypeVar("Piece")
+# MLX streams belong to the thread that made them (an engine may run on its own thread).
+_local = threading.local()
+
+
+def part_stream(index: int) -> mx.Stream:
+    """Piece ``index``'s stream: the default one for piece 0, one more CPU stream (thread)
+    for each further piece, made once per calling thread."""
+    if index == 0:
+        return mx.default_stream(mx.default_device())
+    streams = _local.__dict__.setdefault("streams", [])
+    while len(streams) < index:
+        streams.append(mx.new_stream(mx.default_device()))
+    return streams[index - 1]
+
+
+def on_streams(fn: Callable[[Piece], mx.array], pieces: Sequence[Piece], axis: int) -> mx.array:
+    """``fn(piece)`` for every piece, piece ``i`` queued on ``part_stream(i)``, joined along
+    ``axis``."""
+    outs = []
+    for i, piece in enumerate(pieces):
+        with mx.stream(part_stream(i)):
+            outs.append(fn(piece))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=axis)
+
+
+def split_ranges(n: int, pieces: int) -> list[slice]:
+    """``range(n)`` cut into at most ``pieces`` contiguous slices of near-equal size."""
+    pieces = max(1, min(n, pieces))
+    cuts = [n * i // pieces for i in range(pieces + 1)]
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
