@@ -130,17 +130,36 @@ def test_matvec_is_the_matmul_for_one_row_and_declines_the_rest():
                                    np.array(one_of_two @ w.T), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not OPENBLAS, reason="no system OpenBLAS to load")
-def test_openblas_workers_sleep_at_once_unless_the_user_says_otherwise():
-    """OpenBLAS's idle workers would spin ~0.1 s after each call on the core MLX's second
-    stream attends on: the package sets OPENBLAS_THREAD_TIMEOUT before loading it (and for
-    a peer engine's process), keeping a value the user set."""
-    script = "import os, nano_qwen3_mlx; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "LD_PRELOAD")}
-    run = lambda e: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,  # noqa: E731
-                                   env=e, timeout=120, check=True).stdout.strip()
-    assert run(env) == blas.THREAD_TIMEOUT[1]
-    assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}) == "20"
-    child = blas.subprocess_env({k: v for k, v in env.items()})
-    assert child["OPENBLAS_THREAD_TIMEOUT"] == blas.THREAD_TIMEOUT[1]
-    assert blas.subprocess_env({"OPENBLAS_THREAD_TIMEOUT": "9"})["OPENBLAS_THREAD_TIMEOUT"] == "9"
+def test_single_threaded_switch_and_restore():
+    """Steps of few rows run the BLAS on one thread (the engine's streams share the cores);
+    switched back, the library has the thread count it started with."""
+    if not blas.threads_switchable():  # no OpenBLAS loaded here (or a GPU): nothing switches
+        assert blas.set_single_threaded(True) is False and not blas.single_threaded()
+        return
+    count = blas._function("openblas_get_num_threads")
+    start = count()
+    try:
+        assert blas.set_single_threaded(True) and blas.single_threaded() and count() == 1
+        assert blas.set_single_threaded(True) and count() == 1  # idempotent
+    finally:
+        blas.set_single_threaded(False)
+    assert not blas.single_threaded() and count() == start
+
+
+def test_single_threaded_matvec_and_split_matmul_equal_the_matmul():
+    import mlx.core as mx
+    import numpy as np
+
+    from nano_qwen3_mlx.streams import split_matmul
+
+    rng = np.random.default_rng(1)
+    w = mx.array(rng.standard_normal((1001, 64), dtype=np.float32))
+    x = mx.array(rng.standard_normal((5, 64), dtype=np.float32))
+    np.testing.assert_allclose(np.array(split_matmul(x, w)), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+    try:
+        on = blas.set_single_threaded(True)
+        got = blas.matvec(w, x[:1])  # the rows split over the cores on Python threads
+    finally:
+        blas.set_single_threaded(False)
+    if on:
+        np.testing.assert_allclose(np.array(got), np.array(x[:1] @ w.T), rtol=1e-5, atol=1e-5)

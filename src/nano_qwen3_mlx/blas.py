@@ -11,7 +11,8 @@ reference BLAS stays loaded but unused. macOS (Accelerate) and GPU backends are 
 reference BLAS), or a path to a BLAS shared library.
 
 ``matvec`` runs one row's product with a large weight (the output layer at batch 1) as the
-library's ``sgemv`` instead of MLX's ``sgemm`` (see there).
+library's ``sgemv`` instead of MLX's ``sgemm`` (see there). ``set_single_threaded`` lets the
+engine's own streams (``streams.py``) have the cores during steps of few rows.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ if TYPE_CHECKING:  # mlx must not load before this module has chosen the BLAS
     import mlx.core as mx
 
 ENV_VAR = "NANO_QWEN3_BLAS"
-# OpenBLAS's idle workers spin for 2**28 cycles (~0.1 s) after each threaded call, on the
-# core where MLX's second stream attends (streams.py): a 2K x 8 decode step of the kv shape
-# took 91 ms with that, 81 ms with 2**4 (workers sleep at once); Qwen3-0.6B's batch-8 step
-# is unchanged (~355 ms). Read by OpenBLAS when it loads; a value set by the user is kept.
-THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
 
 # Searched in order; Debian's libopenblas0-pthread installs the first.
 CANDIDATES = (
@@ -76,10 +72,8 @@ def blas_info() -> BlasInfo:
 
 def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """An environment for a child process (a peer engine in a benchmark) that makes it load
-    the same BLAS: ``LD_PRELOAD`` of the library loaded here, if any, with the same
-    ``THREAD_TIMEOUT``."""
+    the same BLAS: ``LD_PRELOAD`` of the library loaded here, if any."""
     env = dict(os.environ if env is None else env)
-    env.setdefault(*THREAD_TIMEOUT)
     path = blas_info().path
     if path and path not in env.get("LD_PRELOAD", "").split():
         env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
@@ -104,7 +98,7 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array | None:
     import mlx.core as mx
     import numpy as np
 
-    sgemv = _sgemv()
+    sgemv = _function("cblas_sgemv")
     if (sgemv is None or mx.default_device() != mx.cpu or x.size != x.shape[-1]
             or weight.ndim != 2 or x.shape[-1] != weight.shape[1]
             or weight.dtype != mx.float32 or x.dtype != mx.float32):
@@ -118,27 +112,97 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array | None:
         return None
     row = np.ascontiguousarray(np.array(x, copy=False).reshape(-1))
     out = np.empty(w.shape[0], np.float32)
-    sgemv(_ROW_MAJOR, _NO_TRANS, w.shape[0], w.shape[1], 1.0, w.ctypes.data, w.shape[1],
-          row.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+
+    def rows(piece: slice) -> None:
+        n, k = piece.stop - piece.start, w.shape[1]
+        sgemv(_ROW_MAJOR, _NO_TRANS, n, k, 1.0, w[piece].ctypes.data, k, row.ctypes.data, 1,
+              0.0, out[piece].ctypes.data, 1)
+
+    # Single-threaded (a decode step): one piece of the weight per core, on Python threads
+    # (ctypes lets go of the GIL): 8.7 -> 4.9 ms for the kv shape's output layer.
+    from .streams import CORES, split_ranges
+
+    pieces = split_ranges(w.shape[0], CORES if _single_threaded else 1)
+    for done in [_pool().submit(rows, piece) for piece in pieces[1:]] + [rows(pieces[0])]:
+        if done is not None:
+            done.result()
     return mx.array(out).reshape(*x.shape[:-1], w.shape[0])
 
 
 _ROW_MAJOR, _NO_TRANS = 101, 111  # CBLAS_ORDER, CBLAS_TRANSPOSE
+_single_threaded = False
+
+
+def set_single_threaded(on: bool) -> bool:
+    """Run the loaded OpenBLAS's calls on one thread (``on``) or on its own thread count;
+    True where the switch applies (OpenBLAS loaded here, CPU device).
+
+    The engine switches it on for steps of few rows (``ModelRunner``): OpenBLAS's threads
+    and MLX's streams would contend for the same cores, and a skinny product gains as much
+    split over the streams (``streams.split_matmul``): a 2K x 8 decode step of the kv shape
+    84 -> 70 ms, Qwen3-0.6B's batch-8 step 332 -> 304 ms. Prompt chunks keep OpenBLAS's
+    threads (a 2,048-row matmul: 40 ms on two threads, ~46 ms split over the streams).
+    After OpenBLAS has started its threads the switch only sets its count for later calls,
+    so a call in flight on another thread is unaffected.
+    """
+    global _single_threaded
+    if not threads_switchable():
+        return False
+    if on != _single_threaded:
+        default = _default_threads()  # read before the first switch changes it
+        _function("openblas_set_num_threads")(1 if on else default)
+        _single_threaded = on
+    return True
+
+
+def threads_switchable() -> bool:
+    """Can ``set_single_threaded`` switch (OpenBLAS loaded here, MLX on the CPU)?"""
+    import mlx.core as mx
+
+    return _function("openblas_set_num_threads") is not None and mx.default_device() == mx.cpu
+
+
+def single_threaded() -> bool:
+    """Is the loaded BLAS running its calls on one thread now (``set_single_threaded``)?"""
+    return _single_threaded
 
 
 @functools.cache
-def _sgemv():
-    """The loaded library's ``cblas_sgemv`` (ctypes releases the GIL around it), or None."""
+def _default_threads() -> int:
+    getter = _function("openblas_get_num_threads")
+    return max(1, getter()) if getter is not None else 1
+
+
+@functools.cache
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .streams import CORES
+
+    return ThreadPoolExecutor(max(1, CORES - 1), thread_name_prefix="sgemv")
+
+
+_SIGNATURES = {  # ctypes argument types of the library functions called here
+    "cblas_sgemv": ["int", "int", "int", "int", "float", "ptr", "int", "ptr", "int", "float",
+                    "ptr", "int"],
+    "openblas_set_num_threads": ["int"],
+    "openblas_get_num_threads": [],
+}
+
+
+@functools.cache
+def _function(name: str):
+    """The loaded library's ``name`` (ctypes releases the GIL around each call), or None."""
     path = blas_info().path
     if not path:
         return None
     try:
-        fn = ctypes.CDLL(path).cblas_sgemv
+        fn = getattr(ctypes.CDLL(path), name)
     except (OSError, AttributeError):
         return None
-    c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    fn.argtypes = [c_int, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int, c_float, ptr, c_int]
-    fn.restype = None
+    types = {"int": ctypes.c_int, "float": ctypes.c_float, "ptr": ctypes.c_void_p}
+    fn.argtypes = [types[t] for t in _SIGNATURES[name]]
+    fn.restype = ctypes.c_int if name == "openblas_get_num_threads" else None
     return fn
 
 
@@ -156,7 +220,6 @@ def _choose() -> BlasInfo:
     if "mlx.core" in sys.modules:
         return BlasInfo("reference", None, "mlx was imported before nano_qwen3_mlx")
     paths = [setting] if setting.lower() != "auto" else _candidates()
-    os.environ.setdefault(*THREAD_TIMEOUT)
     for path in paths:
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

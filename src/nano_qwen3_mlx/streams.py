@@ -3,7 +3,8 @@
 MLX runs each CPU op on one thread (its stream's). A product that reads more memory than one
 thread can draw, or a softmax bigger than one core's worth, is cut into pieces, each queued
 on its own stream, and the pieces joined. Decode attention (``engine.paged_attention``) and
-the output layer (``blas.wide_matmul``) use it. A GPU spreads each op over its cores already.
+skinny products (``split_matmul``: the output layer and, in steps of few rows, every linear
+layer: ``engine.split_linear``) use it. A GPU spreads each op over its cores already.
 """
 
 from __future__ import annotations
@@ -49,3 +50,11 @@ def split_ranges(n: int, pieces: int) -> list[slice]:
     pieces = max(1, min(n, pieces))
     cuts = [n * i // pieces for i in range(pieces + 1)]
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def split_matmul(x: mx.array, weight: mx.array) -> mx.array:
+    """``x @ weight.T`` with ``weight``'s rows (output features) split over one stream per
+    core: for few rows of ``x`` each piece reads its share of the weight, and the pieces
+    together read it at the memory's speed where one BLAS thread cannot."""
+    return on_streams(lambda rows: x @ weight[rows].T, split_ranges(weight.shape[0], CORES),
+                      axis=-1)

@@ -33,6 +33,7 @@ from .sampler import Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .speculative import Speculator
+from .split_linear import release_threads
 from .stats import EngineStats, memory_stats, percentiles
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ class LLMEngine(EnginePools):
             log.exception("engine step failed; failing the requests of this step")
             outputs += self._fail_step(batch, f"engine error: {type(exc).__name__}: {exc}")
         self.stats.num_steps += 1
+        if not self.has_unfinished_requests():  # the process's other BLAS users get it back
+            release_threads()
         return [o for o in outputs if o is not None]
 
     def _run_batch(self, batch: ScheduledBatch | None) -> list[RequestOutput | None]:
@@ -442,6 +445,7 @@ class LLMEngine(EnginePools):
     def close(self) -> None:
         """Finish the disk tier's queued writes and release its directory (if any); on rank 0
         of an mlx.launch job, stop the other ranks."""
+        release_threads()
         if self.disk is not None:
             self.disk.close()
         if self.dist is not None:  # the other ranks exit

@@ -15,6 +15,7 @@ from .recurrent import RecurrentRow, RecurrentStep
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .split_linear import split_linears, use_single_thread
 from .state_cache import StateCache
 
 
@@ -54,11 +55,13 @@ class ModelRunner:
         # Distributed rank 0: broadcasts each batch's plan before its forward is queued, so
         # the other ranks run the same step (distributed/leader.py). None: one process.
         self.before_run: Callable[[ScheduledBatch], None] | None = None
+        split_linears(model)  # CPU: skinny products split over the streams (split_linear.py)
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
         if self.before_run is not None:
             self.before_run(batch)
+        use_single_thread(batch.num_tokens)
         rows, last = self.forward(batch, prev)  # rows: batch indices that sample or pool
         out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)), hidden=self._hidden)
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache

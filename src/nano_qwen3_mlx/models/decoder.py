@@ -12,7 +12,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import blas
 from ..blas import matvec
+from ..streams import split_matmul
 from .base import AttentionContext, RoPE, count_parameters
 from .contract import LayerKV, LayerState
 
@@ -162,12 +164,15 @@ class DecoderLM(nn.Module):
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
-        # One row on the CPU (batch-1 decode): the BLAS's sgemv, ~3x MLX's one-row sgemm
-        # there (blas.matvec). Exact types only: quantized and vocabulary-sharded heads differ.
+        # On the CPU: one row (batch-1 decode) as the BLAS's sgemv, ~3x MLX's one-row sgemm
+        # there (blas.matvec); a step of few rows with the BLAS on one thread splits the
+        # vocabulary over the streams. Exact types only: quantized and sharded heads differ.
         if type(head) in (nn.Embedding, nn.Linear) and "bias" not in head:
             logits = matvec(head.weight, hidden)
             if logits is not None:
                 return logits
+            if blas.single_threaded():
+                return split_matmul(hidden, head.weight)
         return head.as_linear(hidden) if self.args.tie_word_embeddings else head(hidden)
 
     def hidden_states(self, input_ids: mx.array, ctx: AttentionContext) -> mx.array:

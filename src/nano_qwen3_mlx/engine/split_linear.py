@@ -1,0 +1,57 @@
+"""Linear layers whose skinny products split over the CPU's streams while the BLAS runs on
+one thread (``blas.set_single_threaded``: steps of few rows).
+
+OpenBLAS's own threads and MLX's streams contend for the same cores; with OpenBLAS on one
+thread, a product of few rows split by output feature over one stream per core
+(``streams.split_matmul``) runs as fast as OpenBLAS's two threads (8 x 1024 @ 1024 x 3072:
+0.95 vs 1.05 ms) and leaves the cores to the streams. The engine swaps the class of the
+model's ``nn.Linear`` instances (``split_linears``): names, weights and the model's code stay
+as they are.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import blas
+from ..streams import split_matmul
+
+MAX_ROWS = 64  # the most rows (tokens) a step may have to run with the BLAS on one thread
+
+
+def use_single_thread(num_tokens: int) -> None:
+    """Before a step of ``num_tokens`` rows is queued: the BLAS on one thread (and the split
+    products) for few rows, on its own threads for prompt chunks."""
+    blas.set_single_threaded(num_tokens <= MAX_ROWS)
+
+
+def release_threads() -> None:
+    """The BLAS on its own threads again: the engine is idle (or closing), and the
+    process's other BLAS users (the application around ``LLM``, a peer engine in a
+    benchmark) should find it as the library set it."""
+    blas.set_single_threaded(False)
+
+
+class StreamSplitLinear(nn.Linear):
+    """``nn.Linear`` that splits its product over the streams while the BLAS is on one thread."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not blas.single_threaded() or x.size // x.shape[-1] > MAX_ROWS:
+            return super().__call__(x)
+        out = split_matmul(x, self["weight"])
+        return out + self["bias"] if "bias" in self else out
+
+
+def split_linears(model: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` of ``model`` a ``StreamSplitLinear`` (quantized and
+    sharded layers are other classes and stay) where the BLAS's threads can be switched;
+    the number swapped."""
+    if not isinstance(model, nn.Module) or not blas.threads_switchable():
+        return 0
+    swapped = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.Linear:
+            module.__class__ = StreamSplitLinear
+            swapped += 1
+    return swapped
