@@ -1,0 +1,60 @@
+"""Steps of few rows: the BLAS on one thread, skinny products split over the CPU streams
+(engine/split_linear.py), the same numbers, and the threads given back when idle."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from nano_qwen3_mlx import blas
+from nano_qwen3_mlx.engine import split_linear
+from nano_qwen3_mlx.llm import LLM
+from nano_qwen3_mlx.sampling_params import SamplingParams
+
+
+def test_only_plain_linears_are_swapped_and_their_products_are_unchanged():
+    big = nn.Linear(1024, 1024)  # 4 MiB: split while single-threaded
+    small = nn.Linear(64, 32, bias=False)  # below MIN_SPLIT_BYTES: multiplied whole
+    quantized = nn.QuantizedLinear(64, 64)
+    model = nn.Sequential(big, small, quantized)
+    x = mx.random.normal((3, 1024), key=mx.random.key(1))
+    expected = big(x)
+    swapped = split_linear.split_linears(model)
+    if not blas.threads_switchable():  # no OpenBLAS loaded here: nothing to switch, no swap
+        assert swapped == 0 and type(big) is nn.Linear
+        return
+    assert swapped == 2 and type(big) is split_linear.StreamSplitLinear
+    assert type(quantized) is nn.QuantizedLinear
+    calls = []
+    real = split_linear.split_matmul
+    split_linear.split_matmul = lambda a, w: calls.append(w.shape) or real(a, w)
+    try:
+        blas.set_single_threaded(True)
+        got = big(x)
+        small(x[:, :64])
+        many_rows = big(mx.concatenate([x] * 30))  # > MAX_ROWS: multiplied whole
+    finally:
+        blas.set_single_threaded(False)
+        split_linear.split_matmul = real
+    assert calls == [(1024, 1024)]  # the big layer only, and only for few rows
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(many_rows[:3]), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_few_row_steps_run_single_threaded_and_the_idle_engine_gives_the_threads_back(
+        tiny_qwen3_dir, monkeypatch):
+    calls = []
+    real = blas.set_single_threaded
+    monkeypatch.setattr(blas, "set_single_threaded", lambda on: calls.append(on) or real(on))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, block_size=16) as llm:
+        out = llm.generate([list(range(1000, 1100))], params)  # a 100-token prompt chunk
+        assert len(out[0]["token_ids"]) == 4
+        prompt_step = calls.index(False)  # the chunk (> MAX_ROWS rows) keeps the threads
+        assert True in calls[prompt_step:]  # the decode steps run single-threaded
+        assert calls[-1] is False and not blas.single_threaded()  # idle: given back
+        with_split = llm.generate([list(range(1000, 1100))], params)[0]["token_ids"]
+    monkeypatch.setattr(split_linear, "MAX_ROWS", 0)  # never single-threaded
+    with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, block_size=16) as llm:
+        assert llm.generate([list(range(1000, 1100))], params)[0]["token_ids"] == with_split
