@@ -48,13 +48,17 @@ def test_few_row_steps_run_single_threaded_and_the_idle_engine_gives_the_threads
     real = blas.set_single_threaded
     monkeypatch.setattr(blas, "set_single_threaded", lambda on: calls.append(on) or real(on))
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [list(range(1000, 1100)), list(range(2000, 2090))]  # chunks of > MAX_ROWS rows
     with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, block_size=16) as llm:
-        out = llm.generate([list(range(1000, 1100))], params)  # a 100-token prompt chunk
-        assert len(out[0]["token_ids"]) == 4
-        prompt_step = calls.index(False)  # the chunk (> MAX_ROWS rows) keeps the threads
-        assert True in calls[prompt_step:]  # the decode steps run single-threaded
+        out = llm.generate(prompts, params)
+        assert [len(o["token_ids"]) for o in out] == [4, 4]
+        prompt_step = calls.index(False)  # the chunks keep the threads
+        assert True in calls[prompt_step:]  # the two rows' decode steps run single-threaded
         assert calls[-1] is False and not blas.single_threaded()  # idle: given back
-        with_split = llm.generate([list(range(1000, 1100))], params)[0]["token_ids"]
+        with_split = [o["token_ids"] for o in llm.generate(prompts, params)]
+        calls.clear()
+        llm.generate(prompts[:1], params)  # one row: batch-1 decode keeps the threads
+        assert True not in calls
     monkeypatch.setattr(split_linear, "MAX_ROWS", 0)  # never single-threaded
     with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, block_size=16) as llm:
-        assert llm.generate([list(range(1000, 1100))], params)[0]["token_ids"] == with_split
+        assert [o["token_ids"] for o in llm.generate(prompts, params)] == with_split
