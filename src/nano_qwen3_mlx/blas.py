@@ -12,7 +12,7 @@ reference BLAS), or a path to a BLAS shared library.
 
 ``matvec`` runs one row's product with a large weight (the output layer at batch 1) as the
 library's ``sgemv`` instead of MLX's ``sgemm`` (see there). ``set_single_threaded`` lets the
-engine's own streams (``streams.py``) have the cores during steps of few rows.
+engine's own streams (``streams.py``) have the cores during steps of a few rows.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array | None:
     0.3.21) runs a one-row ``sgemm`` through its packing path: the 151,936 x 256 output layer
     of the bench's ``kv`` shape takes ~15 ms that way and ~5.6 ms as an ``sgemv``, which
     reads the weight once near the memory bandwidth (a batch-1 decode step at 512 tokens:
-    24 -> 15 ms). Several rows gain nothing (a ``sgemv`` per row reads the weight per row).
+    24 -> 16 ms). Several rows gain nothing (a ``sgemv`` per row reads the weight per row).
     ``x`` is evaluated first (the step's forward runs now; on the CPU backend queueing a step
     computes it anyway); the weight is read in place, the output copied once into MLX.
     """
@@ -118,11 +118,12 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array | None:
         sgemv(_ROW_MAJOR, _NO_TRANS, n, k, 1.0, w[piece].ctypes.data, k, row.ctypes.data, 1,
               0.0, out[piece].ctypes.data, 1)
 
-    # Single-threaded (a decode step): one piece of the weight per core, on Python threads
-    # (ctypes lets go of the GIL): 8.7 -> 4.9 ms for the kv shape's output layer.
-    from .streams import CORES, split_ranges
+    # Single-threaded (a short prompt's chunk samples one row in such a step): one piece of
+    # the weight per core on Python threads (ctypes lets go of the GIL), as one sgemv on one
+    # thread would read it at one core's speed (kv shape's output layer 8.7 -> 4.9 ms).
+    from .streams import PIECES, split_ranges
 
-    pieces = split_ranges(w.shape[0], CORES if _single_threaded else 1)
+    pieces = split_ranges(w.shape[0], PIECES if _single_threaded else 1)
     for done in [_pool().submit(rows, piece) for piece in pieces[1:]] + [rows(pieces[0])]:
         if done is not None:
             done.result()
@@ -137,11 +138,12 @@ def set_single_threaded(on: bool) -> bool:
     """Run the loaded OpenBLAS's calls on one thread (``on``) or on its own thread count;
     True where the switch applies (OpenBLAS loaded here, CPU device).
 
-    The engine switches it on for steps of few rows (``ModelRunner``): OpenBLAS's threads
-    and MLX's streams would contend for the same cores, and a skinny product gains as much
-    split over the streams (``streams.split_matmul``): a 2K x 8 decode step of the kv shape
-    84 -> 70 ms, Qwen3-0.6B's batch-8 step 332 -> 304 ms. Prompt chunks keep OpenBLAS's
-    threads (a 2,048-row matmul: 40 ms on two threads, ~46 ms split over the streams).
+    The engine switches it on for steps of 2 to 64 rows (``engine/split_linear.py``):
+    OpenBLAS's threads and MLX's streams would contend for the same cores, and a skinny
+    product gains as much split over the streams (``streams.split_matmul``): a 2K x 8
+    decode step of the kv shape 88.7 -> 67.1 ms, Qwen3-0.6B's 8 x 128 step 341 -> 310 ms
+    (``scripts/bench_blas_threads.py``). Prompt chunks keep OpenBLAS's threads (a 2,048-row
+    matmul: 40 ms on two threads, ~46 ms split over the streams).
     After OpenBLAS has started its threads the switch only sets its count for later calls,
     so a call in flight on another thread is unaffected.
     """
@@ -177,9 +179,9 @@ def _default_threads() -> int:
 def _pool():
     from concurrent.futures import ThreadPoolExecutor
 
-    from .streams import CORES
+    from .streams import PIECES
 
-    return ThreadPoolExecutor(max(1, CORES - 1), thread_name_prefix="sgemv")
+    return ThreadPoolExecutor(max(1, PIECES - 1), thread_name_prefix="sgemv")
 
 
 _SIGNATURES = {  # ctypes argument types of the library functions called here

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 # The cores this process may run on (its affinity mask where the OS has one), read once.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+PIECES = max(1, min(8, CORES))  # pieces one product is split into (a stream each; 8 at most)
 
 Piece = TypeVar("Piece")
 # MLX streams belong to the thread that made them (an engine may run on its own thread).
@@ -56,5 +57,5 @@ def split_matmul(x: mx.array, weight: mx.array) -> mx.array:
     """``x @ weight.T`` with ``weight``'s rows (output features) split over one stream per
     core: for few rows of ``x`` each piece reads its share of the weight, and the pieces
     together read it at the memory's speed where one BLAS thread cannot."""
-    return on_streams(lambda rows: x @ weight[rows].T, split_ranges(weight.shape[0], CORES),
+    return on_streams(lambda rows: x @ weight[rows].T, split_ranges(weight.shape[0], PIECES),
                       axis=-1)
