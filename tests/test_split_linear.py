@@ -59,6 +59,10 @@ def test_few_row_steps_run_single_threaded_and_the_idle_engine_gives_the_threads
         calls.clear()
         llm.generate(prompts[:1], params)  # one row: batch-1 decode keeps the threads
         assert True not in calls
+        calls.clear()
+        llm.generate([list(range(3000, 3020)), list(range(4000, 4025))], params)
+        assert calls[0] is False  # 45 prompt tokens (<= MAX_ROWS) still keep the threads
+        assert True in calls  # then the two rows decode single-threaded
     monkeypatch.setattr(split_linear, "MAX_ROWS", 0)  # never single-threaded
     with LLM(str(tiny_qwen3_dir), num_kv_blocks=64, block_size=16) as llm:
         assert [o["token_ids"] for o in llm.generate(prompts, params)] == with_split

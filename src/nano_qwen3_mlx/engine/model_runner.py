@@ -61,7 +61,7 @@ class ModelRunner:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
         if self.before_run is not None:
             self.before_run(batch)
-        use_single_thread(batch.num_tokens)
+        use_single_thread(batch.num_tokens, batch.num_prefill_tokens)
         rows, last = self.forward(batch, prev)  # rows: batch indices that sample or pool
         out = StepOutput([], SamplerOutput(mx.zeros((0,), mx.int32)), hidden=self._hidden)
         if not rows:  # only mid-prompt chunks: nothing to sample, just fill the cache

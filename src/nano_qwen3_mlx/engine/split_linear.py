@@ -23,12 +23,18 @@ MAX_ROWS = 64  # the most rows (tokens) a step may have to run with the BLAS on 
 MIN_SPLIT_BYTES = 2 << 20
 
 
-def use_single_thread(num_tokens: int) -> None:
-    """Before a step of ``num_tokens`` rows is queued: the BLAS on one thread (and the split
-    products) for a few rows, on its own threads for prompt chunks and for a single row
-    (batch-1 decode: its output layer is one ``sgemv`` on OpenBLAS's threads, and measured
-    the policy lost there: 1 x 512 16.7 -> 18.1 ms, 1 x 8,192 32.8 -> 38.7 ms)."""
-    blas.set_single_threaded(1 < num_tokens <= MAX_ROWS)
+def use_single_thread(num_tokens: int, num_prefill_tokens: int) -> None:
+    """Before a step is queued: the BLAS on one thread (and the split products) for a step
+    of 2 to ``MAX_ROWS`` rows that computes no prompt tokens (a batch's decode), on its own
+    threads otherwise.
+
+    A single row (batch-1 decode) keeps the threads: its output layer is one ``sgemv`` on
+    them, and measured the policy lost there (1 x 512 16.7 -> 18.1 ms, 1 x 8,192 32.8 ->
+    38.7 ms). So does every step with a prompt chunk, however small: the prefill pacer
+    (``prefill_pacer.py``) learns a mixed step's cost from earlier mixed steps, and a chunk
+    crossing ``MAX_ROWS`` would change the regime under it (its p99/p50 went 1.06 -> 1.3-2.1).
+    """
+    blas.set_single_threaded(1 < num_tokens <= MAX_ROWS and not num_prefill_tokens)
 
 
 def release_threads() -> None:
