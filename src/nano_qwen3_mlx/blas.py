@@ -138,7 +138,7 @@ def set_single_threaded(on: bool) -> bool:
     """Run the loaded OpenBLAS's calls on one thread (``on``) or on its own thread count;
     True where the switch applies (OpenBLAS loaded here, CPU device).
 
-    The engine switches it on for steps of 2 to 64 rows (``engine/split_linear.py``):
+    The engine switches it on for decode steps of 2 to 64 rows (``engine/split_linear.py``):
     OpenBLAS's threads and MLX's streams would contend for the same cores, and a skinny
     product gains as much split over the streams (``streams.split_matmul``): a 2K x 8
     decode step of the kv shape 88.7 -> 67.1 ms, Qwen3-0.6B's 8 x 128 step 341 -> 310 ms
