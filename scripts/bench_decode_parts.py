@@ -8,8 +8,10 @@ KV block (default: the engine's default on this backend, ``default_block_size()`
 
 Times, with the bench shape's sizes (``nano_qwen3_mlx.bench.SHAPES``, float32):
 
-- the output layer, ``(B, hidden) @ embed.T`` over Qwen3's 151,936-token vocabulary: the
-  same matmul in both engines (tied embeddings, logits only for the rows that sample);
+- the output layer, ``(B, hidden) @ embed.T`` over Qwen3's 151,936-token vocabulary (tied
+  embeddings, logits only for the rows that sample): mlx-lm's MLX matmul; ours as a decode
+  step runs it on a CPU with OpenBLAS (one row: the library's ``sgemv``; several: OpenBLAS
+  on one thread, the vocabulary split over the streams);
 - the rest of a layer (q/k/v/o projections and the MLP): the same in both engines;
 - one layer's decode attention: ours reads the paged pool in place
   (``engine.paged_attention.decode_attention``, on CPU one stream per core; also timed on one
@@ -39,10 +41,12 @@ import nano_qwen3_mlx  # noqa: F401  (first: it loads the optimised BLAS before 
 import mlx.core as mx
 import numpy as np
 
+from nano_qwen3_mlx import blas
 from nano_qwen3_mlx.bench import SHAPES
 from nano_qwen3_mlx.config import default_block_size
 from nano_qwen3_mlx.engine.kv_cache import KVLayout, PagedKVCache
 from nano_qwen3_mlx.engine.paged_attention import DecodeGroup, decode_attention
+from nano_qwen3_mlx.streams import split_matmul
 
 VOCAB = 151936
 
@@ -91,6 +95,27 @@ def layer_rest(shape: dict, batch: int):
     return run
 
 
+def output_layer_ours(embed: mx.array, x: mx.array):
+    """Our output layer as a decode step runs it on this CPU: one row as the BLAS's
+    ``sgemv`` (``blas.matvec``), several with OpenBLAS on one thread and the vocabulary split
+    over the streams (``engine/split_linear.py``); elsewhere MLX's matmul, as mlx-lm's."""
+    if x.shape[0] == 1:
+        if blas.matvec(embed, x) is None:  # no optimised BLAS loaded here (or a GPU)
+            return lambda: x @ embed.T
+        return lambda: blas.matvec(embed, x)
+
+    def split() -> mx.array:
+        if not blas.set_single_threaded(True):
+            return x @ embed.T
+        try:
+            out = split_matmul(x, embed)
+            mx.eval(out)
+            return out
+        finally:
+            blas.set_single_threaded(False)
+    return split
+
+
 def attention_ours(shape: dict, batch: int, context: int, kv_dtype: str, block: int,
                    parts: int | None = None):
     """Our decode attention over ``context`` keys per sequence in every layer of the shape
@@ -137,6 +162,7 @@ def main() -> None:
     x = mx.random.normal((batch, shape["hidden_size"]))
     mx.eval(embed, x)
     head = timed(lambda: x @ embed.T)
+    head_ours = timed(output_layer_ours(embed, x))
     rest = timed(layer_rest(shape, batch))
     peer = timed(attention_mlx_lm(shape, batch, context)) / layers
     attention = {}  # KV dtype -> (ms per layer, K/V bytes one layer reads)
@@ -145,16 +171,16 @@ def main() -> None:
         attention[dt] = timed(attend) / layers, kv_bytes
     one_stream = timed(attention_ours(shape, batch, context, "float32", block, parts=1)[0]) / layers
     ours = attention[kv_dtype][0]
-    step_ours, step_peer = head + layers * (rest + ours), head + layers * (rest + peer)
+    step_ours, step_peer = head_ours + layers * (rest + ours), head + layers * (rest + peer)
     print(f"shape {name}, batch {batch}, context {context}, float32 model, our KV {kv_dtype} in "
           f"{block}-token blocks, {mx_device}; ms per call\n")
     print("| part | ours | mlx-lm |\n|---|---:|---:|")
-    print(f"| output layer (same matmul) | {head:.1f} | {head:.1f} |")
+    print(f"| output layer | {head_ours:.1f} | {head:.1f} |")
     print(f"| rest of a layer x {layers} (same matmuls) | {layers * rest:.1f} | {layers * rest:.1f} |")
     print(f"| decode attention x {layers} | {layers * ours:.1f} | {layers * peer:.1f} |")
     print(f"| step (sum) | {step_ours:.1f} | {step_peer:.1f} |")
     print(f"\ndecode ratio from these parts: {step_peer / step_ours:.2f}x; with attention "
-          f"free for us: at most {step_peer / (head + layers * rest):.2f}x. Output layer: "
+          f"free for us: at most {step_peer / (head_ours + layers * rest):.2f}x. Output layer: "
           f"{head / step_peer:.0%} of mlx-lm's step.")
     limit = read_bandwidth()
     print(f"\nDecode attention per layer against the bandwidth limit (K/V bytes / "
