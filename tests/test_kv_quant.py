@@ -1,5 +1,6 @@
 """Quantized KV cache (``--kv-cache-dtype int8|int4``): paged attention over the packed pool
-equals dequantize-then-attend, for decode rows (``gather_qmm`` in place) and prefill chunks;
+equals dequantize-then-attend, for decode rows (in place: ``cpu_kernel`` on the CPU,
+``gather_qmm``) and prefill chunks;
 writes touch only their slots; copy-on-write copies scales and biases; the byte accounting."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from nano_qwen3_mlx.engine import paged_attention
+from nano_qwen3_mlx.engine import cpu_attention, paged_attention
 from nano_qwen3_mlx.engine.kv_cache import KVLayout, PagedKVCache, kv_bytes_per_token
 from nano_qwen3_mlx.engine.model_runner import ModelRunner, packed_order
 from tests.test_paged_attention import (
@@ -38,7 +39,7 @@ def stored_kv(cache, table, n):
 
 
 @pytest.mark.parametrize("parts", [1, 3])
-@pytest.mark.parametrize("read_path", ["gather_qmm", "gather"])
+@pytest.mark.parametrize("read_path", ["cpu_kernel", "gather_qmm", "gather"])
 @pytest.mark.parametrize(("bits", "group_size"), [(8, 64), (8, 32), (4, 32)])
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -176,3 +177,45 @@ def test_bad_kv_cache_dtype_and_head_dim_are_refused():
         KVLayout.parse("int8", mx.float32, 48)
     with pytest.raises(ValueError, match="read_path"):
         PagedKVCache(1, 2, BS, 1, D, mx.float32, read_path="gather_mm", bits=8)
+    with pytest.raises(ValueError, match="read_path"):
+        PagedKVCache(1, 2, BS, 1, D, mx.float32, read_path="cpu_kernel")
+
+
+def test_cpu_kernel_is_the_default_where_it_can_read_the_pool():
+    """On the CPU with numba (a Linux dependency): int8/int4 pools with float32 scales are
+    read by the kernel; bfloat16 scales (NumPy cannot view them) by ``gather_qmm``."""
+    on_cpu = mx.default_device() == mx.cpu
+    for bits in (8, 4):
+        cache = PagedKVCache(1, 2, BS, 1, D, mx.float32, bits=bits, group_size=32)
+        assert cache.read_path == ("cpu_kernel" if on_cpu else "gather_qmm")
+    assert PagedKVCache(1, 2, BS, 1, D, mx.bfloat16, bits=8, group_size=32).read_path == "gather_qmm"
+
+
+@pytest.mark.parametrize(("lengths", "n_kv", "pieces", "expected"), [
+    ([100, 100], 2, 2, [0, 2, 4]),  # equal sequences: a sequence each
+    ([300, 100, 100, 100], 1, 2, [0, 1, 4]),  # the long one alone
+    ([50], 8, 2, [0, 4, 8]),  # one sequence: its kv heads split
+    ([10], 1, 4, [0, 1]),  # fewer pairs than pieces
+    ([0, 0, 5], 1, 3, [0, 2, 3]),  # empty rows count a key's worth; no empty piece
+])
+def test_split_pairs_balances_keys_read(lengths, n_kv, pieces, expected):
+    assert cpu_attention.split_pairs(np.array(lengths, np.int32), n_kv, pieces) == expected
+
+
+def test_a_kernel_that_cannot_compile_leaves_pools_to_gather_qmm(monkeypatch, caplog):
+    """numba's compiler or cache failing (a read-only cache directory, say) costs speed, not
+    the request: the pool is read by ``gather_qmm`` and the log says why."""
+    def broken(*_):
+        raise RuntimeError("cannot cache function 'attend': no locator available")
+
+    monkeypatch.setattr(cpu_attention, "_run", broken)
+    cpu_attention.warm_up.cache_clear()
+    try:
+        cache = PagedKVCache(1, 2, BS, 1, D, mx.float32, bits=8, group_size=32)
+        assert cache.read_path == "gather_qmm"
+        if mx.default_device() == mx.cpu:
+            assert "CPU decode kernel is unavailable (cannot cache function" in caplog.text
+        with pytest.raises(ValueError, match="did not compile"):
+            PagedKVCache(1, 2, BS, 1, D, mx.float32, read_path="cpu_kernel", bits=8, group_size=32)
+    finally:
+        cpu_attention.warm_up.cache_clear()

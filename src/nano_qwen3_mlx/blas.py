@@ -121,10 +121,10 @@ def matvec(weight: mx.array, x: mx.array) -> mx.array | None:
     # Single-threaded (a short prompt's chunk samples one row in such a step): one piece of
     # the weight per core on Python threads (ctypes lets go of the GIL), as one sgemv on one
     # thread would read it at one core's speed (kv shape's output layer 8.7 -> 4.9 ms).
-    from .streams import PIECES, split_ranges
+    from .streams import PIECES, host_pool, split_ranges
 
     pieces = split_ranges(w.shape[0], PIECES if _single_threaded else 1)
-    for done in [_pool().submit(rows, piece) for piece in pieces[1:]] + [rows(pieces[0])]:
+    for done in [host_pool().submit(rows, piece) for piece in pieces[1:]] + [rows(pieces[0])]:
         if done is not None:
             done.result()
     return mx.array(out).reshape(*x.shape[:-1], w.shape[0])
@@ -173,15 +173,6 @@ def single_threaded() -> bool:
 def _default_threads() -> int:
     getter = _function("openblas_get_num_threads")
     return max(1, getter()) if getter is not None else 1
-
-
-@functools.cache
-def _pool():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .streams import PIECES
-
-    return ThreadPoolExecutor(max(1, PIECES - 1), thread_name_prefix="sgemv")
 
 
 _SIGNATURES = {  # ctypes argument types of the library functions called here

@@ -5,13 +5,17 @@ thread can draw, or a softmax bigger than one core's worth, is cut into pieces, 
 on its own stream, and the pieces joined. Decode attention (``engine.paged_attention``) and
 skinny products (``split_matmul``: the output layer and, in steps of few rows, every linear
 layer: ``engine.split_linear``) use it. A GPU spreads each op over its cores already.
+Host code that releases the GIL (the one-row ``sgemv``, the quantized decode kernel) splits
+the same way over ``host_pool``'s threads.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import mlx.core as mx
@@ -59,3 +63,10 @@ def split_matmul(x: mx.array, weight: mx.array) -> mx.array:
     together read it at the memory's speed where one BLAS thread cannot."""
     return on_streams(lambda rows: x @ weight[rows].T, split_ranges(weight.shape[0], PIECES),
                       axis=-1)
+
+
+@functools.cache
+def host_pool() -> ThreadPoolExecutor:
+    """Worker threads for the pieces after the first of a host-side product (the caller's
+    thread runs piece 0): one per further piece."""
+    return ThreadPoolExecutor(max(1, PIECES - 1), thread_name_prefix="host-piece")

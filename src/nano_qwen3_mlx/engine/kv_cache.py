@@ -9,8 +9,9 @@ from typing import Any
 import mlx.core as mx
 
 from ..models.contract import uniform_kv
+from . import cpu_attention
 
-READ_PATHS = ("gather_mm", "gather", "gather_qmm")
+READ_PATHS = ("gather_mm", "gather", "gather_qmm", "cpu_kernel")
 KV_CACHE_DTYPES = ("int8", "int4", "float16", "bfloat16", "float32")
 QUANT_BITS = {"int8": 8, "int4": 4}
 
@@ -91,8 +92,10 @@ class PagedKVCache:
 
     ``read_path`` is ``"gather_mm"`` (decode reads blocks where they lie) where the backend
     supports ``mx.gather_mm`` in this dtype (CPU: float32 only), else ``"gather"`` (copy the
-    sequence's blocks head-major, then SDPA); quantized: ``"gather_qmm"`` (in place), or
-    ``"gather"`` (copy and dequantize the sequence's blocks: a reference path for tests).
+    sequence's blocks head-major, then SDPA); quantized: ``"cpu_kernel"`` (in place, by
+    ``cpu_attention``'s kernel: the CPU with numba and float32 scales), ``"gather_qmm"`` (in
+    place, elsewhere), or ``"gather"`` (copy and dequantize the sequence's blocks: a
+    reference path for tests).
     ``None`` picks at run time.
     """
 
@@ -103,11 +106,13 @@ class PagedKVCache:
     ) -> None:
         self.layout = KVLayout(dtype, bits, group_size)
         self.read_path = read_path or self._default_read_path()
-        allowed = ("gather_qmm", "gather") if bits else ("gather_mm", "gather")
+        allowed = ("cpu_kernel", "gather_qmm", "gather") if bits else ("gather_mm", "gather")
         if self.read_path not in allowed:
             raise ValueError(f"read_path must be one of {allowed}, not {read_path!r}")
         if bits and head_dim % group_size:
             raise ValueError(f"head_dim {head_dim} is not a multiple of the group size {group_size}")
+        if self.read_path == "cpu_kernel" and not cpu_attention.warm_up():
+            raise ValueError("read_path cpu_kernel: the kernel did not compile here")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.bits, self.group_size = bits, group_size
@@ -125,7 +130,7 @@ class PagedKVCache:
 
     def _default_read_path(self) -> str:
         if self.layout.quantized:
-            return "gather_qmm"
+            return "cpu_kernel" if cpu_attention.supports(self.layout.bits, self.layout.dtype) else "gather_qmm"
         return "gather_mm" if gather_mm_supports(self.layout.dtype) else "gather"
 
     def _shape(self, blocks: int, width: int) -> tuple[int, ...]:

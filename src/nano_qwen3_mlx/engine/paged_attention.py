@@ -6,8 +6,9 @@ and RoPE gets one position per token. Attention then needs to know each token's 
 
 - decode tokens (one per sequence) come first and attend together, reading the pool in
   place with ``mx.gather_mm`` (per-block scores, one softmax across blocks, per-block values),
-  or ``mx.gather_qmm`` where the cache is quantized (``--kv-cache-dtype int8|int4``); on
-  CPU split by sequence (or, for one sequence, by kv head) over one stream per core;
+  or ``mx.gather_qmm`` where the cache is quantized (``--kv-cache-dtype int8|int4``; on
+  the CPU the ``cpu_attention`` kernel instead); on CPU split by sequence (or, for one
+  sequence, by kv head) over one stream per core;
 - each prefill chunk (several tokens of one sequence) attends with SDPA over its sequence's
   blocks gathered into a contiguous ``(1, n_kv, S, D)`` copy, causal from its start.
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..models.base import RecurrentFn
 from ..streams import CORES, on_streams, split_ranges
+from . import cpu_attention
 from .kv_cache import PagedKVCache
 from .recurrent import RecurrentStep
 
@@ -85,6 +87,8 @@ class DecodeGroup:
     valid: mx.array  # (B, 1, nb, bs, 1) bool: key position < sequence length (SDPA path)
     parts: list[DecodePart]
     split_heads: bool
+    host_tables: np.ndarray  # (B, nb) int32 and (B,) int32: what the CPU kernel reads
+    lengths: np.ndarray
 
     @classmethod
     def build(cls, tables: np.ndarray, lengths: np.ndarray, cache: PagedKVCache,
@@ -100,7 +104,9 @@ class DecodeGroup:
                          num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
         parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
                  else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
-        return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), parts, split_heads)
+        tables, lengths = np.ascontiguousarray(tables, np.int32), np.ascontiguousarray(lengths, np.int32)
+        return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), parts, split_heads,
+                   tables, lengths)
 
     def __len__(self) -> int:
         return self.tables.shape[0]
@@ -228,6 +234,8 @@ def decode_attention(cache: PagedKVCache, layer: int, q: mx.array, group: Decode
         return decode_gather_mm(cache, layer, q, group, scale)
     if cache.read_path == "gather_qmm":
         return decode_gather_qmm(cache, layer, q, group, scale)
+    if cache.read_path == "cpu_kernel":
+        return cpu_attention.decode_attention(cache, layer, q, group, scale)
     k, v = cache.gather(layer, group.tables)
     mask = group.valid.reshape(len(group), 1, 1, -1)
     return mx.fast.scaled_dot_product_attention(
