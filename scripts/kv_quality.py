@@ -5,7 +5,8 @@ usage: python scripts/kv_quality.py [MODEL=smollm2-135m] [TOKENS=512] [DTYPES=in
 
 - Perplexity, teacher-forced: the first ``PREFILL`` tokens run as one prefill chunk (its
   attention reads the dequantized copy of the sequence's blocks), every later token as a
-  decode step (attention reads the quantized blocks in place, ``gather_qmm``); the
+  decode step (attention reads the quantized blocks in place: the CPU kernel of
+  ``engine/cpu_attention.py`` on the CPU, ``gather_qmm`` elsewhere); the
   perplexity of the decode positions is printed on its own. Also the mean KL divergence
   of each position's next-token distribution from the unquantized cache's, and how often
   the two caches' top-1 tokens agree there (teacher-forced greedy agreement).

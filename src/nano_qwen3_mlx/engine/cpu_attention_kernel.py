@@ -41,19 +41,19 @@ def _dot(q, row, base, size, bits):
 
 
 @_inline
-def _add_scaled(acc, row, base, size, bits, w, c):
-    """``acc[base:base + size] += w * codes + c`` for one quantization group of a packed row."""
+def _add_scaled(acc, row, base, size, bits, w):
+    """``acc[base:base + size] += w * codes`` for one quantization group of a packed row."""
     if bits == 8:
         out, codes = acc[base:base + size], row[base:base + size]
         for d in range(size):
-            out[d] += w * np.float32(codes[d]) + c
+            out[d] += w * np.float32(codes[d])
     else:  # int4, ``acc`` in ``_split_nibbles``' order
         n = size // 2
         lows, highs, codes = acc[base:base + n], acc[base + n:base + size], row[base // 2:base // 2 + n]
         for i in range(n):
             low, high = _nibbles(codes[i])
-            lows[i] += w * low + c
-            highs[i] += w * high + c
+            lows[i] += w * low
+            highs[i] += w * high
 
 
 @_inline
@@ -87,6 +87,7 @@ def attend(q, k, ks, kb, v, vs, vb, tables, lengths, bits, lo, hi, out):
     s = np.empty((G, longest), np.float32)
     q_sums = np.empty((G, groups), np.float32)
     acc = np.empty((G, D), np.float32)
+    p_biases = np.empty((G, groups), np.float32)  # sum over keys of p * bias, per group
     qp = np.empty((G, D), np.float32)  # this pair's queries, in the order the codes are read
     for pair in range(lo, hi):
         b, h, n = pair // n_kv, pair % n_kv, lengths[pair // n_kv]
@@ -114,13 +115,18 @@ def attend(q, k, ks, kb, v, vs, vb, tables, lengths, bits, lo, hi, out):
                 denom += s[g, t]
             s[g, :n] /= denom
         acc[:] = 0
-        for t in range(n):  # values: p * scale * codes + p * bias, per group
+        p_biases[:] = 0
+        for t in range(n):  # values: p * scale * codes per group (+ the sum of p * bias, after)
             blk, r = tables[b, t // bs], t % bs
             row, scales, biases = v[blk, h, r], vs[blk, h, r], vb[blk, h, r]
             for g in range(G):
                 p = s[g, t]
                 for j in range(groups):
-                    _add_scaled(acc[g], row, j * size, size, bits, p * scales[j], p * biases[j])
+                    _add_scaled(acc[g], row, j * size, size, bits, p * scales[j])
+                    p_biases[g, j] += p * biases[j]
+        for g in range(G):
+            for j in range(groups):
+                acc[g, j * size:(j + 1) * size] += p_biases[g, j]
         for g in range(G):
             if bits == 8:
                 out[b, h, g] = acc[g]
