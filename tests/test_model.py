@@ -171,9 +171,11 @@ def test_one_row_logits_are_the_blas_sgemv_and_equal_the_matmul(tmp_path, qwen_t
     """Batch-1 decode's output layer runs as ``blas.matvec`` where an optimised BLAS is
     loaded (MLX's one-row sgemm is ~3x slower there); several rows keep MLX's matmul."""
     from nano_qwen3_mlx import blas
+    from nano_qwen3_mlx.engine.split_linear import split_linears
     from nano_qwen3_mlx.models import decoder
 
     model = ours(write_checkpoint(tmp_path / "m", qwen_tokenizer_dir, {"tie_word_embeddings": tied}))
+    split_linears(model)  # as the engine does: an untied head becomes a StreamSplitLinear
     weight = model.model.embed_tokens.weight if tied else model.lm_head.weight
     calls = []
     monkeypatch.setattr(decoder, "matvec", lambda w, x: calls.append(x.shape) or blas.matvec(w, x))

@@ -166,8 +166,11 @@ class DecoderLM(nn.Module):
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
         # On the CPU: one row (batch-1 decode) as the BLAS's sgemv, ~3x MLX's one-row sgemm
         # there (blas.matvec); a step of few rows with the BLAS on one thread splits the
-        # vocabulary over the streams. Exact types only: quantized and sharded heads differ.
-        if type(head) in (nn.Embedding, nn.Linear) and "bias" not in head:
+        # vocabulary over the streams. Only a float head holding the whole vocabulary:
+        # quantized heads are other classes, a vocabulary-parallel shard holds a slice of it
+        # (the engine's StreamSplitLinear is an nn.Linear, so an untied head still qualifies).
+        if (isinstance(head, (nn.Embedding, nn.Linear)) and "bias" not in head
+                and head.weight.shape[0] == self.args.vocab_size):
             logits = matvec(head.weight, hidden)
             if logits is not None:
                 return logits
