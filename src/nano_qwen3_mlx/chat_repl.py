@@ -42,6 +42,8 @@ class ChatSession:
     system: str | None = None
     thinking: bool = False
     history: list[dict[str, str]] = field(default_factory=list)
+    _task: asyncio.Future | None = field(default=None, init=False, repr=False)  # what ``wait`` runs
+    _interrupted: bool = field(default=False, init=False, repr=False)  # Ctrl-C since ``ctrl_c``
 
     def __post_init__(self) -> None:
         self.reset()
@@ -69,34 +71,50 @@ class ChatSession:
             refused = True
             raise
         finally:
-            self.wait(stream.aclose())  # aborts the request if it is still running
+            # Aborts the request if it is still running; never interrupted itself.
+            self.loop.run_until_complete(stream.aclose())
             if refused:
                 self.history.pop()
             else:
                 self.history.append({"role": "assistant", "content": "".join(pieces)})
 
+    @contextlib.contextmanager
+    def ctrl_c(self) -> Iterator[None]:
+        """While a reply is under way, from before its prompt is templated until its stream is
+        closed, Ctrl-C stops it: the signal is taken by the loop (through its wakeup pipe:
+        it may land on the engine thread, inside a long MLX call) and cancels what ``wait``
+        runs, at once or when the next ``wait`` starts.
+
+        One handler for the whole reply, not one per ``wait``: between two waits Python's
+        default handler was back, and a SIGINT caught by it just before the next ``wait``
+        installed the loop's handler could be run by that one (a no-op) instead, and lost.
+        """
+        self._interrupted = False
+        self.loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        try:
+            yield
+        finally:
+            self.loop.remove_signal_handler(signal.SIGINT)
+
+    def _interrupt(self) -> None:
+        self._interrupted = True
+        if self._task is not None:
+            self._task.cancel()
+
     def wait(self, step: Awaitable[T]) -> T:
-        """Run ``step`` on the loop; Ctrl-C cancels it (which aborts a running request) and
-        raises ``KeyboardInterrupt`` here, so the caller stops at once."""
-        task = asyncio.ensure_future(step, loop=self.loop)
-        interrupted = False
-
-        def interrupt() -> None:
-            nonlocal interrupted
-            interrupted = True
+        """Run ``step`` on the loop; a Ctrl-C (``ctrl_c``) cancels it (which aborts a running
+        request) and raises ``KeyboardInterrupt`` here, so the caller stops at once."""
+        self._task = task = asyncio.ensure_future(step, loop=self.loop)
+        if self._interrupted:  # pressed before this step began
             task.cancel()
-
-        # Through the loop's wakeup pipe: the signal may land on the engine thread (inside a
-        # long MLX call), which would not wake this thread's wait.
-        self.loop.add_signal_handler(signal.SIGINT, interrupt)
         try:
             result = self.loop.run_until_complete(task)
         except asyncio.CancelledError:
-            if not interrupted:
+            if not self._interrupted:
                 raise
         finally:
-            self.loop.remove_signal_handler(signal.SIGINT)
-        if interrupted:
+            self._task = None
+        if self._interrupted:
             raise KeyboardInterrupt
         return result
 
@@ -110,22 +128,28 @@ def run(session: ChatSession, model_name: str) -> None:
         if COMMAND.fullmatch(line):
             _command(session, line)
             continue
-        try:
-            stream = session.reply(line)
-            with _no_echo(interactive):
-                for text in stream:
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-        except InvalidRequestError as exc:
-            _note(f"error: {exc.message}; not sent, the conversation so far is kept")
-            continue
-        except KeyboardInterrupt:
-            stream.close()  # aborts the request; the partial reply stays in the history
-            sys.stdout.write("\n")
-            _note("(reply stopped)")
-            continue
+        with session.ctrl_c():
+            _say(session, line, interactive)
+
+
+def _say(session: ChatSession, line: str, interactive: bool) -> None:
+    """One turn: the reply streamed to the terminal, a refusal or a stop in one line."""
+    stream = session.reply(line)
+    try:
+        with _no_echo(interactive):
+            for text in stream:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    except InvalidRequestError as exc:
+        _note(f"error: {exc.message}; not sent, the conversation so far is kept")
+        return
+    except KeyboardInterrupt:
+        stream.close()  # aborts the request; the partial reply stays in the history
         sys.stdout.write("\n")
-        sys.stdout.flush()
+        _note("(reply stopped)")
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _command(session: ChatSession, line: str) -> None:
