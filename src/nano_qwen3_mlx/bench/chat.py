@@ -87,9 +87,27 @@ async def prefill_computed(session: aiohttp.ClientSession, url: str, finished: i
     return None
 
 
+async def settled_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    """``/stats`` once nothing is queued or running and the finished count held for 0.3 s:
+    the snapshot is refreshed only every 0.25 s or so, and one taken while the previous
+    request was ending, not yet counted as finished, made the next request's "after" read
+    return at once and its computed tokens 0."""
+    deadline, last, since = time.monotonic() + 30, None, time.monotonic()
+    while (stats := await engine_stats(session, url)) is not None:
+        reqs = stats["requests"]
+        key = (reqs["finished"], reqs["running"], reqs["waiting"])
+        if key != last:
+            last, since = key, time.monotonic()
+        idle = reqs["running"] == 0 and reqs["waiting"] == 0
+        if (idle and time.monotonic() - since >= 0.3) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+    return None
+
+
 async def measured(session, url, requests: list[list[dict[str, str]]], max_tokens: int):
     """Send ``requests`` together; (replies, prefill tokens computed for all of them)."""
-    stats = await engine_stats(session, url)
+    stats = await settled_stats(session, url)
     replies = await asyncio.gather(*(chat(session, url, m, max_tokens) for m in requests))
     if stats is None:
         return replies, sum(r.computed_tokens or 0 for r in replies)
