@@ -156,6 +156,12 @@ def chat(
     finally:
         loop.run_until_complete(llm.close())
         loop.close()
+    # The engine is stopped: exit without the interpreter's teardown, which now and then
+    # aborted a finished chat ("terminate called without an active exception", exit -6,
+    # once in a fresh-clone CI run) while tearing MLX's threads down, as serve does.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _start_async_llm(loop, config):
