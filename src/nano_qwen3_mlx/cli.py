@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from .config import DRAFT_MODEL_HELP, KV_DTYPE_HELP, PIPELINE_HELP, SPECULATIVE_HELP
+from .engine_thread import exit_process
 from .errors import exit_with_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -156,12 +157,8 @@ def chat(
     finally:
         loop.run_until_complete(llm.close())
         loop.close()
-    # The engine is stopped: exit without the interpreter's teardown, which now and then
-    # aborted a finished chat ("terminate called without an active exception", exit -6,
-    # once in a fresh-clone CI run) while tearing MLX's threads down, as serve does.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # The engine is stopped (a finished piped chat aborted once in a fresh-clone CI run).
+    exit_process(0)
 
 
 def _start_async_llm(loop, config):
@@ -362,11 +359,7 @@ def main() -> None:
     except typer.Abort:  # EOF at a confirmation prompt
         sys.exit(1)
     except KeyboardInterrupt:
-        # Exit at once: an engine thread may still be inside MLX, and tearing the
-        # interpreter down around it aborts the process ("terminate called").
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        exit_process(130)  # an engine thread may still be inside MLX
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -12,12 +12,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+
+
+def exit_process(code: int) -> None:
+    """End the process now, skipping the interpreter's teardown: tearing it down around MLX's
+    threads (this module's, the streams') now and then aborted it ("terminate called without
+    an active exception"). For ``serve`` once its engines are stopped, ``chat`` once its
+    engine is, and a Ctrl-C while an engine thread may still be inside MLX."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class EngineClient(Protocol):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import signal
 import socket
-import sys
 from typing import Annotated, Any
 
 import typer
@@ -22,6 +20,7 @@ from ..config import (
     EngineConfig,
     ServerConfig,
 )
+from ..engine_thread import exit_process
 from ..errors import exit_with_error, first_line
 from ..progress import Spinner
 from .app import create_app
@@ -259,18 +258,8 @@ async def run_server(engine_config: EngineConfig, server_config: ServerConfig,
     code alone where the server never started: its port was busy)."""
     code = await _serve(engine_config, server_config, specs)
     if code != BIND_FAILED:
-        _exit_process(code)
+        exit_process(code)  # the engines are stopped and their files closed
     return code
-
-
-def _exit_process(code: int) -> None:
-    """Exit now that the engines are stopped and their files closed: skipping the
-    interpreter's teardown, which now and then aborted the process ("terminate called")
-    while tearing MLX's threads down, so a supervisor saw a crash after a clean drain."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 async def _serve(engine_config: EngineConfig, server_config: ServerConfig,
