@@ -182,25 +182,30 @@ async def test_the_sdks_see_the_shutdown(slow):
     (chat), yields ``response.failed`` (Responses); anthropic raises the overloaded error."""
     engine, client = slow
     base = str(client.make_url(""))
-    oai = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
-    claude = anthropic.AsyncAnthropic(base_url=base, api_key="x", max_retries=0)
-    chat = await oai.chat.completions.create(model="fake-qwen3", stream=True, **BODIES[
-        "/v1/chat/completions"])
-    responses = await oai.responses.create(model="fake-qwen3", stream=True, **BODIES["/v1/responses"])
-    messages = await claude.messages.create(model="fake-qwen3", stream=True, **BODIES["/v1/messages"])
-    firsts = [await anext(stream) for stream in (chat, responses, messages)]
-    assert len(firsts) == 3
-    asyncio.create_task(drain(client.app[STATE_KEY].drain, 0.2))
-    with pytest.raises(openai.APIError) as info:
-        async for _ in chat:
-            pass
-    assert info.value.body["code"] == "shutting_down"
-    kinds = [event.type async for event in responses]
-    assert kinds[-1] == "response.failed"
-    with pytest.raises(anthropic.APIStatusError) as refused:
-        async for _ in messages:
-            pass
-    assert "overloaded_error" in str(refused.value)
+    # Closed here: an SDK client left to the garbage collector schedules its `aclose` on
+    # whichever loop runs then, and a later test's log check sees it fail.
+    async with (openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as oai,
+                anthropic.AsyncAnthropic(base_url=base, api_key="x", max_retries=0) as claude):
+        chat = await oai.chat.completions.create(model="fake-qwen3", stream=True, **BODIES[
+            "/v1/chat/completions"])
+        responses = await oai.responses.create(model="fake-qwen3", stream=True,
+                                               **BODIES["/v1/responses"])
+        messages = await claude.messages.create(model="fake-qwen3", stream=True,
+                                                **BODIES["/v1/messages"])
+        firsts = [await anext(stream) for stream in (chat, responses, messages)]
+        assert len(firsts) == 3
+        draining = asyncio.create_task(drain(client.app[STATE_KEY].drain, 0.2))
+        with pytest.raises(openai.APIError) as info:
+            async for _ in chat:
+                pass
+        assert info.value.body["code"] == "shutting_down"
+        kinds = [event.type async for event in responses]
+        assert kinds[-1] == "response.failed"
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            async for _ in messages:
+                pass
+        assert "overloaded_error" in str(refused.value)
+        await draining
 
 
 def test_the_first_signal_drains_and_a_second_hurries():
