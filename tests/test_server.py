@@ -123,6 +123,24 @@ async def test_tool_calls_streamed(client, engine):
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+async def test_a_reply_cut_after_a_call_says_length(client, engine):
+    """max_tokens cut the reply inside a second call: the complete call is returned, and
+    the finish reason says the reply was cut (not ``tool_calls``), streamed or not."""
+    engine.reply = lambda prompt, params: TOOL + TOOL
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    limit = len(engine.tokenizer.encode(TOOL + TOOL[:30], add_special_tokens=False))
+    body = {"messages": USER, "tools": tools, "max_tokens": limit}
+    data = await (await client.post("/v1/chat/completions", json=body)).json()
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    events = await sse_events(await client.post("/v1/chat/completions",
+                                                json={**body, "stream": True}))
+    calls = [c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
 async def test_tool_choice_none_skips_parsing(client, engine):
     engine.reply = lambda prompt, params: TOOL
     tools = [{"type": "function", "function": {"name": "get_weather"}}]

@@ -19,6 +19,7 @@ from nano_qwen3_mlx.server.openai.constraints import with_tools_in_system
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 USER = [{"role": "user", "content": "Give me a person."}]
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+NEWLINE = 198  # "\n" in Qwen3's vocabulary
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 8},
                          "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
@@ -107,6 +108,19 @@ async def test_tool_choice_required_and_named_force_valid_calls(client):
             assert choice == "required" or name == "add"
             params = schemas[name]["function"]["parameters"]
             jsonschema.validate(json.loads(call["function"]["arguments"]), params)
+
+
+async def test_a_named_tool_choice_is_exactly_one_call(client):
+    # OpenAI forces exactly one call of the named function (as vLLM does), also where
+    # parallel calls are allowed: the grammar then ends, and so does the reply. The bias
+    # makes the model write "\n" (the start of a next call) wherever it may.
+    choice = {"type": "function", "function": {"name": "add"}}
+    out = await chat(client, tools=[WEATHER, ADD], tool_choice=choice, n=4, max_tokens=300,
+                     logit_bias={str(NEWLINE): 100})
+    for c in out["choices"]:
+        assert c["finish_reason"] == "tool_calls"
+        (call,) = c["message"]["tool_calls"]
+        assert call["function"]["name"] == "add" and not c["message"]["content"]
 
 
 async def test_forced_tool_call_streams_as_tool_call_deltas(client):

@@ -19,7 +19,7 @@ from ..generation.formatter import Formatter, Payload, error_chunk
 from ..generation.params import new_id, openai_request
 from ..generation.request import GenerationRequest
 from ..generation.runner import RunResult, serve
-from .constraints import chat_constraint, tool_specs, with_tools_in_system
+from .constraints import allows_several_calls, chat_constraint, tool_specs, with_tools_in_system
 from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest, ChatMessage
 from .thinking import budget_fields
@@ -37,7 +37,7 @@ class ChatPrompt:
     token_ids: list[int]
     thinking: bool  # False: the prompt closed an empty <think> block (thinking disabled)
     starts_in_reasoning: bool  # the prompt already opened <think>
-    single_tool_call: bool = False  # parallel_tool_calls=false: only the first call counts
+    single_tool_call: bool = False  # one call allowed (constraints.allows_several_calls)
     tools: ToolFormat = field(default_factory=ToolFormat)  # how the prompt asked for calls
 
 
@@ -62,7 +62,7 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest, use_tools: bool) -
     if tools and ids == _render(tokenizer, messages, None, kwargs):
         # The template has no tools section: describe them as Qwen3's template would.
         ids = _render(tokenizer, with_tools_in_system(messages, tools), None, kwargs)
-    single = use_tools and req.parallel_tool_calls is False
+    single = use_tools and not allows_several_calls(req)
     return ChatPrompt(ids, *prompt_thinking(tokenizer, ids), single_tool_call=single,
                       tools=tool_format(tokenizer, tools))
 
@@ -157,8 +157,8 @@ class ChatFormatter(Formatter):
         if calls:
             message["tool_calls"] = calls
         lp = chat_logprobs(result.logprobs or []) if self.wants_logprobs else None
-        finish = "tool_calls" if calls else result.finish_reason
-        return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": message, "logprobs": lp,
+                "finish_reason": _finish_reason(result.finish_reason, calls)}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         extra = {"usage": None} if self.include_usage else {}
@@ -207,7 +207,7 @@ class _ChoiceStream:
             more_reasoning, more = self.reasoning.flush()
             reasoning += more_reasoning
             content, calls = self._flush_tools(content + more)
-            finish = "tool_calls" if calls else out.finish_reason
+            finish = _finish_reason(out.finish_reason, calls)
         delta = _delta(content, reasoning, calls)
         lp = chat_logprobs(out.logprobs or []) if self.logprobs else None
         if not delta and lp is None and finish is None:
@@ -220,6 +220,12 @@ class _ChoiceStream:
         content = self.tools.feed(content)
         rest, calls = self.tools.flush()
         return content + rest, calls[:1] if self.single_tool_call else calls
+
+
+def _finish_reason(engine_reason: str | None, calls: list[dict[str, Any]]) -> str | None:
+    # A reply cut by max_tokens says so even after complete calls: the text after them
+    # (often a next call) is unfinished.
+    return "tool_calls" if calls and engine_reason != "length" else engine_reason
 
 
 def _delta(content: str, reasoning: str, calls: list[dict[str, Any]]) -> dict[str, Any]:

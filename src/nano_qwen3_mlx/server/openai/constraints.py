@@ -60,9 +60,21 @@ def chat_constraint(tokenizer: Any, req: ChatCompletionRequest,
             raise bad_request("tool_choice requires `tools`", "tool_choice")
         if field is not None:
             raise bad_request(f"{field} cannot be combined with a forced tool_choice", field)
-        grammar = tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls is not False)
+        grammar = tool_call_grammar(tokenizer, tools, parallel=allows_several_calls(req))
         fields, field = {"grammar": grammar}, "tools"
     return check(fields, field)
+
+
+def allows_several_calls(req: Any) -> bool:
+    """May the reply hold several tool calls? Not with ``parallel_tool_calls: false``, nor
+    when ``tool_choice`` names a function: OpenAI forces exactly one call of it then (as
+    vLLM does), where a grammar allowing more lets a model go on to a second call that
+    ``max_tokens`` cuts."""
+    return req.parallel_tool_calls is not False and not _names_a_function(req.tool_choice)
+
+
+def _names_a_function(choice: Any) -> bool:
+    return isinstance(choice, dict) or getattr(choice, "name", None) is not None
 
 
 def check(fields: dict[str, Any], field: str | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..generation.params import stop_list
 from ..generation.runner import RunResult
 from ..generation.turn_format import TurnFormatter, TurnResult, serve_turn
 from ..generation.turns import Finish, TurnPrompt, TurnRun, finish_of, render_turn, turn_prompt
-from .constraints import check
+from .constraints import allows_several_calls, check
 from .responses_protocol import (
     NamedFunction,
     ResponsesRequest,
@@ -55,7 +55,7 @@ def constraint(tokenizer: Any, req: ResponsesRequest) -> dict[str, Any]:
     (json_schema / json_object) as a grammar (the engine lets a thinking block come first)."""
     if req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction):
         specs = [ToolSpec(t.name, t.parameters, t.strict) for t in offered_tools(req)]
-        grammar = tool_call_grammar(tokenizer, specs, parallel=req.parallel_tool_calls is not False)
+        grammar = tool_call_grammar(tokenizer, specs, parallel=allows_several_calls(req))
         return check({"grammar": grammar}, "tool_choice")
     try:
         fields = response_format_fields(response_format(req))
