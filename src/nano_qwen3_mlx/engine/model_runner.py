@@ -11,6 +11,7 @@ import numpy as np
 
 from .kv_cache import PagedKVCache
 from .paged_attention import DecodeGroup, PagedAttention, PrefillChunk, SampledRows
+from .prompt_dequant import dequantize_prompt_products
 from .recurrent import RecurrentRow, RecurrentStep
 from .sampler import Sampler, SamplerOutput
 from .scheduler import ScheduledBatch
@@ -56,6 +57,7 @@ class ModelRunner:
         # the other ranks run the same step (distributed/leader.py). None: one process.
         self.before_run: Callable[[ScheduledBatch], None] | None = None
         split_linears(model)  # CPU: skinny products split over the streams (split_linear.py)
+        dequantize_prompt_products(model)  # x86 CPU: prompt chunks via the BLAS (prompt_dequant.py)
 
     def run(self, batch: ScheduledBatch, prev: StepOutput | None) -> StepOutput:
         """Queue the forward pass + sampling of ``batch`` and return without waiting."""
