@@ -61,6 +61,18 @@ async def test_messages_tool_use_json_and_stream(aiohttp_client, tokenizer):
     assert parsed[-2].delta.stop_reason == "tool_use"
 
 
+async def test_messages_cut_after_a_tool_use_say_max_tokens(aiohttp_client, tokenizer):
+    client = await make_client(aiohttp_client, scripted(tokenizer, TOOL + "\n" + TOOL))
+    limit = len(tokenizer.encode(TOOL + "\n" + TOOL[:40], add_special_tokens=False))
+    body = {"max_tokens": limit, "messages": USER, "tools": [WEATHER]}
+    msg = Message.model_validate(await (await client.post("/v1/messages", json=body)).json())
+    assert msg.stop_reason == "max_tokens"
+    assert [b.name for b in msg.content if b.type == "tool_use"] == ["get_weather"]
+    events = await named_events(await client.post("/v1/messages", json={**body, "stream": True}))
+    parsed = [ANTHROPIC_EVENTS.validate_python(data) for _, data in events if _ != "ping"]
+    assert parsed[-2].delta.stop_reason == "max_tokens"
+
+
 async def test_messages_thinking_budget_is_one_engine_request(aiohttp_client, tokenizer):
     """The budget goes to the engine (which forces </think>: tests/test_thinking_server.py);
     the turn is one request, its reasoning and answer split from one text."""

@@ -111,11 +111,12 @@ async def count_tokens(request: web.Request) -> web.Response:
 
 
 def stop_reason(finish: Finish, has_tool_use: bool) -> tuple[str, str | None]:
-    """Anthropic's ``(stop_reason, stop_sequence)``."""
-    if has_tool_use:
-        return "tool_use", None
+    """Anthropic's ``(stop_reason, stop_sequence)``: a reply cut by ``max_tokens`` says so
+    even after complete tool calls (the text after them, often a next call, is unfinished)."""
     if finish.finish_reason == "length":
         return "max_tokens", None
+    if has_tool_use:
+        return "tool_use", None
     if isinstance(finish.stop_reason, str):
         return "stop_sequence", finish.stop_reason
     return "end_turn", None
