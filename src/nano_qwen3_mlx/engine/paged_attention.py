@@ -99,11 +99,13 @@ class DecodeGroup:
         bias = np.where(valid, np.float32(0), np.float32(-np.inf)).reshape(B, 1, nb, 1, bs)
         pool_rows = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
         split_heads = B == 1
-        layer_bytes = B * nb * bs * cache.bytes_per_token // len(cache.k_pools)
-        pieces = split_ranges(n_kv if split_heads else B,
-                         num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
-        parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
-                 else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
+        parts = []
+        if cache.read_path != "cpu_kernel":  # the kernel reads host_tables, splits its own work
+            layer_bytes = B * nb * bs * cache.bytes_per_token // len(cache.k_pools)
+            pieces = split_ranges(n_kv if split_heads else B,
+                                  num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
+            parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
+                     else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
         tables, lengths = np.ascontiguousarray(tables, np.int32), np.ascontiguousarray(lengths, np.int32)
         return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), parts, split_heads,
                    tables, lengths)
