@@ -31,7 +31,7 @@ class PromptDequantLinear(nn.QuantizedLinear):
         if x.dtype != mx.float32 or x.size // x.shape[-1] < MIN_ROWS:
             return super().__call__(x)
         weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                               self.group_size, self.bits, mode=self.mode)
+                               self.group_size, self.bits)  # affine: the only mode swapped
         out = x @ weight.astype(mx.float32).T
         return out + self["bias"] if "bias" in self else out
 
@@ -51,7 +51,8 @@ def dequantize_prompt_products(model: nn.Module) -> int:
         return 0
     swapped = 0
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear and module.mode == "affine":
+        # Older MLX releases have no ``mode``: their quantization is always affine.
+        if type(module) is nn.QuantizedLinear and getattr(module, "mode", "affine") == "affine":
             module.__class__ = PromptDequantLinear
             swapped += 1
     return swapped
