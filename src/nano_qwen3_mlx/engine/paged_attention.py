@@ -81,7 +81,8 @@ class DecodeGroup:
     """The step's one-token rows: their block tables (padded with the scratch block), the
     mask, and the pieces every layer's decode attention is split into (built once per step).
 
-    Pieces split the sequences, or, for one sequence, its kv heads (``split_heads``)."""
+    Pieces split the sequences, or, for one sequence, its kv heads (``split_heads``); a pool
+    the CPU kernel reads gets none (it reads ``host_tables`` and splits its own work)."""
 
     tables: mx.array  # (B, nb) int32
     valid: mx.array  # (B, 1, nb, bs, 1) bool: key position < sequence length (SDPA path)

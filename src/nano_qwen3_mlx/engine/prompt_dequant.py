@@ -8,7 +8,8 @@ by the BLAS 4.6 ms; a 12288 x 4096 one 7.3 s vs 0.57 s. Below ~16 rows the scala
 (it reads a quarter of the bytes and writes no float copy): decode keeps it. The engine swaps
 the class of the model's ``nn.QuantizedLinear`` instances (``dequantize_prompt_products``), as
 ``split_linear.py`` does for plain ones: names, weights and the model's code stay as they
-are. The float copy lives only for its product (one layer's weight at a time).
+are. A float copy is needed only by its own product, so MLX frees it once that ran (peak
+memory of a 4-bit model's 512- and 2,048-token prompts: 1.08x and 0.91x mlx-lm's).
 """
 
 from __future__ import annotations
