@@ -44,9 +44,9 @@ import numpy as np
 from nano_qwen3_mlx import blas
 from nano_qwen3_mlx.bench import SHAPES
 from nano_qwen3_mlx.config import default_block_size
+from nano_qwen3_mlx.engine import split_linear
 from nano_qwen3_mlx.engine.kv_cache import KVLayout, PagedKVCache
 from nano_qwen3_mlx.engine.paged_attention import DecodeGroup, decode_attention
-from nano_qwen3_mlx.streams import split_matmul
 
 VOCAB = 151936
 
@@ -108,7 +108,7 @@ def output_layer_ours(embed: mx.array, x: mx.array):
         if not blas.set_single_threaded(True):
             return x @ embed.T
         try:
-            out = split_matmul(x, embed)
+            out = split_linear.split_product(x, embed)
             mx.eval(out)
             return out
         finally:

@@ -17,14 +17,16 @@ def test_only_plain_linears_are_swapped_and_their_products_are_unchanged():
     big = nn.Linear(1024, 1024)  # 4 MiB: split while single-threaded
     small = nn.Linear(64, 32, bias=False)  # below MIN_SPLIT_BYTES: multiplied whole
     quantized = nn.QuantizedLinear(64, 64)
-    model = nn.Sequential(big, small, quantized)
+    embed = nn.Embedding(2048, 1024)  # a tied output layer: as_linear splits too
+    model = nn.Sequential(big, small, quantized, embed)
     x = mx.random.normal((3, 1024), key=mx.random.key(1))
-    expected = big(x)
+    expected, expected_logits = big(x), embed.as_linear(x)
     swapped = split_linear.split_linears(model)
     if not blas.threads_switchable():  # no OpenBLAS loaded here: nothing to switch, no swap
         assert swapped == 0 and type(big) is nn.Linear
         return
-    assert swapped == 2 and type(big) is split_linear.StreamSplitLinear
+    assert swapped == 3 and type(big) is split_linear.StreamSplitLinear
+    assert type(embed) is split_linear.StreamSplitEmbedding
     assert type(quantized) is nn.QuantizedLinear
     calls = []
     real = split_linear.split_matmul
@@ -34,12 +36,16 @@ def test_only_plain_linears_are_swapped_and_their_products_are_unchanged():
         got = big(x)
         small(x[:, :64])
         many_rows = big(mx.concatenate([x] * 30))  # > MAX_ROWS: multiplied whole
+        logits = embed.as_linear(x)
+        rows = embed(mx.array([1, 2]))  # a lookup stays a lookup
     finally:
         blas.set_single_threaded(False)
         split_linear.split_matmul = real
-    assert calls == [(1024, 1024)]  # the big layer only, and only for few rows
+    assert calls == [(1024, 1024), (2048, 1024)]  # the big layers only, only for few rows
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(many_rows[:3]), np.array(expected), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(logits), np.array(expected_logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.array(rows), np.array(embed.weight[1:3]))
 
 
 def test_few_row_steps_run_single_threaded_and_the_idle_engine_gives_the_threads_back(

@@ -44,27 +44,44 @@ def release_threads() -> None:
     blas.set_single_threaded(False)
 
 
+def split_product(x: mx.array, weight: mx.array) -> mx.array | None:
+    """``x @ weight.T`` split over the streams (``streams.split_matmul``) where this step runs
+    the BLAS on one thread, ``x`` has at most ``MAX_ROWS`` rows and the weight holds
+    ``MIN_SPLIT_BYTES`` or more; None where the product is better left whole."""
+    if (not blas.single_threaded() or x.size // x.shape[-1] > MAX_ROWS
+            or weight.nbytes < MIN_SPLIT_BYTES):
+        return None
+    return split_matmul(x, weight)
+
+
 class StreamSplitLinear(nn.Linear):
     """``nn.Linear`` that splits its product over the streams while the BLAS is on one thread."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        weight = self["weight"]
-        if (not blas.single_threaded() or x.size // x.shape[-1] > MAX_ROWS
-                or weight.nbytes < MIN_SPLIT_BYTES):
+        out = split_product(x, self["weight"])
+        if out is None:
             return super().__call__(x)
-        out = split_matmul(x, weight)
         return out + self["bias"] if "bias" in self else out
 
 
+class StreamSplitEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose ``as_linear`` (a tied output layer) splits as ``StreamSplitLinear``."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        out = split_product(x, self["weight"])
+        return super().as_linear(x) if out is None else out
+
+
 def split_linears(model: nn.Module) -> int:
-    """Make every plain ``nn.Linear`` of ``model`` a ``StreamSplitLinear`` (quantized and
-    sharded layers are other classes and stay) where the BLAS's threads can be switched;
-    the number swapped."""
+    """Make every plain ``nn.Linear`` of ``model`` a ``StreamSplitLinear`` and every plain
+    ``nn.Embedding`` a ``StreamSplitEmbedding`` (quantized and sharded layers are other
+    classes and stay) where the BLAS's threads can be switched; the number swapped."""
     if not isinstance(model, nn.Module) or not blas.threads_switchable():
         return 0
     swapped = 0
     for _, module in model.named_modules():
-        if type(module) is nn.Linear:
-            module.__class__ = StreamSplitLinear
+        kind = {nn.Linear: StreamSplitLinear, nn.Embedding: StreamSplitEmbedding}.get(type(module))
+        if kind is not None:
+            module.__class__ = kind
             swapped += 1
     return swapped

@@ -12,9 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import blas
 from ..blas import matvec
-from ..streams import split_matmul
 from .base import AttentionContext, RoPE, count_parameters
 from .contract import LayerKV, LayerState
 
@@ -165,17 +163,15 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: mx.array) -> mx.array:
         head = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
         # On the CPU: one row (batch-1 decode) as the BLAS's sgemv, ~3x MLX's one-row sgemm
-        # there (blas.matvec); a step of few rows with the BLAS on one thread splits the
-        # vocabulary over the streams. Only a float head holding the whole vocabulary:
-        # quantized heads are other classes, a vocabulary-parallel shard holds a slice of it
-        # (the engine's StreamSplitLinear is an nn.Linear, so an untied head still qualifies).
+        # there (blas.matvec). Only a float head holding the whole vocabulary: quantized
+        # heads are other classes, a vocabulary-parallel shard holds a slice of it (the
+        # engine's stream-split classes are an nn.Embedding and an nn.Linear, and split a
+        # step of few rows over the streams themselves: engine/split_linear.py).
         if (isinstance(head, (nn.Embedding, nn.Linear)) and "bias" not in head
                 and head.weight.shape[0] == self.args.vocab_size):
             logits = matvec(head.weight, hidden)
             if logits is not None:
                 return logits
-            if blas.single_threaded():
-                return split_matmul(hidden, head.weight)
         return head.as_linear(hidden) if self.args.tie_word_embeddings else head(hidden)
 
     def hidden_states(self, input_ids: mx.array, ctx: AttentionContext) -> mx.array:
