@@ -213,3 +213,27 @@ async def test_embeddings_many_inputs_do_not_fill_the_queue(aiohttp_client, toke
     assert resp.status == 200 and len(body["data"]) == 300
     assert [d["index"] for d in body["data"]] == list(range(300))
     assert body["data"][3]["embedding"] == [4.0, 1.0]  # input 3 had 4 tokens
+
+
+@pytest.mark.parametrize("path, choice, several", [
+    ("/v1/responses", {"type": "function", "name": "get_weather"}, False),
+    ("/v1/responses", "required", True),
+    ("/v1/chat/completions", {"type": "function", "function": {"name": "get_weather"}}, False),
+    ("/v1/chat/completions", "required", True)])
+async def test_a_named_tool_choice_forces_exactly_one_call(aiohttp_client, tokenizer, path,
+                                                           choice, several):
+    """The grammar the engine gets: one call for a named function (OpenAI: "exactly one"),
+    several allowed for ``required``."""
+    from nano_qwen3_mlx.structured import ToolSpec, tool_call_grammar
+
+    engine = scripted(tokenizer, TOOL)
+    client = await make_client(aiohttp_client, engine)
+    if path == "/v1/responses":
+        body = {"input": "Weather in Paris?", "tools": [FN], "tool_choice": choice}
+    else:
+        body = {"messages": USER, "tool_choice": choice,
+                "tools": [{"type": "function", "function": {k: FN[k] for k in ("name", "parameters")}}]}
+    assert (await client.post(path, json=body)).status == 200
+    spec = ToolSpec("get_weather", FN["parameters"], None)
+    expected = tool_call_grammar(tokenizer, [spec], parallel=several)
+    assert engine.calls[0]["params"].grammar == expected
