@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,15 +77,39 @@ async def engine_stats(session: aiohttp.ClientSession, url: str) -> dict[str, An
         return await resp.json() if resp.status == 200 else None
 
 
+async def poll_stats(session: aiohttp.ClientSession, url: str,
+                     ready: Callable[[dict[str, Any]], bool], interval: float,
+                     timeout: float = 30) -> dict[str, Any] | None:
+    """``/stats`` once ``ready`` holds for it (after ``timeout`` s, the last one read); None
+    from a server without it."""
+    deadline = time.monotonic() + timeout
+    while (stats := await engine_stats(session, url)) is not None:
+        if ready(stats) or time.monotonic() > deadline:
+            return stats
+        await asyncio.sleep(interval)
+    return None
+
+
 async def prefill_computed(session: aiohttp.ClientSession, url: str, finished: int) -> int | None:
     """Prompt tokens this engine prefilled so far, once ``finished`` requests are counted
     (the server refreshes its stats snapshot just after it answers)."""
-    deadline = time.monotonic() + 30
-    while (stats := await engine_stats(session, url)) is not None:
-        if stats["requests"]["finished"] >= finished or time.monotonic() > deadline:
-            return stats["tokens"]["prefill_computed"]
-        await asyncio.sleep(0.02)
-    return None
+    stats = await poll_stats(session, url, lambda s: s["requests"]["finished"] >= finished, 0.02)
+    return None if stats is None else stats["tokens"]["prefill_computed"]
+
+
+class _Settled:
+    """True once nothing is queued or running and the finished count held for ``hold_s``."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s, self.last, self.since = hold_s, None, time.monotonic()
+
+    def __call__(self, stats: dict[str, Any]) -> bool:
+        reqs = stats["requests"]
+        key = (reqs["finished"], reqs["running"], reqs["waiting"])
+        if key != self.last:
+            self.last, self.since = key, time.monotonic()
+        idle = reqs["running"] == 0 and reqs["waiting"] == 0
+        return idle and time.monotonic() - self.since >= self.hold_s
 
 
 async def settled_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -92,17 +117,7 @@ async def settled_stats(session: aiohttp.ClientSession, url: str) -> dict[str, A
     the snapshot is refreshed only every 0.25 s or so, and one taken while the previous
     request was ending, not yet counted as finished, made the next request's "after" read
     return at once and its computed tokens 0."""
-    deadline, last, since = time.monotonic() + 30, None, time.monotonic()
-    while (stats := await engine_stats(session, url)) is not None:
-        reqs = stats["requests"]
-        key = (reqs["finished"], reqs["running"], reqs["waiting"])
-        if key != last:
-            last, since = key, time.monotonic()
-        idle = reqs["running"] == 0 and reqs["waiting"] == 0
-        if (idle and time.monotonic() - since >= 0.3) or time.monotonic() > deadline:
-            return stats
-        await asyncio.sleep(0.05)
-    return None
+    return await poll_stats(session, url, _Settled(0.3), 0.05)
 
 
 async def measured(session, url, requests: list[list[dict[str, str]]], max_tokens: int):
