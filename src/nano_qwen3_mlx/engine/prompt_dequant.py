@@ -19,6 +19,8 @@ import platform
 import mlx.core as mx
 import mlx.nn as nn
 
+from .split_linear import swap_classes
+
 # Rows from which a product dequantizes first (measured on this 2-core x86: int4 12288 x 4096
 # at 8 rows 288 vs 543 ms, at 32 rows 1082 vs 515 ms; 1536 x 576 even at 8 rows 4.9 vs 2.9 ms).
 MIN_ROWS = 16
@@ -29,10 +31,12 @@ class PromptDequantLinear(nn.QuantizedLinear):
     through the dequantized weight and the BLAS."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype != mx.float32 or x.size // x.shape[-1] < MIN_ROWS:
+        # Older MLX releases have no ``mode``: their quantization is always affine.
+        if (x.dtype != mx.float32 or x.size // x.shape[-1] < MIN_ROWS
+                or getattr(self, "mode", "affine") != "affine"):
             return super().__call__(x)
         weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                               self.group_size, self.bits)  # affine: the only mode swapped
+                               self.group_size, self.bits)
         out = x @ weight.astype(mx.float32).T
         return out + self["bias"] if "bias" in self else out
 
@@ -45,15 +49,9 @@ def scalar_quantized_matmul() -> bool:
 
 
 def dequantize_prompt_products(model: nn.Module) -> int:
-    """Make every affine ``nn.QuantizedLinear`` of ``model`` a ``PromptDequantLinear`` where
-    MLX's quantized matmul is scalar; the number swapped (other quantized classes, such as
-    experts and sharded layers, stay)."""
+    """Make every ``nn.QuantizedLinear`` of ``model`` a ``PromptDequantLinear`` where MLX's
+    quantized matmul is scalar; the number swapped (other quantized classes, such as experts
+    and sharded layers, stay; modes other than affine keep ``quantized_matmul``)."""
     if not isinstance(model, nn.Module) or not scalar_quantized_matmul():
         return 0
-    swapped = 0
-    for _, module in model.named_modules():
-        # Older MLX releases have no ``mode``: their quantization is always affine.
-        if type(module) is nn.QuantizedLinear and getattr(module, "mode", "affine") == "affine":
-            module.__class__ = PromptDequantLinear
-            swapped += 1
-    return swapped
+    return swap_classes(model, {nn.QuantizedLinear: PromptDequantLinear})

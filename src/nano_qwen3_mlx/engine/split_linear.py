@@ -78,9 +78,15 @@ def split_linears(model: nn.Module) -> int:
     classes and stay) where the BLAS's threads can be switched; the number swapped."""
     if not isinstance(model, nn.Module) or not blas.threads_switchable():
         return 0
+    return swap_classes(model, {nn.Linear: StreamSplitLinear, nn.Embedding: StreamSplitEmbedding})
+
+
+def swap_classes(model: nn.Module, kinds: dict[type, type]) -> int:
+    """Give every module of ``model`` whose exact class is a key of ``kinds`` that key's
+    value (a subclass: names, weights and the model's code stay); the number swapped."""
     swapped = 0
     for _, module in model.named_modules():
-        kind = {nn.Linear: StreamSplitLinear, nn.Embedding: StreamSplitEmbedding}.get(type(module))
+        kind = kinds.get(type(module))
         if kind is not None:
             module.__class__ = kind
             swapped += 1
