@@ -95,18 +95,12 @@ class DecodeGroup:
     def build(cls, tables: np.ndarray, lengths: np.ndarray, cache: PagedKVCache,
               num_parts: int | None = None) -> DecodeGroup:
         B, nb = tables.shape
-        n_kv, bs = cache.num_kv_heads, cache.block_size
+        bs = cache.block_size
         valid = np.arange(nb * bs)[None] < lengths[:, None]  # (B, nb * bs)
-        bias = np.where(valid, np.float32(0), np.float32(-np.inf)).reshape(B, 1, nb, 1, bs)
-        pool_rows = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
         split_heads = B == 1
-        parts = []
-        if cache.read_path != "cpu_kernel":  # the kernel reads host_tables, splits its own work
-            layer_bytes = B * nb * bs * cache.bytes_per_token // len(cache.k_pools)
-            pieces = split_ranges(n_kv if split_heads else B,
-                                  num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
-            parts = [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
-                     else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
+        # The CPU kernel reads host_tables and splits its own work: no pieces for it.
+        parts = ([] if cache.read_path == "cpu_kernel"
+                 else _decode_parts(tables, valid, cache, split_heads, num_parts))
         tables, lengths = np.ascontiguousarray(tables, np.int32), np.ascontiguousarray(lengths, np.int32)
         return cls(mx.array(tables), mx.array(valid.reshape(B, 1, nb, bs, 1)), parts, split_heads,
                    tables, lengths)
@@ -117,6 +111,20 @@ class DecodeGroup:
     def attend(self, fn: Callable[[DecodePart], mx.array]) -> mx.array:
         """``fn`` of every piece, each on its stream, joined: ``(B, n_kv, ...)``."""
         return on_streams(fn, self.parts, axis=1 if self.split_heads else 0)
+
+
+def _decode_parts(tables: np.ndarray, valid: np.ndarray, cache: PagedKVCache, split_heads: bool,
+                  num_parts: int | None) -> list[DecodePart]:
+    """The group's pieces, one per stream (``attention_parts``): its sequences, or for one
+    sequence its kv heads."""
+    (B, nb), n_kv, bs = tables.shape, cache.num_kv_heads, cache.block_size
+    bias = np.where(valid, np.float32(0), np.float32(-np.inf)).reshape(B, 1, nb, 1, bs)
+    pool_rows = tables[:, None, :] * n_kv + np.arange(n_kv)[None, :, None]  # (B, n_kv, nb)
+    layer_bytes = B * nb * bs * cache.bytes_per_token // len(cache.k_pools)
+    pieces = split_ranges(n_kv if split_heads else B,
+                          num_parts or attention_parts(layer_bytes, MIN_SPLIT_BYTES))
+    return [DecodePart.build(slice(0, B), r, bias, pool_rows) if split_heads
+            else DecodePart.build(r, slice(0, n_kv), bias, pool_rows) for r in pieces]
 
 
 @dataclass(slots=True)
